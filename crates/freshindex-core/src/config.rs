@@ -1,0 +1,255 @@
+//! `freshindex.toml`: a list of flows.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::spec::{FlowSpec, SourceSpec};
+
+/// A parsed configuration file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The flows, in file order.
+    pub flows: Vec<FlowSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    flow: Vec<toml::Spanned<FlowSpec>>,
+}
+
+/// A configuration error with its file position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// The file, when the text came from one.
+    pub file: Option<PathBuf>,
+    /// 1-based line and column, when known.
+    pub position: Option<(usize, usize)>,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self
+            .file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "config".into());
+        match self.position {
+            Some((line, col)) => write!(f, "{file}:{line}:{col}: {}", self.message),
+            None => write!(f, "{file}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, col)
+}
+
+/// Serde reports errors inside tagged tables (the steps) at the enclosing value; when the
+/// message names an unknown field, point at that field's own line instead.
+fn locate_key(text: &str, from: usize, message: &str) -> Option<usize> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let key = &rest[..rest.find('`')?];
+    let tail = text.get(from..)?;
+    let mut search = 0;
+    while let Some(i) = tail[search..].find(key) {
+        let at = search + i;
+        let after = tail[at + key.len()..].trim_start_matches([' ', '\t']);
+        let before_ok = at == 0
+            || !tail[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if after.starts_with('=') && before_ok {
+            return Some(from + at);
+        }
+        search = at + key.len();
+    }
+    None
+}
+
+impl Config {
+    /// Parses configuration text. `file` only labels errors.
+    pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let err = |position, message: String| ConfigError {
+            file: file.map(Path::to_path_buf),
+            position,
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let pos = e
+                .span()
+                .map(|s| line_col(text, locate_key(text, s.start, e.message()).unwrap_or(s.start)));
+            // The message names the key; flatten it to one line for the CLI.
+            err(pos, e.message().replace('\n', " ").trim().to_string())
+        })?;
+        if raw.flow.is_empty() {
+            return Err(err(
+                None,
+                "no [[flow]] defined; `freshindex init` writes an example".into(),
+            ));
+        }
+        let mut flows: Vec<FlowSpec> = Vec::with_capacity(raw.flow.len());
+        for spanned in raw.flow {
+            let pos = line_col(text, spanned.span().start);
+            let flow = spanned.into_inner();
+            if flows.iter().any(|f| f.name == flow.name) {
+                return Err(err(
+                    Some(pos),
+                    format!("name: flow `{}` is defined twice", flow.name),
+                ));
+            }
+            flows.push(flow);
+        }
+        Ok(Config { flows })
+    }
+
+    /// Reads and parses a file; relative source paths become relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            position: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut config = Config::parse(&text, Some(path))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for flow in &mut config.flows {
+            match &mut flow.source {
+                SourceSpec::Files(files) => {
+                    if files.path.is_relative() {
+                        files.path = base.join(&files.path);
+                    }
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// The flow named `name`, or an error listing the flows.
+    pub fn flow(&self, name: &str) -> Result<&FlowSpec, String> {
+        self.flows.iter().find(|f| f.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.flows.iter().map(|f| f.name.as_str()).collect();
+            format!(
+                "no flow named `{name}`; the config defines: {}",
+                names.join(", ")
+            )
+        })
+    }
+}
+
+/// The commented reference configuration that `freshindex init` writes. A test parses it.
+pub const REFERENCE_CONFIG: &str = r#"# freshindex configuration: one [[flow]] table per flow.
+# Run every flow:   freshindex index
+# Run one flow:     freshindex index --flow docs
+# Search it:        freshindex search "how do I rotate keys" --flow docs
+
+[[flow]]
+# Unique name of the flow (letters, digits, '-', '_', '.'). Also the default collection name.
+name = "docs"
+
+# A run fails (non-zero exit) when more items than this fail. -1 = no limit.
+max_failed_items = -1
+
+# The source: a folder scanned in full on every run. Unchanged files (same size and
+# modification time) are not read; changed ones are fingerprinted with BLAKE3, and only
+# files whose content changed are processed again. Deleted files lose their rows.
+[flow.source]
+type = "files"
+# Relative paths are relative to this file.
+path = "docs"
+# Glob patterns of files to index, relative to `path`.
+include = ["**/*.md", "**/*.markdown", "**/*.txt", "**/*.text"]
+# Glob patterns of files or folders to leave out.
+exclude = ["**/node_modules/**", "**/.git/**"]
+# Larger files are skipped with a warning. Units: B, KB, KiB, MB, MiB, GB, GiB.
+max_file_size = "10MiB"
+# Follow symbolic links; loops are detected and reported.
+follow_symlinks = true
+
+# The steps, in this order. Omit `steps` to get exactly these defaults.
+[[flow.steps]]
+# Decode UTF-8 text and Markdown. Binary, empty and non-UTF-8 files are skipped with a warning.
+op = "parse"
+
+[[flow.steps]]
+# Split into chunks of at most `chunk_size` characters (Markdown-aware for .md/.markdown),
+# neighbours sharing `chunk_overlap` characters. Changing these re-splits every file but only
+# embeds chunk texts never seen before.
+op = "split"
+chunk_size = 1000
+chunk_overlap = 200
+
+[[flow.steps]]
+# Embed every chunk. Results are cached by (model, chunk text): an identical chunk anywhere
+# in the flow is embedded once. Changing the model re-embeds everything.
+op = "embed"
+# "builtin": hashed word and character n-gram features, 384 dimensions, no download.
+model = "builtin"
+# Texts per embedding call.
+batch_size = 64
+
+# The target: a built-in vector collection stored in the data directory.
+# Omit it to get a collection named after the flow.
+[flow.target]
+type = "collection"
+name = "docs"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_config_parses() {
+        let c = Config::parse(REFERENCE_CONFIG, None).expect("reference config");
+        assert_eq!(c.flows.len(), 1);
+        assert_eq!(c.flows[0].split().chunk_size, 1000);
+        assert_eq!(c.flows[0].files().exclude.len(), 2);
+    }
+
+    #[test]
+    fn defaults_fill_steps_and_target() {
+        let c = Config::parse(
+            "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\" }\n",
+            None,
+        )
+        .expect("minimal config");
+        let f = &c.flows[0];
+        assert_eq!(f.steps.len(), 3);
+        assert_eq!(f.target.collection(), "a");
+        assert_eq!(f.split().chunk_overlap, 200);
+        assert_eq!(f.embed().model, "builtin");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\" }\nsteps = [\n { op = \"parse\" },\n { op = \"split\", chunk_sise = 5 },\n { op = \"embed\" },\n]\n";
+        let e = Config::parse(text, None).expect_err("unknown key");
+        assert!(e.message.contains("chunk_sise"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(6), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let text = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\", max_file_size = \"3 parsecs\" }\n";
+        let e = Config::parse(text, None).expect_err("bad size");
+        assert!(e.message.contains("parsecs"), "{e}");
+        let text = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\" }\nsteps = [{ op = \"parse\" }, { op = \"split\", chunk_size = 10, chunk_overlap = 10 }, { op = \"embed\" }]\n";
+        let e = Config::parse(text, None).expect_err("bad overlap");
+        assert!(e.message.contains("chunk_overlap"), "{e}");
+        let text = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\" }\n[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"y\" }\n";
+        let e = Config::parse(text, None).expect_err("duplicate");
+        assert!(e.message.contains("defined twice"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(4), "{e}");
+    }
+}

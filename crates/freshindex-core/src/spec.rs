@@ -1,0 +1,515 @@
+//! The flow specification: one source, ordered steps, one target.
+//!
+//! The same serde shape is read from `freshindex.toml` (see [`crate::config`]) and, later, from
+//! JSON over HTTP. Validation happens while deserializing (`try_from` on raw shapes), so the
+//! TOML parser attaches the file position of the offending table to every error.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Default include patterns of a files source: text and Markdown.
+pub const DEFAULT_INCLUDE: [&str; 4] = ["**/*.md", "**/*.markdown", "**/*.txt", "**/*.text"];
+
+/// A declared pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawFlowSpec")]
+pub struct FlowSpec {
+    /// Unique name; also the default collection name.
+    pub name: String,
+    /// Where items come from.
+    pub source: SourceSpec,
+    /// What turns an item into rows.
+    pub steps: Vec<StepSpec>,
+    /// Where rows go.
+    pub target: TargetSpec,
+    /// A run fails when more items than this fail; -1 means no limit.
+    pub max_failed_items: i64,
+}
+
+impl FlowSpec {
+    /// A flow over `path` with the default steps and a collection named `name`.
+    pub fn quick_start(name: &str, path: PathBuf) -> Result<FlowSpec, String> {
+        FlowSpec::try_from(RawFlowSpec {
+            name: name.to_string(),
+            source: SourceSpec::Files(FilesSource::new(path)),
+            steps: None,
+            target: None,
+            max_failed_items: -1,
+        })
+    }
+
+    /// The parse step.
+    pub fn parse(&self) -> &ParseSpec {
+        match &self.steps[0] {
+            StepSpec::Parse(p) => p,
+            StepSpec::Split(_) | StepSpec::Embed(_) => unreachable!("validated step order"),
+        }
+    }
+
+    /// The split step.
+    pub fn split(&self) -> &SplitSpec {
+        match &self.steps[1] {
+            StepSpec::Split(s) => s,
+            StepSpec::Parse(_) | StepSpec::Embed(_) => unreachable!("validated step order"),
+        }
+    }
+
+    /// The embed step.
+    pub fn embed(&self) -> &EmbedSpec {
+        match &self.steps[2] {
+            StepSpec::Embed(e) => e,
+            StepSpec::Parse(_) | StepSpec::Split(_) => unreachable!("validated step order"),
+        }
+    }
+
+    /// The files source.
+    pub fn files(&self) -> &FilesSource {
+        match &self.source {
+            SourceSpec::Files(f) => f,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowSpec {
+    name: String,
+    source: SourceSpec,
+    #[serde(default)]
+    steps: Option<Vec<StepSpec>>,
+    #[serde(default)]
+    target: Option<TargetSpec>,
+    #[serde(default = "no_limit")]
+    max_failed_items: i64,
+}
+
+fn no_limit() -> i64 {
+    -1
+}
+
+impl TryFrom<RawFlowSpec> for FlowSpec {
+    type Error = String;
+
+    fn try_from(raw: RawFlowSpec) -> Result<Self, Self::Error> {
+        validate_name("name", &raw.name)?;
+        if raw.max_failed_items < -1 {
+            return Err(format!(
+                "max_failed_items: {} is invalid; use -1 (no limit) or a count >= 0",
+                raw.max_failed_items
+            ));
+        }
+        let steps = match raw.steps {
+            None => vec![
+                StepSpec::Parse(ParseSpec {}),
+                StepSpec::Split(SplitSpec::default()),
+                StepSpec::Embed(EmbedSpec::default()),
+            ],
+            Some(steps) => steps,
+        };
+        let kinds: Vec<&str> = steps.iter().map(StepSpec::kind).collect();
+        if kinds != ["parse", "split", "embed"] {
+            return Err(format!(
+                "steps: expected the ops parse, split, embed in that order, got [{}]",
+                kinds.join(", ")
+            ));
+        }
+        let target = match raw.target {
+            Some(t) => t,
+            None => TargetSpec::Collection(CollectionTarget {
+                name: raw.name.clone(),
+            }),
+        };
+        Ok(FlowSpec {
+            name: raw.name,
+            source: raw.source,
+            steps,
+            target,
+            max_failed_items: raw.max_failed_items,
+        })
+    }
+}
+
+/// Names of flows and collections: they become file names and URL path segments.
+fn validate_name(field: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: `{name}` is not a valid name (1-128 characters of letters, digits, `-`, `_`, `.`, not starting with `.`)"
+        ))
+    }
+}
+
+/// Turns any folder name into a valid flow/collection name.
+pub fn sanitize_name(raw: &str) -> String {
+    let mut s: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    while s.starts_with('.') {
+        s.remove(0);
+    }
+    if s.is_empty() { "default".into() } else { s }
+}
+
+/// Where items come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceSpec {
+    /// A folder on the local file system.
+    Files(FilesSource),
+}
+
+/// A folder, scanned in full on every run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSource {
+    /// The folder; relative paths are relative to the config file.
+    pub path: PathBuf,
+    /// Glob patterns (relative to `path`) of files to index.
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    /// Glob patterns of files and folders to leave out.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Larger files are skipped with a warning.
+    #[serde(default = "default_max_file_size")]
+    pub max_file_size: ByteSize,
+    /// Follow symbolic links (loops are detected and reported).
+    #[serde(default = "yes")]
+    pub follow_symlinks: bool,
+}
+
+impl FilesSource {
+    /// A source over `path` with every default.
+    pub fn new(path: PathBuf) -> Self {
+        FilesSource {
+            path,
+            include: default_include(),
+            exclude: Vec::new(),
+            max_file_size: default_max_file_size(),
+            follow_symlinks: true,
+        }
+    }
+}
+
+fn default_include() -> Vec<String> {
+    DEFAULT_INCLUDE.iter().map(|s| s.to_string()).collect()
+}
+
+fn default_max_file_size() -> ByteSize {
+    ByteSize(10 * 1024 * 1024)
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One step of a flow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum StepSpec {
+    /// Bytes to text.
+    Parse(ParseSpec),
+    /// Text to chunks.
+    Split(SplitSpec),
+    /// Chunks to vectors.
+    Embed(EmbedSpec),
+}
+
+impl StepSpec {
+    /// The step kind, as written in `op`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StepSpec::Parse(_) => "parse",
+            StepSpec::Split(_) => "split",
+            StepSpec::Embed(_) => "embed",
+        }
+    }
+}
+
+/// Decodes UTF-8 text and Markdown; binary and non-UTF-8 files are skipped.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParseSpec {}
+
+/// Splits text into chunks of at most `chunk_size` characters, Markdown-aware for Markdown files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawSplitSpec")]
+pub struct SplitSpec {
+    /// Maximum chunk length in characters.
+    pub chunk_size: usize,
+    /// Characters shared by neighbouring chunks; less than `chunk_size`.
+    pub chunk_overlap: usize,
+}
+
+impl Default for SplitSpec {
+    fn default() -> Self {
+        SplitSpec {
+            chunk_size: 1000,
+            chunk_overlap: 200,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplitSpec {
+    #[serde(default = "default_chunk_size")]
+    chunk_size: usize,
+    #[serde(default = "default_chunk_overlap")]
+    chunk_overlap: usize,
+}
+
+fn default_chunk_size() -> usize {
+    1000
+}
+
+fn default_chunk_overlap() -> usize {
+    200
+}
+
+impl TryFrom<RawSplitSpec> for SplitSpec {
+    type Error = String;
+
+    fn try_from(raw: RawSplitSpec) -> Result<Self, Self::Error> {
+        if raw.chunk_size == 0 {
+            return Err("chunk_size: must be at least 1".into());
+        }
+        if raw.chunk_overlap >= raw.chunk_size {
+            return Err(format!(
+                "chunk_overlap: {} must be less than chunk_size {}",
+                raw.chunk_overlap, raw.chunk_size
+            ));
+        }
+        Ok(SplitSpec {
+            chunk_size: raw.chunk_size,
+            chunk_overlap: raw.chunk_overlap,
+        })
+    }
+}
+
+/// Embeds chunk texts with a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawEmbedSpec")]
+pub struct EmbedSpec {
+    /// The model: `builtin` (hashed n-gram features, 384 dimensions, no download).
+    pub model: String,
+    /// Texts per embedding call. Does not change results, so it is not part of the cache key.
+    pub batch_size: usize,
+}
+
+impl Default for EmbedSpec {
+    fn default() -> Self {
+        EmbedSpec {
+            model: "builtin".into(),
+            batch_size: 64,
+        }
+    }
+}
+
+impl EmbedSpec {
+    /// The part of the spec that decides the vectors (the memo-cache key uses only this).
+    pub fn identity(&self) -> String {
+        format!("model={}", self.model)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbedSpec {
+    #[serde(default = "default_model")]
+    model: String,
+    #[serde(default = "default_batch_size")]
+    batch_size: usize,
+}
+
+fn default_model() -> String {
+    "builtin".into()
+}
+
+fn default_batch_size() -> usize {
+    64
+}
+
+/// Models this build knows.
+pub const KNOWN_MODELS: [&str; 1] = ["builtin"];
+
+impl TryFrom<RawEmbedSpec> for EmbedSpec {
+    type Error = String;
+
+    fn try_from(raw: RawEmbedSpec) -> Result<Self, Self::Error> {
+        if !KNOWN_MODELS.contains(&raw.model.as_str()) {
+            return Err(format!(
+                "model: unknown model `{}`; this build knows: {}",
+                raw.model,
+                KNOWN_MODELS.join(", ")
+            ));
+        }
+        if raw.batch_size == 0 || raw.batch_size > 4096 {
+            return Err(format!(
+                "batch_size: {} is out of range 1..=4096",
+                raw.batch_size
+            ));
+        }
+        Ok(EmbedSpec {
+            model: raw.model,
+            batch_size: raw.batch_size,
+        })
+    }
+}
+
+/// Where rows go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TargetSpec {
+    /// A built-in vector collection in the data directory.
+    Collection(CollectionTarget),
+}
+
+impl TargetSpec {
+    /// The collection name.
+    pub fn collection(&self) -> &str {
+        match self {
+            TargetSpec::Collection(c) => &c.name,
+        }
+    }
+}
+
+/// A built-in vector collection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawCollectionTarget")]
+pub struct CollectionTarget {
+    /// Collection name.
+    pub name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCollectionTarget {
+    name: String,
+}
+
+impl TryFrom<RawCollectionTarget> for CollectionTarget {
+    type Error = String;
+
+    fn try_from(raw: RawCollectionTarget) -> Result<Self, Self::Error> {
+        validate_name("name", &raw.name)?;
+        Ok(CollectionTarget { name: raw.name })
+    }
+}
+
+/// A size in bytes, written as an integer or as text such as `"10MiB"`, `"512 KB"`, `"1GB"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `10MiB`, `10 MB`, `1024`, `2k`.
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size (examples: 10MiB, 512KB, 1048576)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1000 * 1000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1000 * 1000 * 1000,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{other}` (use B, KB, KiB, MB, MiB, GB, GiB)"
+                ));
+            }
+        };
+        Ok(ByteSize((num * mult as f64).round() as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0 as f64;
+        if self.0 >= 1 << 30 {
+            write!(f, "{:.1} GiB", b / (1u64 << 30) as f64)
+        } else if self.0 >= 1 << 20 {
+            write!(f, "{:.1} MiB", b / (1u64 << 20) as f64)
+        } else if self.0 >= 1 << 10 {
+            write!(f, "{:.1} KiB", b / 1024.0)
+        } else {
+            write!(f, "{} B", self.0)
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"10MiB\" or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("size {v} is negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(ByteSize::parse("10MiB"), Ok(ByteSize(10 << 20)));
+        assert_eq!(ByteSize::parse("512 KB"), Ok(ByteSize(512_000)));
+        assert_eq!(ByteSize::parse("1024"), Ok(ByteSize(1024)));
+        assert!(ByteSize::parse("ten").is_err());
+        assert!(ByteSize::parse("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn sanitize_makes_valid_names() {
+        assert_eq!(sanitize_name("my docs"), "my_docs");
+        assert_eq!(sanitize_name(".hidden"), "hidden");
+        assert_eq!(sanitize_name(""), "default");
+        assert!(validate_name("n", &sanitize_name("ünï cøde")).is_ok());
+    }
+}

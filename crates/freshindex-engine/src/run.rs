@@ -1,0 +1,840 @@
+//! One run of a flow, and the read-side operations (search, export, status) over its state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use freshindex_core::{Fingerprint, FlowSpec, ItemStatus, Row, RowPayload};
+use freshindex_store::{
+    BatchCommit, FlowId, ItemChange, ItemLineage, ItemRecord, SqliteStore, StateStore, TrackedRow,
+};
+use freshindex_vector::{
+    Collections, Filter, SearchHit, SqliteCollection, VectorCollection, decode_vector,
+    encode_vector,
+};
+
+use crate::failpoint;
+use crate::plan::{plan_item, row_fp, row_key};
+use crate::source::files::{self, ReadError, ScannedFile};
+use crate::steps::embed::{Embedder, behavior_version, embedder_for};
+use crate::steps::parse::parse;
+use crate::steps::processing_fingerprint;
+use crate::steps::split::Splitter;
+use crate::summary::{Issue, IssueLevel, RunStatus, RunSummary};
+use crate::{EngineError, summary};
+
+/// The phases a run reports progress for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Walking and stat-ing the source.
+    Scanning,
+    /// Reading, splitting and embedding changed items.
+    Processing,
+    /// Writing rows to the target.
+    Writing,
+}
+
+/// Receives progress; the CLI draws bars or log lines from it.
+pub trait Progress: Send + Sync {
+    /// A phase starts; `total` when known.
+    fn start(&self, phase: Phase, total: Option<u64>);
+    /// `n` more units of the phase are done.
+    fn inc(&self, phase: Phase, n: u64);
+    /// The phase is over.
+    fn finish(&self, phase: Phase);
+}
+
+/// Progress that goes nowhere.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&self, _: Phase, _: Option<u64>) {}
+    fn inc(&self, _: Phase, _: u64) {}
+    fn finish(&self, _: Phase) {}
+}
+
+/// Options of a run.
+pub struct RunOptions<'a> {
+    /// Items per batch (one two-phase write per batch).
+    pub batch_items: usize,
+    /// Progress receiver.
+    pub progress: &'a dyn Progress,
+}
+
+impl Default for RunOptions<'_> {
+    fn default() -> Self {
+        RunOptions {
+            batch_items: 256,
+            progress: &NoProgress,
+        }
+    }
+}
+
+/// The engine over one data directory: a state store and a folder of collections.
+pub struct Engine {
+    store: Arc<dyn StateStore>,
+    collections: Collections,
+    skip_dirs: Vec<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("collections", &self.collections)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A flow's state, for `freshindex status`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FlowStatus {
+    /// Flow name.
+    pub flow: String,
+    /// Target collection.
+    pub collection: String,
+    /// Items by status.
+    pub items: BTreeMap<String, u64>,
+    /// Rows in the target.
+    pub rows: u64,
+    /// Memo-cache entries.
+    pub cache_entries: u64,
+    /// Memo-cache value bytes.
+    pub cache_bytes: u64,
+    /// The last run's summary.
+    pub last_run: Option<serde_json::Value>,
+}
+
+impl Engine {
+    /// Opens (creating) the data directory `dir`: `state.sqlite` and `collections/`.
+    pub fn open(dir: &Path) -> Result<Engine, EngineError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            EngineError::Config(format!("data dir {}: cannot create: {e}", dir.display()))
+        })?;
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| EngineError::Config(format!("data dir {}: {e}", dir.display())))?;
+        let store = SqliteStore::open(&dir.join("state.sqlite"))?;
+        Ok(Engine {
+            store: Arc::new(store),
+            collections: Collections::new(&dir.join("collections")),
+            skip_dirs: vec![(meta.dev(), meta.ino())],
+        })
+    }
+
+    /// An engine over any store and collections folder.
+    pub fn new(store: Arc<dyn StateStore>, collections_dir: PathBuf) -> Engine {
+        Engine {
+            store,
+            collections: Collections::new(&collections_dir),
+            skip_dirs: Vec::new(),
+        }
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
+    /// Flows that have run in this data directory, with the spec they last ran with.
+    pub fn stored_flows(&self) -> Result<Vec<FlowSpec>, EngineError> {
+        self.store
+            .flows()?
+            .into_iter()
+            .map(|f| {
+                serde_json::from_str(&f.spec_json).map_err(|e| {
+                    EngineError::Config(format!("stored spec of flow `{}`: {e}", f.name))
+                })
+            })
+            .collect()
+    }
+
+    fn stored_flow(&self, name: &str) -> Result<(FlowId, FlowSpec), EngineError> {
+        let rec = self.store.flow(name)?.ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "flow `{name}` has not run in this data directory yet"
+            ))
+        })?;
+        let spec = serde_json::from_str(&rec.spec_json)
+            .map_err(|e| EngineError::Config(format!("stored spec of flow `{name}`: {e}")))?;
+        Ok((rec.id, spec))
+    }
+
+    /// Runs a flow once: brings its target in line with its source.
+    pub fn run(&self, spec: &FlowSpec, opts: &RunOptions<'_>) -> Result<RunSummary, EngineError> {
+        let started = Instant::now();
+        let spec_json = serde_json::to_string(spec)
+            .map_err(|e| EngineError::Config(format!("flow `{}`: {e}", spec.name)))?;
+        let embedder = embedder_for(spec.embed()).map_err(EngineError::Config)?;
+        let splitter = Splitter::new(spec.split()).map_err(EngineError::Config)?;
+        let flow = self.store.register_flow(&spec.name, &spec_json)?;
+        let collection = self
+            .collections
+            .open_or_create(spec.target.collection(), embedder.dimension())?;
+
+        let progress = opts.progress;
+        progress.start(Phase::Scanning, None);
+        let prior: Vec<ItemRecord> = self.store.items(flow)?;
+        let mut scan = files::scan(spec.files(), &self.skip_dirs)?;
+        progress.inc(Phase::Scanning, scan.files.len() as u64);
+        progress.finish(Phase::Scanning);
+        failpoint::hit("scan-done");
+
+        let mut run = FlowRun {
+            engine: self,
+            flow,
+            spec,
+            spec_fp: processing_fingerprint(spec),
+            embed_fp: Fingerprint::builder("freshindex/memo/embed")
+                .str(&spec.embed().identity())
+                .u64(behavior_version(&spec.embed().model))
+                .finish(),
+            embedder,
+            splitter,
+            collection,
+            summary: RunSummary {
+                flow: spec.name.clone(),
+                status: RunStatus::Success,
+                items: Default::default(),
+                rows: Default::default(),
+                embeddings: Default::default(),
+                elapsed_ms: 0,
+                errors: Vec::new(),
+                warnings: Vec::new(),
+            },
+            total_errors: 0,
+            total_warnings: 0,
+            progress,
+        };
+        run.summary.items.seen = scan.files.len() as u64;
+        run.issues(&scan.issues);
+
+        // Classify by metadata: only candidates are read.
+        let mut prior: HashMap<String, ItemRecord> =
+            prior.into_iter().map(|r| (r.key.clone(), r)).collect();
+        let mut work: Vec<Work> = Vec::new();
+        let unlisted = std::mem::take(&mut scan.unlisted);
+        for file in std::mem::take(&mut scan.files) {
+            let before = prior.remove(&file.key);
+            let needs_look = match &before {
+                None => true,
+                Some(p) => {
+                    run.forced(p) || p.racy || p.size != file.size || p.mtime_ns != file.mtime_ns
+                }
+            };
+            if needs_look {
+                work.push(Work::File { file, prior: before });
+            } else {
+                run.summary.items.unchanged += 1;
+            }
+        }
+        let mut gone: Vec<Work> = prior
+            .into_values()
+            .filter(|p| !unlisted.iter().any(|u| p.key.starts_with(u.as_str())))
+            .map(|p| Work::Gone {
+                key: p.key.clone(),
+                prior: Some(p),
+                warning: None,
+            })
+            .collect();
+        gone.sort_by(|a, b| a.key().cmp(b.key()));
+        gone.extend(work);
+        let work = gone;
+
+        progress.start(Phase::Processing, Some(work.len() as u64));
+        progress.start(Phase::Writing, None);
+        let batch_items = opts.batch_items.max(1);
+        let mut work = work.into_iter().peekable();
+        while work.peek().is_some() {
+            let batch: Vec<Work> = work.by_ref().take(batch_items).collect();
+            let n = batch.len() as u64;
+            run.batch(batch)?;
+            progress.inc(Phase::Processing, n);
+        }
+        progress.finish(Phase::Processing);
+        progress.finish(Phase::Writing);
+
+        self.store.memo_gc(flow)?;
+        let mut summary = run.finish()?;
+        summary.elapsed_ms = started.elapsed().as_millis() as u64;
+        let status = match summary.status {
+            RunStatus::Success => "success",
+            RunStatus::Failed => "failed",
+        };
+        let json = serde_json::to_string(&summary)
+            .map_err(|e| EngineError::Config(format!("summary: {e}")))?;
+        self.store.record_run(flow, status, &json)?;
+        Ok(summary)
+    }
+
+    fn collection_of(&self, spec: &FlowSpec) -> Result<SqliteCollection, EngineError> {
+        Ok(self.collections.open(spec.target.collection())?)
+    }
+
+    /// The `k` chunks of `flow` closest to `query`.
+    pub fn search(
+        &self,
+        flow: &str,
+        query: &str,
+        k: usize,
+        filter: Option<&Filter>,
+    ) -> Result<Vec<SearchHit>, EngineError> {
+        let (_, spec) = self.stored_flow(flow)?;
+        let embedder = embedder_for(spec.embed()).map_err(EngineError::Config)?;
+        let v = embedder
+            .embed(&[query])
+            .map_err(|e| EngineError::Config(format!("embedding the query: {e}")))?;
+        let v = v
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::Config("embedder returned no vector".into()))?;
+        Ok(self.collection_of(&spec)?.search(&v, k, filter)?)
+    }
+
+    /// Every row of the flow's target, in key order.
+    pub fn export(
+        &self,
+        flow: &str,
+        visit: &mut dyn FnMut(Row) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let (_, spec) = self.stored_flow(flow)?;
+        let collection = match self.collection_of(&spec) {
+            Ok(c) => c,
+            // A flow whose source was empty never wrote a row.
+            Err(EngineError::Target(freshindex_vector::VectorError::NotFound(_))) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut failure = None;
+        collection.scan(&mut |row| {
+            visit(row).map_err(|e| {
+                let msg = e.to_string();
+                failure = Some(e);
+                freshindex_vector::VectorError::Storage {
+                    collection: spec.target.collection().into(),
+                    message: msg,
+                }
+            })
+        })?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A flow's state.
+    pub fn status(&self, flow: &str) -> Result<FlowStatus, EngineError> {
+        let (id, spec) = self.stored_flow(flow)?;
+        let items = self
+            .store
+            .item_counts(id)?
+            .into_iter()
+            .map(|(s, n)| (s.as_str().to_string(), n))
+            .collect();
+        let rows = match self.collection_of(&spec) {
+            Ok(c) => c.count()?,
+            Err(_) => 0,
+        };
+        let (cache_entries, cache_bytes) = self.store.memo_stats(id)?;
+        let last_run = match self.store.last_run(id)? {
+            Some(j) => Some(
+                serde_json::from_str(&j)
+                    .map_err(|e| EngineError::Config(format!("stored run summary: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(FlowStatus {
+            flow: spec.name.clone(),
+            collection: spec.target.collection().to_string(),
+            items,
+            rows,
+            cache_entries,
+            cache_bytes,
+            last_run,
+        })
+    }
+}
+
+/// One unit of work of a run.
+enum Work {
+    /// A listed file to look at.
+    File {
+        file: ScannedFile,
+        prior: Option<ItemRecord>,
+    },
+    /// An item that is gone (not listed, or vanished before its read).
+    Gone {
+        key: String,
+        prior: Option<ItemRecord>,
+        warning: Option<String>,
+    },
+}
+
+impl Work {
+    fn key(&self) -> &str {
+        match self {
+            Work::File { file, .. } => &file.key,
+            Work::Gone { key, .. } => key,
+        }
+    }
+}
+
+/// A chunk ready for embedding and writing.
+struct PreparedChunk {
+    text: String,
+    range: [usize; 2],
+    text_fp: Fingerprint,
+    memo_key: Fingerprint,
+}
+
+/// What looking at one item decided.
+enum Outcome {
+    /// Same content as before: refresh the stored metadata only.
+    Unchanged { record: ItemRecord },
+    /// New or changed content, split into chunks.
+    Indexed {
+        record: ItemRecord,
+        chunks: Vec<PreparedChunk>,
+        is_new: bool,
+    },
+    /// Deliberately produces no rows.
+    Skipped { record: ItemRecord, warning: String },
+    /// Failed; keeps its rows, retried next run.
+    Failed { record: ItemRecord, error: String },
+    /// Gone: all its rows go.
+    Gone {
+        key: String,
+        existed: bool,
+        warning: Option<String>,
+    },
+}
+
+struct FlowRun<'a> {
+    engine: &'a Engine,
+    flow: FlowId,
+    spec: &'a FlowSpec,
+    spec_fp: Fingerprint,
+    embed_fp: Fingerprint,
+    embedder: Box<dyn Embedder>,
+    splitter: Splitter,
+    collection: SqliteCollection,
+    summary: RunSummary,
+    total_errors: u64,
+    total_warnings: u64,
+    progress: &'a dyn Progress,
+}
+
+impl FlowRun<'_> {
+    fn issues(&mut self, issues: &[Issue]) {
+        let (mut e, mut w) = (self.total_errors, self.total_warnings);
+        self.summary.push_issues(issues, &mut e, &mut w);
+        self.total_errors = e;
+        self.total_warnings = w;
+    }
+
+    /// Must be processed whatever its metadata says.
+    fn forced(&self, p: &ItemRecord) -> bool {
+        !p.status.is_settled() || p.has_pending || p.spec_fp.as_ref() != Some(&self.spec_fp)
+    }
+
+    fn record(&self, key: &str, status: ItemStatus, size: u64, mtime_ns: i64) -> ItemRecord {
+        ItemRecord {
+            key: key.to_string(),
+            status,
+            size,
+            mtime_ns,
+            racy: false,
+            content_hash: None,
+            spec_fp: Some(self.spec_fp),
+            message: None,
+            has_pending: false,
+        }
+    }
+
+    fn look(&self, work: Work) -> Outcome {
+        let (file, prior) = match work {
+            Work::Gone { key, prior, warning } => {
+                return Outcome::Gone {
+                    key,
+                    existed: prior.is_some(),
+                    warning,
+                };
+            }
+            Work::File { file, prior } => (file, prior),
+        };
+        let max = self.spec.files().max_file_size;
+        let key = file.key.as_str();
+        if !file.regular {
+            let w = "not a regular file (FIFO, socket or device); skipped".to_string();
+            let mut r = self.record(key, ItemStatus::Skipped, file.size, file.mtime_ns);
+            r.message = Some(w.clone());
+            return Outcome::Skipped { record: r, warning: w };
+        }
+        let too_large = |size: u64| {
+            let w = format!(
+                "file is {}, over max_file_size {}; skipped",
+                freshindex_core::spec::ByteSize(size),
+                max
+            );
+            let mut r = self.record(key, ItemStatus::Skipped, size, file.mtime_ns);
+            r.message = Some(w.clone());
+            Outcome::Skipped { record: r, warning: w }
+        };
+        if file.size > max.0 {
+            return too_large(file.size);
+        }
+        let read = match files::read(&file, max.0) {
+            Ok(r) => r,
+            Err(ReadError::TooLarge(size)) => return too_large(size),
+            Err(ReadError::Vanished(e)) => {
+                return Outcome::Gone {
+                    key: file.key.clone(),
+                    existed: prior.is_some(),
+                    warning: Some(format!("vanished during the scan: {e}")),
+                };
+            }
+            Err(ReadError::Io(e)) => {
+                let error = format!("cannot read: {e}");
+                let mut r = prior
+                    .clone()
+                    .unwrap_or_else(|| self.record(key, ItemStatus::Error, 0, 0));
+                r.status = ItemStatus::Error;
+                r.message = Some(error.clone());
+                r.has_pending = false;
+                return Outcome::Failed { record: r, error };
+            }
+        };
+        let hash = Fingerprint::of(&read.bytes);
+        let mut record = self.record(key, ItemStatus::Accepted, read.size, read.mtime_ns);
+        record.racy = read.racy;
+        record.content_hash = Some(hash);
+        if let Some(p) = &prior
+            && !self.forced(p)
+            && p.content_hash == Some(hash)
+        {
+            record.status = p.status;
+            record.message = p.message.clone();
+            return Outcome::Unchanged { record };
+        }
+        let parsed = match parse(&read.bytes) {
+            Ok(p) => p,
+            Err(w) => {
+                record.status = ItemStatus::Skipped;
+                record.message = Some(w.clone());
+                return Outcome::Skipped { record, warning: w };
+            }
+        };
+        let chunks = self
+            .splitter
+            .split(key, parsed.text)
+            .into_iter()
+            .map(|c| {
+                let text_fp = Fingerprint::of(c.text.as_bytes());
+                let start = parsed.offset + c.start;
+                PreparedChunk {
+                    text: c.text.to_string(),
+                    range: [start, start + c.text.len()],
+                    memo_key: Fingerprint::builder("freshindex/memo")
+                        .fp(&self.embed_fp)
+                        .fp(&text_fp)
+                        .finish(),
+                    text_fp,
+                }
+            })
+            .collect();
+        let mut warning = None;
+        if read.changed_during_read {
+            warning = Some(
+                "changed while being read; indexed the content as read, it is checked again on the next run"
+                    .to_string(),
+            );
+        } else if read.changed_since_scan {
+            warning = Some(
+                "changed while the scan ran; indexed its content as of reading".to_string(),
+            );
+        }
+        if let Some(w) = warning {
+            record.message = Some(w);
+        }
+        let is_new = prior.as_ref().is_none_or(|p| p.content_hash.is_none());
+        Outcome::Indexed {
+            record,
+            chunks,
+            is_new,
+        }
+    }
+
+    fn batch(&mut self, batch: Vec<Work>) -> Result<(), EngineError> {
+        let outcomes: Vec<Outcome> = batch.into_iter().map(|w| self.look(w)).collect();
+
+        // Embeddings through the memo cache: look up every chunk, compute each missing text once.
+        let mut needed: Vec<Fingerprint> = Vec::new();
+        for o in &outcomes {
+            if let Outcome::Indexed { chunks, .. } = o {
+                needed.extend(chunks.iter().map(|c| c.memo_key));
+            }
+        }
+        let mut vectors: HashMap<Fingerprint, Vec<f32>> = HashMap::with_capacity(needed.len());
+        for (k, bytes) in self.engine.store.memo_get(self.flow, &needed)? {
+            let v = decode_vector(&bytes)
+                .filter(|v| v.len() == self.embedder.dimension())
+                .ok_or_else(|| {
+                    freshindex_store::StoreError::Corrupt(format!(
+                        "memo entry of {} bytes",
+                        bytes.len()
+                    ))
+                })?;
+            vectors.insert(k, v);
+        }
+        let mut missing: Vec<(Fingerprint, &str)> = Vec::new();
+        {
+            let mut queued = std::collections::HashSet::new();
+            for o in &outcomes {
+                if let Outcome::Indexed { chunks, .. } = o {
+                    for c in chunks {
+                        if !vectors.contains_key(&c.memo_key) && queued.insert(c.memo_key) {
+                            missing.push((c.memo_key, c.text.as_str()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut new_memo: Vec<(Fingerprint, Vec<u8>)> = Vec::with_capacity(missing.len());
+        let mut embed_error: Option<String> = None;
+        for part in missing.chunks(self.spec.embed().batch_size) {
+            let texts: Vec<&str> = part.iter().map(|(_, t)| *t).collect();
+            match self.embedder.embed(&texts) {
+                Ok(vs) if vs.len() == texts.len() => {
+                    for ((k, _), v) in part.iter().zip(vs) {
+                        new_memo.push((*k, encode_vector(&v)));
+                        vectors.insert(*k, v);
+                    }
+                }
+                Ok(vs) => {
+                    embed_error = Some(format!(
+                        "embedder returned {} vectors for {} texts",
+                        vs.len(),
+                        texts.len()
+                    ))
+                }
+                Err(e) => embed_error = Some(format!("embedding failed: {e}")),
+            }
+        }
+        self.summary.embeddings.computed += new_memo.len() as u64;
+        self.summary.embeddings.reused += (needed.len() - new_memo.len()) as u64;
+
+        // Lineage diff for every item whose rows may change.
+        let keys: Vec<&str> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Indexed { record, .. } | Outcome::Skipped { record, .. } => {
+                    Some(record.key.as_str())
+                }
+                Outcome::Gone { key, .. } => Some(key.as_str()),
+                Outcome::Unchanged { .. } | Outcome::Failed { .. } => None,
+            })
+            .collect();
+        let lineage = self.engine.store.lineage(self.flow, &keys)?;
+        let empty = ItemLineage::default();
+        let mut upserts: Vec<Row> = Vec::new();
+        let mut deletes: Vec<String> = Vec::new();
+        let mut pending: Vec<(String, Vec<String>)> = Vec::new();
+        let mut changes: Vec<ItemChange> = Vec::with_capacity(outcomes.len());
+        let mut issues: Vec<Issue> = Vec::new();
+        for o in outcomes {
+            let (key, record, rows): (String, Option<ItemRecord>, Vec<(Row, TrackedRow)>) = match o
+            {
+                Outcome::Unchanged { record } => {
+                    self.summary.items.unchanged += 1;
+                    changes.push(ItemChange::Upsert {
+                        record,
+                        rows: None,
+                    });
+                    continue;
+                }
+                Outcome::Failed { record, error } => {
+                    self.summary.items.failed += 1;
+                    issues.push(Issue::error(record.key.clone(), error));
+                    changes.push(ItemChange::Upsert {
+                        record,
+                        rows: None,
+                    });
+                    continue;
+                }
+                Outcome::Skipped { record, warning } => {
+                    self.summary.items.skipped += 1;
+                    issues.push(Issue::warning(record.key.clone(), warning));
+                    (record.key.clone(), Some(record), Vec::new())
+                }
+                Outcome::Gone {
+                    key,
+                    existed,
+                    warning,
+                } => {
+                    if existed {
+                        self.summary.items.deleted += 1;
+                    }
+                    if let Some(w) = warning {
+                        issues.push(Issue::warning(key.clone(), w));
+                    }
+                    (key, None, Vec::new())
+                }
+                Outcome::Indexed {
+                    mut record,
+                    chunks,
+                    is_new,
+                } => {
+                    if let Some(e) = &embed_error
+                        && chunks.iter().any(|c| !vectors.contains_key(&c.memo_key))
+                    {
+                        self.summary.items.failed += 1;
+                        issues.push(Issue::error(record.key.clone(), e.clone()));
+                        record.status = ItemStatus::Error;
+                        record.message = Some(e.clone());
+                        changes.push(ItemChange::Upsert {
+                            record,
+                            rows: None,
+                        });
+                        continue;
+                    }
+                    if is_new {
+                        self.summary.items.new += 1;
+                    } else {
+                        self.summary.items.modified += 1;
+                    }
+                    if let Some(w) = &record.message {
+                        issues.push(Issue::warning(record.key.clone(), w.clone()));
+                    }
+                    let rows = self.rows(&record.key, chunks, &vectors);
+                    (record.key.clone(), Some(record), rows)
+                }
+            };
+            let old = lineage.get(&key).unwrap_or(&empty);
+            let new_keys: Vec<(String, Fingerprint)> = rows
+                .iter()
+                .map(|(_, t)| (t.row_key.clone(), t.row_fp))
+                .collect();
+            let plan = plan_item(old, &new_keys);
+            self.summary.rows.added += plan.added;
+            self.summary.rows.updated += plan.updated;
+            self.summary.rows.deleted += plan.deleted;
+            self.summary.rows.unchanged += plan.unchanged;
+            if !plan.pending.is_empty() {
+                pending.push((key.clone(), plan.pending.clone()));
+            }
+            deletes.extend(plan.delete.iter().cloned());
+            let mut tracked = Vec::with_capacity(rows.len());
+            let mut rows: Vec<Option<Row>> = rows
+                .into_iter()
+                .map(|(row, t)| {
+                    tracked.push(t);
+                    Some(row)
+                })
+                .collect();
+            for i in plan.upsert {
+                if let Some(row) = rows[i].take() {
+                    upserts.push(row);
+                }
+            }
+            changes.push(match record {
+                Some(record) => ItemChange::Upsert {
+                    record,
+                    rows: Some(tracked),
+                },
+                None => ItemChange::Delete { key },
+            });
+        }
+        self.issues(&issues);
+
+        // Two-phase write: pending keys, then the target, then the commit.
+        if !upserts.is_empty() || !deletes.is_empty() {
+            self.engine.store.record_pending(self.flow, &pending)?;
+            failpoint::hit("pending-recorded");
+            self.collection.apply(&upserts, &deletes)?;
+            self.progress
+                .inc(Phase::Writing, (upserts.len() + deletes.len()) as u64);
+            failpoint::hit("target-written");
+        }
+        self.engine.store.commit(
+            self.flow,
+            BatchCommit {
+                items: changes,
+                memo: new_memo,
+            },
+        )?;
+        failpoint::hit("batch-committed");
+        Ok(())
+    }
+
+    /// Target rows of an indexed item, with their lineage records.
+    fn rows(
+        &self,
+        key: &str,
+        chunks: Vec<PreparedChunk>,
+        vectors: &HashMap<Fingerprint, Vec<f32>>,
+    ) -> Vec<(Row, TrackedRow)> {
+        let mut dups: HashMap<Fingerprint, u32> = HashMap::new();
+        let mut out = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let dup = dups.entry(c.text_fp).or_insert(0);
+            let rk = row_key(key, &c.text_fp, *dup);
+            *dup += 1;
+            let Some(vector) = vectors.get(&c.memo_key) else {
+                continue; // unreachable: callers check every chunk has a vector
+            };
+            let fp = row_fp(&rk, key, c.range, &c.text_fp, &c.memo_key);
+            out.push((
+                Row {
+                    key: rk.clone(),
+                    vector: vector.clone(),
+                    payload: RowPayload {
+                        source: key.to_string(),
+                        range: c.range,
+                        text: c.text,
+                    },
+                },
+                TrackedRow {
+                    row_key: rk,
+                    row_fp: fp,
+                    memo_key: Some(c.memo_key),
+                },
+            ));
+        }
+        out
+    }
+
+    fn finish(mut self) -> Result<RunSummary, EngineError> {
+        self.summary.rows.total = self.collection.count()?;
+        let limit = self.spec.max_failed_items;
+        if limit >= 0 && self.summary.items.failed > limit as u64 {
+            self.summary.status = RunStatus::Failed;
+        }
+        for (total, listed, what) in [
+            (self.total_errors, self.summary.errors.len(), "errors"),
+            (self.total_warnings, self.summary.warnings.len(), "warnings"),
+        ] {
+            if total as usize > listed {
+                let more = Issue {
+                    item: "...".into(),
+                    message: format!("{} more {what} not listed", total as usize - listed),
+                    level: if what == "errors" {
+                        IssueLevel::Error
+                    } else {
+                        IssueLevel::Warning
+                    },
+                };
+                match more.level {
+                    IssueLevel::Error => self.summary.errors.push(summary::ItemError {
+                        item: more.item,
+                        error: more.message,
+                    }),
+                    IssueLevel::Warning => self.summary.warnings.push(summary::ItemWarning {
+                        item: more.item,
+                        warning: more.message,
+                    }),
+                }
+            }
+        }
+        Ok(self.summary)
+    }
+}

@@ -1,0 +1,275 @@
+//! The files source: a full scan of a folder (walk + stat), and reading one file.
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use walkdir::WalkDir;
+
+use freshindex_core::spec::FilesSource;
+
+use crate::{EngineError, Issue};
+
+/// One file the scan listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScannedFile {
+    /// Item key: the path relative to the root, `/`-separated; bytes of a non-UTF-8 name are
+    /// written as `\xNN`.
+    pub key: String,
+    /// Full path.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// A regular file (not a FIFO, socket or device).
+    pub regular: bool,
+}
+
+/// What a scan found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Matching files, sorted by key.
+    pub files: Vec<ScannedFile>,
+    /// Warnings and errors about particular paths.
+    pub issues: Vec<Issue>,
+    /// Key prefixes (`dir/`) of folders that could not be listed: items under them are neither
+    /// seen nor known to be deleted.
+    pub unlisted: Vec<String>,
+}
+
+impl Scan {
+    /// Whether `key` lies under a folder the scan could not list.
+    pub fn is_unlisted(&self, key: &str) -> bool {
+        self.unlisted.iter().any(|p| key.starts_with(p.as_str()))
+    }
+}
+
+/// Modification time in ns since the epoch.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
+}
+
+fn globset(field: &str, patterns: &[String]) -> Result<GlobSet, EngineError> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        let g = Glob::new(p).map_err(|e| {
+            EngineError::Config(format!("source.{field}: invalid pattern `{p}`: {e}"))
+        })?;
+        b.add(g);
+    }
+    b.build()
+        .map_err(|e| EngineError::Config(format!("source.{field}: {e}")))
+}
+
+/// Turns a relative path into an item key. Returns the key and whether the name was valid
+/// UTF-8.
+pub fn path_key(rel: &Path) -> (String, bool) {
+    let mut key = String::new();
+    let mut valid = true;
+    for (i, comp) in rel.components().enumerate() {
+        if i > 0 {
+            key.push('/');
+        }
+        let bytes = comp.as_os_str().as_bytes();
+        match std::str::from_utf8(bytes) {
+            Ok(s) => key.push_str(s),
+            Err(_) => {
+                valid = false;
+                for chunk in bytes.utf8_chunks() {
+                    key.push_str(chunk.valid());
+                    for b in chunk.invalid() {
+                        key.push_str(&format!("\\x{b:02X}"));
+                    }
+                }
+            }
+        }
+    }
+    (key, valid)
+}
+
+/// Lists every file of `src` that matches its include patterns and not its exclude patterns.
+/// Folders whose (device, inode) is in `skip_dirs` (the data directory) are not entered.
+pub fn scan(src: &FilesSource, skip_dirs: &[(u64, u64)]) -> Result<Scan, EngineError> {
+    let root = &src.path;
+    let root_meta = std::fs::metadata(root).map_err(|e| {
+        EngineError::Source(format!("source path {}: {e}", root.display()))
+    })?;
+    if !root_meta.is_dir() {
+        return Err(EngineError::Source(format!(
+            "source path {} is not a folder",
+            root.display()
+        )));
+    }
+    let include = globset("include", &src.include)?;
+    let exclude = globset("exclude", &src.exclude)?;
+    let mut out = Scan::default();
+    let rel_key = |p: &Path| path_key(p.strip_prefix(root).unwrap_or(p)).0;
+    let walker = WalkDir::new(root)
+        .follow_links(src.follow_symlinks)
+        .into_iter()
+        .filter_entry(|e| {
+            if e.depth() == 0 || !e.file_type().is_dir() {
+                return true;
+            }
+            if let Ok(m) = e.metadata()
+                && skip_dirs.contains(&(m.dev(), m.ino()))
+            {
+                return false;
+            }
+            let (key, _) = path_key(e.path().strip_prefix(root).unwrap_or(e.path()));
+            !(exclude.is_match(&key) || exclude.is_match(format!("{key}/")))
+        });
+    for entry in walker {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(err) => {
+                let path = err.path().map(Path::to_path_buf).unwrap_or_default();
+                let key = rel_key(&path);
+                if let Some(anc) = err.loop_ancestor() {
+                    out.issues.push(Issue::warning(
+                        key,
+                        format!(
+                            "symlink loop: points to its ancestor {}; not followed",
+                            anc.display()
+                        ),
+                    ));
+                } else if path.is_dir() {
+                    out.issues.push(Issue::error(
+                        key.clone(),
+                        format!("cannot list folder: {}", io_message(&err)),
+                    ));
+                    out.unlisted.push(format!("{key}/"));
+                } else {
+                    out.issues.push(Issue::warning(
+                        key,
+                        format!("cannot stat (broken symlink?): {}", io_message(&err)),
+                    ));
+                }
+                continue;
+            }
+        };
+        if entry.file_type().is_dir() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+        let (key, valid_name) = path_key(rel);
+        if !include.is_match(&key) || exclude.is_match(&key) {
+            continue;
+        }
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(err) => {
+                // Listed, then gone before the stat: it is not part of this scan.
+                out.issues.push(Issue::warning(
+                    key,
+                    format!("vanished during the scan: {}", io_message(&err)),
+                ));
+                continue;
+            }
+        };
+        if !valid_name {
+            out.issues.push(Issue::warning(
+                key.clone(),
+                format!("file name is not valid UTF-8; indexed as `{key}`"),
+            ));
+        }
+        out.files.push(ScannedFile {
+            key,
+            path: entry.path().to_path_buf(),
+            size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+            regular: meta.is_file(),
+        });
+    }
+    out.files.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+fn io_message(err: &walkdir::Error) -> String {
+    match err.io_error() {
+        Some(io) => io.to_string(),
+        None => err.to_string(),
+    }
+}
+
+/// The content of one file and the metadata that goes with it.
+#[derive(Debug)]
+pub struct ReadFile {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// Size after reading.
+    pub size: u64,
+    /// Modification time after reading.
+    pub mtime_ns: i64,
+    /// The file changed between the scan and the read (metadata differ from the listing).
+    pub changed_since_scan: bool,
+    /// The file changed while it was being read.
+    pub changed_during_read: bool,
+    /// The metadata is too close to the current time to be trusted by the next scan.
+    pub racy: bool,
+}
+
+/// How recent a modification must be for size + mtime to be untrusted (covers coarse
+/// file-system timestamps).
+pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+/// Reading a file failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The file no longer exists.
+    Vanished(std::io::Error),
+    /// Larger than the cap (checked on the open handle, the listing may be stale).
+    TooLarge(u64),
+    /// Any other I/O error.
+    Io(std::io::Error),
+}
+
+/// Reads a listed file, detecting changes since the listing and during the read.
+pub fn read(file: &ScannedFile, max_size: u64) -> Result<ReadFile, ReadError> {
+    use std::io::Read;
+    let map = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ReadError::Vanished(e)
+        } else {
+            ReadError::Io(e)
+        }
+    };
+    let mut f = std::fs::File::open(&file.path).map_err(map)?;
+    let before = f.metadata().map_err(map)?;
+    if before.len() > max_size {
+        return Err(ReadError::TooLarge(before.len()));
+    }
+    let mut bytes = Vec::with_capacity(before.len() as usize);
+    f.read_to_end(&mut bytes).map_err(map)?;
+    let after = f.metadata().map_err(map)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let (m0, m1) = (mtime_ns(&before), mtime_ns(&after));
+    let changed_during_read = m0 != m1 || before.len() != after.len() || bytes.len() as u64 != after.len();
+    Ok(ReadFile {
+        size: after.len(),
+        mtime_ns: m1,
+        changed_since_scan: m0 != file.mtime_ns || before.len() != file.size,
+        changed_during_read,
+        racy: changed_during_read || now - m1 < RACY_WINDOW_NS,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn keys_escape_invalid_bytes() {
+        let p = Path::new(OsStr::from_bytes(b"dir/bad\xffname.md"));
+        assert_eq!(path_key(p), ("dir/bad\\xFFname.md".to_string(), false));
+        assert_eq!(path_key(Path::new("a/b.md")), ("a/b.md".to_string(), true));
+    }
+}

@@ -1,0 +1,3 @@
+//! Sources: where items come from and how changes are detected.
+
+pub mod files;

@@ -1,0 +1,516 @@
+//! The SQLite backend: one file, WAL journal, `synchronous = FULL` so that a commit is on disk
+//! before the target write that depends on it (the two-phase protocol needs that order).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    BatchCommit, FlowId, FlowRecord, FlowStore, ItemChange, ItemLineage, ItemRecord, ItemStatus,
+    ItemStore, LineageStore, MemoStore, Result, RunStore, StoreError, TrackedRow,
+};
+use freshindex_core::Fingerprint;
+
+/// Schema version this build writes.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS flows (
+  id INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  spec_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+  flow_id INTEGER NOT NULL,
+  key TEXT NOT NULL,
+  status TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  mtime_ns INTEGER NOT NULL,
+  racy INTEGER NOT NULL,
+  content_hash BLOB,
+  spec_fp BLOB,
+  message TEXT,
+  PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tracked (
+  flow_id INTEGER NOT NULL,
+  item_key TEXT NOT NULL,
+  row_key TEXT NOT NULL,
+  row_fp BLOB NOT NULL,
+  memo_key BLOB,
+  PRIMARY KEY (flow_id, item_key, row_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tracked_memo ON tracked (flow_id, memo_key);
+CREATE TABLE IF NOT EXISTS pending (
+  flow_id INTEGER NOT NULL,
+  item_key TEXT NOT NULL,
+  row_key TEXT NOT NULL,
+  PRIMARY KEY (flow_id, item_key, row_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS memo (
+  flow_id INTEGER NOT NULL,
+  key BLOB NOT NULL,
+  value BLOB NOT NULL,
+  UNIQUE (flow_id, key)
+);
+CREATE TABLE IF NOT EXISTS memo_gc (
+  flow_id INTEGER NOT NULL,
+  key BLOB NOT NULL,
+  PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+  id INTEGER PRIMARY KEY,
+  flow_id INTEGER NOT NULL,
+  finished_at_ms INTEGER NOT NULL,
+  status TEXT NOT NULL,
+  summary_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_flow ON runs (flow_id, id);
+";
+
+/// The embedded state store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn fp_from(col: Option<Vec<u8>>) -> Result<Option<Fingerprint>> {
+    match col {
+        None => Ok(None),
+        Some(b) => Fingerprint::from_slice(&b)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt(format!("fingerprint of {} bytes", b.len()))),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` and migrates its schema.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        Self::init(conn)
+    }
+
+    /// An in-memory store (tests).
+    pub fn open_in_memory() -> Result<SqliteStore> {
+        Self::init(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    fn init(conn: Connection) -> Result<SqliteStore> {
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(backend)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -65536;",
+        )
+        .map_err(backend)?;
+        let found: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .or_else(|e| match e {
+                // A brand-new file has no meta table yet.
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
+                    Ok(None)
+                }
+                other => Err(other),
+            })
+            .map_err(backend)?;
+        if let Some(v) = found {
+            let v: i64 = v
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?;
+            if v > SCHEMA_VERSION {
+                return Err(StoreError::SchemaTooNew {
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+        }
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+            [SCHEMA_VERSION.to_string()],
+        )
+        .map_err(backend)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A poisoned lock means a panic mid-call; SQLite rolled back any open transaction when
+        // the guard's statement was dropped, so the connection is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl FlowStore for SqliteStore {
+    fn register_flow(&self, name: &str, spec_json: &str) -> Result<FlowId> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO flows (name, spec_json) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET spec_json = excluded.spec_json",
+            params![name, spec_json],
+        )
+        .map_err(backend)?;
+        conn.query_row("SELECT id FROM flows WHERE name = ?1", [name], |r| {
+            r.get(0).map(FlowId)
+        })
+        .map_err(backend)
+    }
+
+    fn flow(&self, name: &str) -> Result<Option<FlowRecord>> {
+        self.conn()
+            .query_row(
+                "SELECT id, name, spec_json FROM flows WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(FlowRecord {
+                        id: FlowId(r.get(0)?),
+                        name: r.get(1)?,
+                        spec_json: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
+    }
+
+    fn flows(&self) -> Result<Vec<FlowRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, name, spec_json FROM flows ORDER BY name")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(FlowRecord {
+                    id: FlowId(r.get(0)?),
+                    name: r.get(1)?,
+                    spec_json: r.get(2)?,
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<std::result::Result<_, _>>().map_err(backend)
+    }
+}
+
+impl ItemStore for SqliteStore {
+    fn items(&self, flow: FlowId) -> Result<Vec<ItemRecord>> {
+        let conn = self.conn();
+        let mut pending = HashSet::new();
+        {
+            let mut stmt = conn
+                .prepare_cached("SELECT DISTINCT item_key FROM pending WHERE flow_id = ?1")
+                .map_err(backend)?;
+            let mut rows = stmt.query([flow.0]).map_err(backend)?;
+            while let Some(r) = rows.next().map_err(backend)? {
+                pending.insert(r.get::<_, String>(0).map_err(backend)?);
+            }
+        }
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT key, status, size, mtime_ns, racy, content_hash, spec_fp, message
+                 FROM items WHERE flow_id = ?1 ORDER BY key",
+            )
+            .map_err(backend)?;
+        let mut rows = stmt.query([flow.0]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let key: String = r.get(0).map_err(backend)?;
+            let status: String = r.get(1).map_err(backend)?;
+            let has_pending = pending.remove(&key);
+            out.push(ItemRecord {
+                status: status.parse().map_err(StoreError::Corrupt)?,
+                size: r.get::<_, i64>(2).map_err(backend)? as u64,
+                mtime_ns: r.get(3).map_err(backend)?,
+                racy: r.get(4).map_err(backend)?,
+                content_hash: fp_from(r.get(5).map_err(backend)?)?,
+                spec_fp: fp_from(r.get(6).map_err(backend)?)?,
+                message: r.get(7).map_err(backend)?,
+                has_pending,
+                key,
+            });
+        }
+        // Pending keys of items that were never committed (new items cut short by a crash).
+        for key in pending {
+            out.push(ItemRecord {
+                key,
+                status: ItemStatus::NewItem,
+                size: 0,
+                mtime_ns: 0,
+                racy: true,
+                content_hash: None,
+                spec_fp: None,
+                message: None,
+                has_pending: true,
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn item_counts(&self, flow: FlowId) -> Result<Vec<(ItemStatus, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT status, COUNT(*) FROM items WHERE flow_id = ?1 GROUP BY status")
+            .map_err(backend)?;
+        let mut rows = stmt.query([flow.0]).map_err(backend)?;
+        let mut counts: HashMap<ItemStatus, u64> = HashMap::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            let st: String = r.get(0).map_err(backend)?;
+            let n: i64 = r.get(1).map_err(backend)?;
+            counts.insert(st.parse().map_err(StoreError::Corrupt)?, n as u64);
+        }
+        Ok(ItemStatus::ALL
+            .into_iter()
+            .map(|s| (s, counts.get(&s).copied().unwrap_or(0)))
+            .collect())
+    }
+}
+
+impl LineageStore for SqliteStore {
+    fn lineage(&self, flow: FlowId, items: &[&str]) -> Result<HashMap<String, ItemLineage>> {
+        let conn = self.conn();
+        let mut tracked = conn
+            .prepare_cached(
+                "SELECT row_key, row_fp, memo_key FROM tracked WHERE flow_id = ?1 AND item_key = ?2",
+            )
+            .map_err(backend)?;
+        let mut pending = conn
+            .prepare_cached("SELECT row_key FROM pending WHERE flow_id = ?1 AND item_key = ?2")
+            .map_err(backend)?;
+        let mut out = HashMap::with_capacity(items.len());
+        for &item in items {
+            let mut lin = ItemLineage::default();
+            let mut rows = tracked.query(params![flow.0, item]).map_err(backend)?;
+            while let Some(r) = rows.next().map_err(backend)? {
+                lin.tracked.push(TrackedRow {
+                    row_key: r.get(0).map_err(backend)?,
+                    row_fp: fp_from(Some(r.get(1).map_err(backend)?))?
+                        .ok_or_else(|| StoreError::Corrupt("row fingerprint".into()))?,
+                    memo_key: fp_from(r.get(2).map_err(backend)?)?,
+                });
+            }
+            let mut rows = pending.query(params![flow.0, item]).map_err(backend)?;
+            while let Some(r) = rows.next().map_err(backend)? {
+                lin.pending.push(r.get(0).map_err(backend)?);
+            }
+            out.insert(item.to_string(), lin);
+        }
+        Ok(out)
+    }
+
+    fn record_pending(&self, flow: FlowId, pending: &[(String, Vec<String>)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO pending (flow_id, item_key, row_key) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(backend)?;
+            for (item, keys) in pending {
+                for key in keys {
+                    ins.execute(params![flow.0, item, key]).map_err(backend)?;
+                }
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn commit(&self, flow: FlowId, batch: BatchCommit) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut old_memo = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO memo_gc (flow_id, key)
+                     SELECT flow_id, memo_key FROM tracked
+                     WHERE flow_id = ?1 AND item_key = ?2 AND memo_key IS NOT NULL",
+                )
+                .map_err(backend)?;
+            let mut del_tracked = tx
+                .prepare_cached("DELETE FROM tracked WHERE flow_id = ?1 AND item_key = ?2")
+                .map_err(backend)?;
+            let mut del_pending = tx
+                .prepare_cached("DELETE FROM pending WHERE flow_id = ?1 AND item_key = ?2")
+                .map_err(backend)?;
+            let mut del_item = tx
+                .prepare_cached("DELETE FROM items WHERE flow_id = ?1 AND key = ?2")
+                .map_err(backend)?;
+            let mut ins_tracked = tx
+                .prepare_cached(
+                    "INSERT INTO tracked (flow_id, item_key, row_key, row_fp, memo_key)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(backend)?;
+            let mut up_item = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO items
+                     (flow_id, key, status, size, mtime_ns, racy, content_hash, spec_fp, message)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(backend)?;
+            let mut ins_memo = tx
+                .prepare_cached("INSERT OR IGNORE INTO memo (flow_id, key, value) VALUES (?1, ?2, ?3)")
+                .map_err(backend)?;
+            for (key, value) in &batch.memo {
+                ins_memo
+                    .execute(params![flow.0, &key.0[..], value])
+                    .map_err(backend)?;
+            }
+            for change in &batch.items {
+                let key = change.key();
+                del_pending.execute(params![flow.0, key]).map_err(backend)?;
+                let new_rows = match change {
+                    ItemChange::Delete { .. } => {
+                        del_item.execute(params![flow.0, key]).map_err(backend)?;
+                        Some(&[][..])
+                    }
+                    ItemChange::Upsert { record, rows } => {
+                        up_item
+                            .execute(params![
+                                flow.0,
+                                record.key,
+                                record.status.as_str(),
+                                record.size as i64,
+                                record.mtime_ns,
+                                record.racy,
+                                record.content_hash.as_ref().map(|f| &f.0[..]),
+                                record.spec_fp.as_ref().map(|f| &f.0[..]),
+                                record.message,
+                            ])
+                            .map_err(backend)?;
+                        rows.as_deref()
+                    }
+                };
+                if let Some(rows) = new_rows {
+                    old_memo.execute(params![flow.0, key]).map_err(backend)?;
+                    del_tracked.execute(params![flow.0, key]).map_err(backend)?;
+                    for row in rows {
+                        ins_tracked
+                            .execute(params![
+                                flow.0,
+                                key,
+                                row.row_key,
+                                &row.row_fp.0[..],
+                                row.memo_key.as_ref().map(|f| &f.0[..]),
+                            ])
+                            .map_err(backend)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn tracked_count(&self, flow: FlowId) -> Result<u64> {
+        self.conn()
+            .query_row(
+                "SELECT COUNT(*) FROM tracked WHERE flow_id = ?1",
+                [flow.0],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+    }
+}
+
+impl MemoStore for SqliteStore {
+    fn memo_get(&self, flow: FlowId, keys: &[Fingerprint]) -> Result<HashMap<Fingerprint, Vec<u8>>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT value FROM memo WHERE flow_id = ?1 AND key = ?2")
+            .map_err(backend)?;
+        let mut out = HashMap::new();
+        for key in keys {
+            if out.contains_key(key) {
+                continue;
+            }
+            let v: Option<Vec<u8>> = stmt
+                .query_row(params![flow.0, &key.0[..]], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            if let Some(v) = v {
+                out.insert(*key, v);
+            }
+        }
+        Ok(out)
+    }
+
+    fn memo_gc(&self, flow: FlowId) -> Result<u64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        let removed = tx
+            .execute(
+                "DELETE FROM memo WHERE flow_id = ?1 AND key IN (
+                   SELECT g.key FROM memo_gc g WHERE g.flow_id = ?1 AND NOT EXISTS (
+                     SELECT 1 FROM tracked t WHERE t.flow_id = ?1 AND t.memo_key = g.key))",
+                [flow.0],
+            )
+            .map_err(backend)?;
+        tx.execute("DELETE FROM memo_gc WHERE flow_id = ?1", [flow.0])
+            .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(removed as u64)
+    }
+
+    fn memo_stats(&self, flow: FlowId) -> Result<(u64, u64)> {
+        self.conn()
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM memo WHERE flow_id = ?1",
+                [flow.0],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(backend)
+    }
+}
+
+impl RunStore for SqliteStore {
+    fn record_run(&self, flow: FlowId, status: &str, summary_json: &str) -> Result<()> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        tx.execute(
+            "INSERT INTO runs (flow_id, finished_at_ms, status, summary_json) VALUES (?1, ?2, ?3, ?4)",
+            params![flow.0, now_ms, status, summary_json],
+        )
+        .map_err(backend)?;
+        tx.execute(
+            "DELETE FROM runs WHERE flow_id = ?1 AND id NOT IN
+               (SELECT id FROM runs WHERE flow_id = ?1 ORDER BY id DESC LIMIT ?2)",
+            params![flow.0, crate::RUNS_KEPT],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn last_run(&self, flow: FlowId) -> Result<Option<String>> {
+        self.conn()
+            .query_row(
+                "SELECT summary_json FROM runs WHERE flow_id = ?1 ORDER BY id DESC LIMIT 1",
+                [flow.0],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
+    }
+}

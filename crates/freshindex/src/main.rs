@@ -1,0 +1,390 @@
+//! `freshindex`: keep a vector index in sync with a folder, recomputing only what changed.
+//!
+//! One process, one thread doing the work (see `freshindex-engine`); progress bars are drawn
+//! by indicatif's own ticker thread when stderr is a terminal.
+
+mod progress;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+
+use freshindex_core::config::REFERENCE_CONFIG;
+use freshindex_core::spec::sanitize_name;
+use freshindex_core::{Config, FlowSpec};
+use freshindex_engine::{Engine, RunOptions, RunStatus, RunSummary};
+
+/// Keep AI and search indexes fresh: detect what changed in a source, recompute only that,
+/// apply the minimal changes to the target index.
+#[derive(Parser, Debug)]
+#[command(name = "freshindex", version, about)]
+struct Cli {
+    /// Data directory holding the state and the collections.
+    #[arg(long, global = true, env = "FRESHINDEX_DATA_DIR", default_value = ".freshindex")]
+    data_dir: PathBuf,
+    /// Configuration file (default: ./freshindex.toml when it exists).
+    #[arg(long, global = true, env = "FRESHINDEX_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Bring a flow's target in line with its source (incremental).
+    Index {
+        /// Index this folder with the default flow (no config needed).
+        path: Option<PathBuf>,
+        /// Run only this flow of the config.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Print one JSON object per flow on stdout (an array when several flows run).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Search a flow's target.
+    Search {
+        /// The query text.
+        query: String,
+        /// How many chunks to return.
+        #[arg(short, long, default_value_t = 5)]
+        k: usize,
+        /// The flow to search (needed when several flows ran in this data directory).
+        #[arg(long)]
+        flow: Option<String>,
+        /// Only chunks whose source path starts with this prefix.
+        #[arg(long)]
+        source_prefix: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every row of a flow's target as JSON Lines, sorted by key.
+    Export {
+        /// The flow to export.
+        #[arg(long)]
+        flow: Option<String>,
+    },
+    /// Items by status, rows, cache size and the last run of a flow.
+    Status {
+        /// The flow (default: every flow of the data directory).
+        #[arg(long)]
+        flow: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a commented freshindex.toml showing every option.
+    Init {
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Exit code when a run completed but failed items exceeded `max_failed_items`.
+const EXIT_TOO_MANY_FAILURES: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line naming the cause.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("freshindex: error: {}", chain.join(": ").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Init { force } => {
+            let path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("freshindex.toml"));
+            if path.exists() && !force {
+                bail!(
+                    "{} already exists; pass --force to overwrite it",
+                    path.display()
+                );
+            }
+            std::fs::write(&path, REFERENCE_CONFIG)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Index { path, flow, json } => {
+            let flows = flows_to_run(cli.config.as_deref(), path.as_deref(), flow.as_deref())?;
+            let engine = open_engine(&cli.data_dir)?;
+            let mut summaries = Vec::new();
+            for spec in &flows {
+                let progress = progress::for_terminal(&spec.name, std::io::stderr().is_terminal());
+                let opts = RunOptions {
+                    progress: progress.as_ref(),
+                    ..RunOptions::default()
+                };
+                let summary = engine
+                    .run(spec, &opts)
+                    .with_context(|| format!("flow `{}`", spec.name))?;
+                drop(progress);
+                if !json {
+                    print_summary(&summary);
+                }
+                summaries.push(summary);
+            }
+            if json {
+                let out = if summaries.len() == 1 {
+                    serde_json::to_string(&summaries[0])?
+                } else {
+                    serde_json::to_string(&summaries)?
+                };
+                println!("{out}");
+            }
+            if summaries.iter().any(|s| s.status == RunStatus::Failed) {
+                eprintln!("freshindex: error: failed items exceed max_failed_items");
+                return Ok(ExitCode::from(EXIT_TOO_MANY_FAILURES));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Search {
+            query,
+            k,
+            flow,
+            source_prefix,
+            json,
+        } => {
+            let engine = open_engine(&cli.data_dir)?;
+            let flow = pick_flow(&engine, cli.config.as_deref(), flow)?;
+            let filter = source_prefix.map(|p| freshindex_vector::Filter {
+                source_prefix: Some(p),
+            });
+            let hits = engine.search(&flow, &query, k, filter.as_ref())?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let v: Vec<serde_json::Value> = hits
+                    .iter()
+                    .map(|h| {
+                        serde_json::json!({
+                            "key": h.key,
+                            "source": h.payload.source,
+                            "range": h.payload.range,
+                            "score": h.score,
+                            "text": h.payload.text,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
+            } else if hits.is_empty() {
+                writeln!(out, "no results")?;
+            } else {
+                for (i, h) in hits.iter().enumerate() {
+                    writeln!(
+                        out,
+                        "{}. {} [{}..{}]  score {:.4}\n   {}",
+                        i + 1,
+                        h.payload.source,
+                        h.payload.range[0],
+                        h.payload.range[1],
+                        h.score,
+                        snippet(&h.payload.text, 240)
+                    )?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { flow } => {
+            let engine = open_engine(&cli.data_dir)?;
+            let flow = pick_flow(&engine, cli.config.as_deref(), flow)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            engine.export(&flow, &mut |row| {
+                let line = serde_json::json!({
+                    "key": row.key,
+                    "source": row.payload.source,
+                    "range": row.payload.range,
+                    "text": row.payload.text,
+                    "vector": row.vector,
+                });
+                writeln!(out, "{line}").map_err(|e| {
+                    freshindex_engine::EngineError::Config(format!("writing stdout: {e}"))
+                })
+            })?;
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { flow, json } => {
+            let engine = open_engine(&cli.data_dir)?;
+            let names = match flow {
+                Some(f) => vec![f],
+                None => engine
+                    .stored_flows()?
+                    .into_iter()
+                    .map(|f| f.name)
+                    .collect(),
+            };
+            let statuses = names
+                .iter()
+                .map(|n| engine.status(n))
+                .collect::<Result<Vec<_>, _>>()?;
+            if json {
+                let out = if statuses.len() == 1 {
+                    serde_json::to_string(&statuses[0])?
+                } else {
+                    serde_json::to_string(&statuses)?
+                };
+                println!("{out}");
+            } else if statuses.is_empty() {
+                println!("no flow has run in {}", cli.data_dir.display());
+            } else {
+                for s in statuses {
+                    println!("flow {} → collection {}", s.flow, s.collection);
+                    let items: Vec<String> =
+                        s.items.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    println!("  items  {}", items.join(" · "));
+                    println!("  rows   {}", s.rows);
+                    println!(
+                        "  cache  {} entries, {}",
+                        s.cache_entries,
+                        freshindex_core::spec::ByteSize(s.cache_bytes)
+                    );
+                    if let Some(last) = s.last_run {
+                        if let Ok(sum) = serde_json::from_value::<RunSummary>(last) {
+                            println!(
+                                "  last run: {} in {} ms, {} new, {} modified, {} deleted, {} failed",
+                                match sum.status {
+                                    RunStatus::Success => "success",
+                                    RunStatus::Failed => "failed",
+                                },
+                                sum.elapsed_ms,
+                                sum.items.new,
+                                sum.items.modified,
+                                sum.items.deleted,
+                                sum.items.failed
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn open_engine(data_dir: &Path) -> Result<Engine> {
+    Engine::open(data_dir).with_context(|| format!("data dir {}", data_dir.display()))
+}
+
+/// The config file to use: the explicit one, or ./freshindex.toml when present.
+fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None => {
+            let p = PathBuf::from("freshindex.toml");
+            p.exists().then_some(p)
+        }
+    }
+}
+
+fn flows_to_run(
+    config: Option<&Path>,
+    path: Option<&Path>,
+    flow: Option<&str>,
+) -> Result<Vec<FlowSpec>> {
+    if let Some(path) = path {
+        let abs = std::fs::canonicalize(path)
+            .with_context(|| format!("source path {}", path.display()))?;
+        if !abs.is_dir() {
+            bail!("source path {} is not a folder", path.display());
+        }
+        let name = flow.map(str::to_string).unwrap_or_else(|| {
+            sanitize_name(
+                &abs.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )
+        });
+        return Ok(vec![FlowSpec::quick_start(&name, abs).map_err(|e| anyhow!(e))?]);
+    }
+    let Some(config) = config_path(config) else {
+        bail!(
+            "no freshindex.toml in the current directory; pass a folder (`freshindex index PATH`) or write a config with `freshindex init`"
+        );
+    };
+    let config = Config::load(&config)?;
+    match flow {
+        Some(name) => Ok(vec![config.flow(name).map_err(|e| anyhow!(e))?.clone()]),
+        None => Ok(config.flows),
+    }
+}
+
+/// The flow a read command applies to.
+fn pick_flow(engine: &Engine, config: Option<&Path>, flow: Option<String>) -> Result<String> {
+    if let Some(f) = flow {
+        return Ok(f);
+    }
+    let stored: Vec<String> = engine.stored_flows()?.into_iter().map(|f| f.name).collect();
+    match stored.len() {
+        0 => bail!("no flow has run in this data directory yet; run `freshindex index` first"),
+        1 => return Ok(stored[0].clone()),
+        _ => {}
+    }
+    if let Some(path) = config_path(config)
+        && let Ok(c) = Config::load(&path)
+        && c.flows.len() == 1
+    {
+        return Ok(c.flows[0].name.clone());
+    }
+    bail!(
+        "several flows in this data directory ({}); pick one with --flow",
+        stored.join(", ")
+    )
+}
+
+fn snippet(text: &str, max_chars: usize) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max_chars {
+        flat
+    } else {
+        let cut: String = flat.chars().take(max_chars).collect();
+        format!("{cut}…")
+    }
+}
+
+fn print_summary(s: &RunSummary) {
+    let status = match s.status {
+        RunStatus::Success => "success",
+        RunStatus::Failed => "FAILED (too many failed items)",
+    };
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "{}: {status} in {:.2} s\n  items       seen {} · new {} · modified {} · unchanged {} · deleted {} · failed {} · skipped {}\n  rows        added {} · updated {} · deleted {} · unchanged {} · total {}\n  embeddings  computed {} · reused {}",
+        s.flow,
+        s.elapsed_ms as f64 / 1000.0,
+        s.items.seen,
+        s.items.new,
+        s.items.modified,
+        s.items.unchanged,
+        s.items.deleted,
+        s.items.failed,
+        s.items.skipped,
+        s.rows.added,
+        s.rows.updated,
+        s.rows.deleted,
+        s.rows.unchanged,
+        s.rows.total,
+        s.embeddings.computed,
+        s.embeddings.reused,
+    );
+    for e in &s.errors {
+        let _ = writeln!(err, "  error    {}: {}", e.item, e.error);
+    }
+    for w in &s.warnings {
+        let _ = writeln!(err, "  warning  {}: {}", w.item, w.warning);
+    }
+}

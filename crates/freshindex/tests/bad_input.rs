@@ -1,0 +1,447 @@
+//! Bad input: each kind is reported per item (warning or error naming the
+//! item key), the run still completes with exit 0, and every good file is
+//! indexed. Invalid configs are refused with a precise one-line error.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use common::{
+    Fi, FlowConfig, Summary, TIMEOUT, Workspace, export_diff, parse_export, sources, write_file,
+};
+
+/// Good files every test tree contains next to the bad one.
+const GOOD: &[(&str, &str)] = &[
+    (
+        "good/one.md",
+        "# One\n\nA perfectly ordinary markdown file about lighthouses.\n",
+    ),
+    ("two.txt", "Plain text about tide pools and sea glass.\n"),
+];
+
+fn workspace_with_good_files(flow: FlowConfig) -> Workspace {
+    let ws = Workspace::new(flow);
+    for (path, content) in GOOD {
+        ws.write(path, content);
+    }
+    ws
+}
+
+/// Asserts every good file has rows in the export and returns the export.
+fn assert_good_files_indexed(ws: &Workspace) -> String {
+    let export = ws.export();
+    let srcs = sources(&parse_export(&export));
+    for (path, _) in GOOD {
+        assert!(srcs.contains(*path), "{path} missing from export: {srcs:?}");
+    }
+    export
+}
+
+fn assert_not_exported(export: &str, item: &str) {
+    let srcs = sources(&parse_export(export));
+    assert!(
+        !srcs.contains(item),
+        "{item} should have no rows, export sources: {srcs:?}"
+    );
+}
+
+/// One skipped file of a given kind: counters, warning and good files.
+fn check_single_skip(flow: FlowConfig, item: &str, content: &[u8], needle: &str) {
+    let ws = workspace_with_good_files(flow);
+    ws.write(item, content);
+    let s = ws.index();
+    s.assert_warning(item, needle);
+    assert_eq!(s.n("items.skipped"), 1, "{}", s.0);
+    assert_eq!(s.n("items.failed"), 0, "{}", s.0);
+    assert_eq!(s.status(), "success", "{}", s.0);
+    let export = assert_good_files_indexed(&ws);
+    assert_not_exported(&export, item);
+}
+
+#[test]
+fn binary_file_is_skipped() {
+    check_single_skip(
+        FlowConfig::default(),
+        "blob.md",
+        b"# Looks like markdown\n\0\0\x01\x02 but is not",
+        "binary",
+    );
+}
+
+#[test]
+fn invalid_utf8_content_is_skipped() {
+    check_single_skip(
+        FlowConfig::default(),
+        "latin1.md",
+        b"# Caf\xe9\n\nna\xefve text in latin-1\n",
+        "not valid UTF-8",
+    );
+}
+
+#[test]
+fn empty_file_is_skipped() {
+    check_single_skip(FlowConfig::default(), "empty.md", b"", "empty");
+}
+
+#[test]
+fn file_over_max_file_size_is_skipped() {
+    let flow = FlowConfig {
+        max_file_size: Some("1KiB".into()),
+        ..FlowConfig::default()
+    };
+    let big = "All work and no play. ".repeat(200);
+    check_single_skip(flow, "big.md", big.as_bytes(), "max_file_size");
+}
+
+#[test]
+fn all_skip_kinds_together_are_counted_exactly() {
+    let flow = FlowConfig {
+        max_file_size: Some("1KiB".into()),
+        ..FlowConfig::default()
+    };
+    let ws = workspace_with_good_files(flow);
+    ws.write("bad/blob.md", b"\0\0\0binary\0");
+    ws.write("bad/latin1.txt", b"caf\xe9\n");
+    ws.write("bad/empty.md", b"");
+    ws.write("bad/big.txt", "x".repeat(4096));
+    let s = ws.index();
+    s.assert_warning("bad/blob.md", "binary");
+    s.assert_warning("bad/latin1.txt", "not valid UTF-8");
+    s.assert_warning("bad/empty.md", "empty");
+    s.assert_warning("bad/big.txt", "max_file_size");
+    assert_eq!(s.n("items.skipped"), 4, "{}", s.0);
+    assert_eq!(s.n("items.failed"), 0, "{}", s.0);
+    assert!(s.errors().is_empty(), "{}", s.0);
+    assert_eq!(s.n("items.new"), GOOD.len() as u64, "{}", s.0);
+    let export = assert_good_files_indexed(&ws);
+    assert_eq!(sources(&parse_export(&export)).len(), GOOD.len());
+}
+
+/// Unprivileged uid/gid ("nobody") used when the tests run as root.
+const NOBODY: u32 = 65534;
+
+fn make_world_accessible(path: &Path) {
+    let meta = fs::symlink_metadata(path).expect("stat");
+    if meta.file_type().is_symlink() {
+        return;
+    }
+    let mode = if meta.is_dir() { 0o777 } else { 0o666 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).expect("read dir") {
+            make_world_accessible(&entry.expect("dir entry").path());
+        }
+    }
+}
+
+#[test]
+fn unreadable_file_is_a_failed_item_with_the_os_error() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    ws.write("secret.md", "# Secret\n\nYou cannot read this.\n");
+
+    // Root bypasses file permissions: run the binary as an unprivileged user
+    // on a tree (and data dir location) that user can use.
+    let program = if common::is_root() {
+        let copy = ws.root().join("freshindex-bin");
+        fs::copy(common::BIN, &copy).expect("copy binary");
+        make_world_accessible(ws.root());
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod binary");
+        Some(copy)
+    } else {
+        None
+    };
+    fs::set_permissions(
+        ws.src().join("secret.md"),
+        fs::Permissions::from_mode(0o000),
+    )
+    .expect("chmod 000");
+
+    let fi = |args: &[&str]| {
+        let mut fi = match &program {
+            Some(p) => Fi::with_program(p, ws.root()).run_as_user(NOBODY, NOBODY),
+            None => Fi::new(ws.root()),
+        };
+        fi = fi
+            .arg("--config")
+            .arg(ws.config_path())
+            .arg("--data-dir")
+            .arg(ws.data());
+        fi.args(args).run().ok()
+    };
+
+    let s = fi(&["index", "--json"]).summary();
+    s.assert_error("secret.md", "Permission denied");
+    assert_eq!(s.n("items.failed"), 1, "{}", s.0);
+    assert_eq!(s.n("items.new"), GOOD.len() as u64, "{}", s.0);
+
+    let export = fi(&["export", "--flow", "docs"]).stdout;
+    let srcs = sources(&parse_export(&export));
+    for (path, _) in GOOD {
+        assert!(srcs.contains(*path), "{path} missing from export: {srcs:?}");
+    }
+    assert!(!srcs.contains("secret.md"));
+}
+
+/// Runs `index --json` paused at the `scan-done` failpoint, applies `mutate`
+/// while the process waits, then lets it finish.
+fn index_with_mutation_after_scan(ws: &Workspace, mutate: impl FnOnce()) -> Summary {
+    let resume = ws.root().join("resume-after-scan");
+    let mut child = ws
+        .fi()
+        .args(["index", "--json"])
+        .env("FRESHINDEX_FAILPOINT", "scan-done")
+        .env("FRESHINDEX_FAILPOINT_RESUME", &resume)
+        .spawn();
+    assert!(
+        child.wait_stderr("failpoint scan-done reached", TIMEOUT),
+        "the run ended without reaching the scan-done failpoint"
+    );
+    mutate();
+    fs::write(&resume, "").expect("create resume file");
+    child.wait(TIMEOUT).ok().summary()
+}
+
+#[test]
+fn file_vanishing_between_scan_and_read_is_a_warning() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    ws.write("gone.md", "# Gone\n\nThis file was indexed once.\n");
+    ws.index().assert_clean();
+    assert!(sources(&parse_export(&ws.export())).contains("gone.md"));
+
+    // Change it (so the next run must read it) and add a never-indexed file;
+    // both disappear right after the scan.
+    ws.write("gone.md", "# Gone\n\nThis file changed, then vanished.\n");
+    ws.write("ghost.md", "# Ghost\n\nNever indexed.\n");
+    let s = index_with_mutation_after_scan(&ws, || {
+        fs::remove_file(ws.src().join("gone.md")).expect("rm gone.md");
+        fs::remove_file(ws.src().join("ghost.md")).expect("rm ghost.md");
+    });
+    s.assert_warning("gone.md", "vanished");
+    s.assert_warning("ghost.md", "vanished");
+    assert_eq!(s.status(), "success", "{}", s.0);
+
+    let export = assert_good_files_indexed(&ws);
+    assert_not_exported(&export, "gone.md");
+    assert_not_exported(&export, "ghost.md");
+    let fresh = ws.fresh_export();
+    assert!(export == fresh, "{}", export_diff(&fresh, &export));
+}
+
+#[test]
+fn file_changing_between_scan_and_read_indexes_the_new_content() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    ws.write("moving.md", "# Moving\n\nFirst version.\n");
+    ws.index().assert_clean();
+
+    ws.write(
+        "moving.md",
+        "# Moving\n\nSecond version, seen by the scan.\n",
+    );
+    let s = index_with_mutation_after_scan(&ws, || {
+        ws.write(
+            "moving.md",
+            "# Moving\n\nThird version about albatrosses, written after the scan finished.\n",
+        );
+    });
+    s.assert_warning("moving.md", "changed while");
+    assert_eq!(s.status(), "success", "{}", s.0);
+
+    let export = assert_good_files_indexed(&ws);
+    let rows = parse_export(&export);
+    let texts: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.source == "moving.md")
+        .map(|r| r.text.as_str())
+        .collect();
+    assert!(
+        texts.iter().any(|t| t.contains("albatrosses")),
+        "new content not indexed: {texts:?}"
+    );
+    assert!(
+        !texts.iter().any(|t| t.contains("Second version")),
+        "stale content indexed: {texts:?}"
+    );
+    let fresh = ws.fresh_export();
+    assert!(export == fresh, "{}", export_diff(&fresh, &export));
+}
+
+#[test]
+fn symlink_loop_is_a_warning_on_the_link() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    ws.write(
+        "sub/inner.md",
+        "# Inner\n\nReachable once, not through the loop.\n",
+    );
+    // sub/loop -> .. points back at the source root.
+    symlink("..", ws.src().join("sub/loop")).expect("symlink");
+    let s = ws.index();
+    s.assert_warning("sub/loop", "symlink loop");
+    assert_eq!(s.status(), "success", "{}", s.0);
+
+    let export = assert_good_files_indexed(&ws);
+    let srcs = sources(&parse_export(&export));
+    assert!(srcs.contains("sub/inner.md"), "{srcs:?}");
+    assert!(
+        srcs.iter().all(|s| !s.starts_with("sub/loop/")),
+        "files indexed through the loop: {srcs:?}"
+    );
+}
+
+/// Chunks of `content` must be real slices of it (text == bytes of range),
+/// at most `max_chars` characters, and together cover the file except for
+/// whitespace between chunks.
+fn assert_chunks_cover(content: &str, rows: &[&common::Row], max_chars: usize) {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for r in rows {
+        let (start, end) = r.range;
+        assert!(
+            start < end && end <= content.len(),
+            "bad range {:?} for a {}-byte file",
+            r.range,
+            content.len()
+        );
+        assert_eq!(
+            r.text,
+            &content[start..end],
+            "chunk text differs from its byte range {:?}",
+            r.range
+        );
+        let chars = r.text.chars().count();
+        assert!(
+            chars <= max_chars,
+            "chunk of {chars} chars > chunk_size {max_chars}"
+        );
+        ranges.push((start, end));
+    }
+    ranges.sort();
+    let mut covered = 0;
+    for (start, end) in ranges {
+        if start > covered {
+            assert!(
+                content[covered..start].trim().is_empty(),
+                "bytes {covered}..{start} are not covered by any chunk"
+            );
+        }
+        covered = covered.max(end);
+    }
+    assert!(content[covered..].trim().is_empty(), "tail not covered");
+}
+
+#[test]
+fn very_long_lines_are_chunked_within_chunk_size() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    // ~200 KB on a single line, once with spaces and once without any.
+    let words = "streaming vectors index incremental ".repeat(5600);
+    let solid = "abcdefghij".repeat(20_000);
+    ws.write("long-words.txt", &words);
+    ws.write("long-solid.txt", &solid);
+    let s = ws.index();
+    s.assert_clean();
+    assert_eq!(s.n("items.new"), GOOD.len() as u64 + 2, "{}", s.0);
+
+    let export = assert_good_files_indexed(&ws);
+    let rows = parse_export(&export);
+    for (name, content) in [("long-words.txt", &words), ("long-solid.txt", &solid)] {
+        let mine: Vec<&common::Row> = rows.iter().filter(|r| r.source == name).collect();
+        assert!(
+            mine.len() >= 200,
+            "{name}: {} chunks for ~200 KB at chunk_size 1000",
+            mine.len()
+        );
+        assert_chunks_cover(content, &mine, 1000);
+    }
+}
+
+#[test]
+fn deeply_nested_tree_is_indexed() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    let dir: String = (0..100).map(|i| format!("d{i}/")).collect();
+    let deep = format!("{dir}deep.md");
+    ws.write(&deep, "# Deep\n\nA file a hundred directories down.\n");
+    let s = ws.index();
+    s.assert_clean();
+    let export = assert_good_files_indexed(&ws);
+    assert!(
+        sources(&parse_export(&export)).contains(&deep),
+        "{deep} not exported"
+    );
+}
+
+#[test]
+fn non_utf8_file_name_is_indexed_with_escaped_key() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    let name = OsStr::from_bytes(b"bad\xff.md");
+    write_file(
+        &ws.src().join(name),
+        "# Odd name\n\nThe name of this file is not UTF-8.\n",
+    );
+    let key = "bad\\xFF.md";
+    let s = ws.index();
+    s.assert_warning(key, "not valid UTF-8");
+    assert_eq!(s.n("items.skipped"), 0, "{}", s.0);
+    assert_eq!(s.n("items.failed"), 0, "{}", s.0);
+    let export = assert_good_files_indexed(&ws);
+    assert!(
+        sources(&parse_export(&export)).contains(key),
+        "no rows with source {key:?}"
+    );
+}
+
+/// Whether `text` contains `n` as a whole number (not part of a longer one).
+fn mentions_number(text: &str, n: usize) -> bool {
+    text.split(|c: char| !c.is_ascii_digit())
+        .any(|tok| tok == n.to_string())
+}
+
+#[test]
+fn unknown_config_key_is_rejected_with_key_and_line() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    // The typo sits on line 13 (a number nothing else in the file uses).
+    let config = "\
+# freshindex configuration
+#
+# A flow with a typo in its split step.
+#
+#
+#
+#
+[[flow]]
+name = \"docs\"
+source = { type = \"files\", path = \"docs\", include = [\"**/*.md\"] }
+steps = [
+  { op = \"parse\" },
+  { op = \"split\", chunk_sise = 1000, chunk_overlap = 200 },
+  { op = \"embed\", model = \"builtin\", batch_size = 64 },
+]
+target = { type = \"collection\", name = \"docs\" }
+";
+    fs::write(ws.config_path(), config).expect("write config");
+    let out = ws.fi().args(["index", "--json"]).run().failed();
+    let err = out.stderr.trim();
+    assert!(err.contains("chunk_sise"), "stderr: {err}");
+    assert!(mentions_number(err, 13), "stderr lacks line 13: {err}");
+    assert_eq!(err.lines().count(), 1, "expected a one-line error: {err}");
+}
+
+#[test]
+fn overlap_not_smaller_than_size_is_rejected() {
+    let ws = workspace_with_good_files(FlowConfig::with_chunks(300, 300));
+    let out = ws.fi().args(["index", "--json"]).run().failed();
+    assert!(
+        out.stderr.contains("chunk_overlap"),
+        "stderr: {}",
+        out.stderr
+    );
+
+    let bigger = Workspace::new(FlowConfig::with_chunks(200, 500));
+    let out = bigger.fi().args(["index", "--json"]).run().failed();
+    assert!(
+        out.stderr.contains("chunk_overlap"),
+        "stderr: {}",
+        out.stderr
+    );
+}
