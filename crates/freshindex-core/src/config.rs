@@ -51,7 +51,10 @@ impl std::error::Error for ConfigError {}
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, col)
 }
 
@@ -87,9 +90,12 @@ impl Config {
             message,
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let pos = e
-                .span()
-                .map(|s| line_col(text, locate_key(text, s.start, e.message()).unwrap_or(s.start)));
+            let pos = e.span().map(|s| {
+                line_col(
+                    text,
+                    locate_key(text, s.start, e.message()).unwrap_or(s.start),
+                )
+            });
             // The message names the key; flatten it to one line for the CLI.
             err(pos, e.message().replace('\n', " ").trim().to_string())
         })?;

@@ -42,9 +42,10 @@ pub struct ItemPlan {
     pub upsert: Vec<usize>,
     /// Keys to delete from the target.
     pub delete: Vec<String>,
-    /// Keys to record as pending before the write: every key the write upserts. After a crash
-    /// they are rewritten or deleted, whatever the interrupted write left in them. (Deleted keys
-    /// need no record: the lineage still tracks them until the commit.)
+    /// Keys to record as pending before the write: every key the write touches (the union of
+    /// the old and new keys it changes). After a crash each is rewritten or deleted by the next
+    /// plan, whatever the interrupted write left in it — even a key whose new content equals
+    /// its tracked content, since the interrupted write may have deleted or overwritten it.
     pub pending: Vec<String>,
     /// New rows.
     pub added: u64,
@@ -77,9 +78,7 @@ pub fn plan_item(old: &ItemLineage, new: &[(String, Fingerprint)]) -> ItemPlan {
     let mut plan = ItemPlan::default();
     for (i, (key, fp)) in new.iter().enumerate() {
         match tracked.get(key.as_str()) {
-            Some(old_fp) if *old_fp == fp && !pending.contains(key.as_str()) => {
-                plan.unchanged += 1
-            }
+            Some(old_fp) if *old_fp == fp && !pending.contains(key.as_str()) => plan.unchanged += 1,
             Some(_) => {
                 plan.updated += 1;
                 plan.upsert.push(i);
@@ -96,6 +95,7 @@ pub fn plan_item(old: &ItemLineage, new: &[(String, Fingerprint)]) -> ItemPlan {
         if !new_keys.contains(r.row_key.as_str()) {
             plan.deleted += 1;
             plan.delete.push(r.row_key.clone());
+            plan.pending.push(r.row_key.clone());
         }
     }
     // Keys an interrupted write may have left in the target: delete those not in the new set.
@@ -142,7 +142,7 @@ mod tests {
         assert_eq!((p.added, p.updated, p.deleted, p.unchanged), (2, 0, 2, 3));
         assert_eq!(p.upsert, vec![3, 4]);
         assert_eq!(p.delete, vec!["k3".to_string(), "k4".to_string()]);
-        assert_eq!(p.pending, vec!["n1".to_string(), "n2".to_string()]);
+        assert_eq!(p.pending, ["n1", "n2", "k3", "k4"]);
     }
 
     proptest! {

@@ -224,7 +224,10 @@ impl Engine {
                 }
             };
             if needs_look {
-                work.push(Work::File { file, prior: before });
+                work.push(Work::File {
+                    file,
+                    prior: before,
+                });
             } else {
                 run.summary.items.unchanged += 1;
             }
@@ -306,7 +309,7 @@ impl Engine {
             Err(e) => return Err(e),
         };
         let mut failure = None;
-        collection.scan(&mut |row| {
+        let scanned = collection.scan(&mut |row| {
             visit(row).map_err(|e| {
                 let msg = e.to_string();
                 failure = Some(e);
@@ -315,10 +318,11 @@ impl Engine {
                     message: msg,
                 }
             })
-        })?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(()),
+        });
+        // The visitor's own error wins over the wrapper the scan returns for it.
+        match (failure, scanned) {
+            (Some(e), _) => Err(e),
+            (None, r) => Ok(r?),
         }
     }
 
@@ -453,7 +457,11 @@ impl FlowRun<'_> {
 
     fn look(&self, work: Work) -> Outcome {
         let (file, prior) = match work {
-            Work::Gone { key, prior, warning } => {
+            Work::Gone {
+                key,
+                prior,
+                warning,
+            } => {
                 return Outcome::Gone {
                     key,
                     existed: prior.is_some(),
@@ -468,7 +476,10 @@ impl FlowRun<'_> {
             let w = "not a regular file (FIFO, socket or device); skipped".to_string();
             let mut r = self.record(key, ItemStatus::Skipped, file.size, file.mtime_ns);
             r.message = Some(w.clone());
-            return Outcome::Skipped { record: r, warning: w };
+            return Outcome::Skipped {
+                record: r,
+                warning: w,
+            };
         }
         let too_large = |size: u64| {
             let w = format!(
@@ -478,7 +489,10 @@ impl FlowRun<'_> {
             );
             let mut r = self.record(key, ItemStatus::Skipped, size, file.mtime_ns);
             r.message = Some(w.clone());
-            Outcome::Skipped { record: r, warning: w }
+            Outcome::Skipped {
+                record: r,
+                warning: w,
+            }
         };
         if file.size > max.0 {
             return too_large(file.size);
@@ -549,9 +563,8 @@ impl FlowRun<'_> {
                     .to_string(),
             );
         } else if read.changed_since_scan {
-            warning = Some(
-                "changed while the scan ran; indexed its content as of reading".to_string(),
-            );
+            warning =
+                Some("changed while the scan ran; indexed its content as of reading".to_string());
         }
         if let Some(w) = warning {
             record.message = Some(w);
@@ -646,19 +659,13 @@ impl FlowRun<'_> {
             {
                 Outcome::Unchanged { record } => {
                     self.summary.items.unchanged += 1;
-                    changes.push(ItemChange::Upsert {
-                        record,
-                        rows: None,
-                    });
+                    changes.push(ItemChange::Upsert { record, rows: None });
                     continue;
                 }
                 Outcome::Failed { record, error } => {
                     self.summary.items.failed += 1;
                     issues.push(Issue::error(record.key.clone(), error));
-                    changes.push(ItemChange::Upsert {
-                        record,
-                        rows: None,
-                    });
+                    changes.push(ItemChange::Upsert { record, rows: None });
                     continue;
                 }
                 Outcome::Skipped { record, warning } => {
@@ -691,10 +698,7 @@ impl FlowRun<'_> {
                         issues.push(Issue::error(record.key.clone(), e.clone()));
                         record.status = ItemStatus::Error;
                         record.message = Some(e.clone());
-                        changes.push(ItemChange::Upsert {
-                            record,
-                            rows: None,
-                        });
+                        changes.push(ItemChange::Upsert { record, rows: None });
                         continue;
                     }
                     if is_new {

@@ -139,7 +139,12 @@ pub const MAX_LISTED: usize = 1000;
 
 impl RunSummary {
     /// Adds issues, keeping the lists capped.
-    pub fn push_issues(&mut self, issues: &[Issue], total_errors: &mut u64, total_warnings: &mut u64) {
+    pub fn push_issues(
+        &mut self,
+        issues: &[Issue],
+        total_errors: &mut u64,
+        total_warnings: &mut u64,
+    ) {
         for i in issues {
             match i.level {
                 IssueLevel::Error => {

@@ -72,7 +72,8 @@ pub trait LineageStore {
     fn record_pending(&self, flow: FlowId, pending: &[(String, Vec<String>)]) -> Result<()>;
     /// Phase two, after the target write: in one transaction, stores the items' new state and
     /// tracked rows, clears their pending keys, adds new memo entries and queues the memo keys
-    /// the old rows used as garbage-collection candidates.
+    /// the old rows used as garbage-collection candidates. An item committed with
+    /// `rows: None` keeps its tracked rows and its pending keys.
     fn commit(&self, flow: FlowId, batch: BatchCommit) -> Result<()>;
     /// Number of tracked rows of a flow.
     fn tracked_count(&self, flow: FlowId) -> Result<u64>;
@@ -104,6 +105,12 @@ pub trait RunStore {
 pub const RUNS_KEPT: u32 = 50;
 
 /// Everything the engine needs from a state store.
-pub trait StateStore: FlowStore + ItemStore + LineageStore + MemoStore + RunStore + Send + Sync {}
+pub trait StateStore:
+    FlowStore + ItemStore + LineageStore + MemoStore + RunStore + Send + Sync
+{
+}
 
-impl<T: FlowStore + ItemStore + LineageStore + MemoStore + RunStore + Send + Sync> StateStore for T {}
+impl<T: FlowStore + ItemStore + LineageStore + MemoStore + RunStore + Send + Sync> StateStore
+    for T
+{
+}

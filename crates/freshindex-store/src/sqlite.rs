@@ -368,7 +368,9 @@ impl LineageStore for SqliteStore {
                 )
                 .map_err(backend)?;
             let mut ins_memo = tx
-                .prepare_cached("INSERT OR IGNORE INTO memo (flow_id, key, value) VALUES (?1, ?2, ?3)")
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO memo (flow_id, key, value) VALUES (?1, ?2, ?3)",
+                )
                 .map_err(backend)?;
             for (key, value) in &batch.memo {
                 ins_memo
@@ -377,7 +379,6 @@ impl LineageStore for SqliteStore {
             }
             for change in &batch.items {
                 let key = change.key();
-                del_pending.execute(params![flow.0, key]).map_err(backend)?;
                 let new_rows = match change {
                     ItemChange::Delete { .. } => {
                         del_item.execute(params![flow.0, key]).map_err(backend)?;
@@ -401,6 +402,9 @@ impl LineageStore for SqliteStore {
                     }
                 };
                 if let Some(rows) = new_rows {
+                    // The item's lineage is now exact: whatever was pending is resolved. (An
+                    // item committed without rows keeps its pending keys for a later run.)
+                    del_pending.execute(params![flow.0, key]).map_err(backend)?;
                     old_memo.execute(params![flow.0, key]).map_err(backend)?;
                     del_tracked.execute(params![flow.0, key]).map_err(backend)?;
                     for row in rows {
@@ -433,7 +437,11 @@ impl LineageStore for SqliteStore {
 }
 
 impl MemoStore for SqliteStore {
-    fn memo_get(&self, flow: FlowId, keys: &[Fingerprint]) -> Result<HashMap<Fingerprint, Vec<u8>>> {
+    fn memo_get(
+        &self,
+        flow: FlowId,
+        keys: &[Fingerprint],
+    ) -> Result<HashMap<Fingerprint, Vec<u8>>> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached("SELECT value FROM memo WHERE flow_id = ?1 AND key = ?2")

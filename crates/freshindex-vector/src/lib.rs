@@ -163,7 +163,7 @@ pub fn encode_vector(v: &[f32]) -> Vec<u8> {
 
 /// Decodes little-endian f32 bytes; `None` when the length is not a multiple of 4.
 pub fn decode_vector(bytes: &[u8]) -> Option<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     Some(

@@ -333,7 +333,10 @@ mod tests {
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].key, "b");
         // Upsert replaces; delete is idempotent.
-        c.apply(&[row("a", [0.0, 0.0, 1.0], "x/1")], &["b".into(), "zz".into()])?;
+        c.apply(
+            &[row("a", [0.0, 0.0, 1.0], "x/1")],
+            &["b".into(), "zz".into()],
+        )?;
         c.delete(&["b".into()])?;
         let mut keys = Vec::new();
         c.scan(&mut |r| {
@@ -358,7 +361,10 @@ mod tests {
             }]),
             Err(VectorError::Dimension { .. })
         ));
-        assert!(matches!(cols.open("missing"), Err(VectorError::NotFound(_))));
+        assert!(matches!(
+            cols.open("missing"),
+            Err(VectorError::NotFound(_))
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

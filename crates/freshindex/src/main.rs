@@ -23,7 +23,12 @@ use freshindex_engine::{Engine, RunOptions, RunStatus, RunSummary};
 #[command(name = "freshindex", version, about)]
 struct Cli {
     /// Data directory holding the state and the collections.
-    #[arg(long, global = true, env = "FRESHINDEX_DATA_DIR", default_value = ".freshindex")]
+    #[arg(
+        long,
+        global = true,
+        env = "FRESHINDEX_DATA_DIR",
+        default_value = ".freshindex"
+    )]
     data_dir: PathBuf,
     /// Configuration file (default: ./freshindex.toml when it exists).
     #[arg(long, global = true, env = "FRESHINDEX_CONFIG")]
@@ -83,6 +88,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// One line of `freshindex export`.
+#[derive(serde::Serialize)]
+struct ExportLine<'a> {
+    key: &'a str,
+    source: &'a str,
+    range: [usize; 2],
+    text: &'a str,
+    vector: &'a [f32],
 }
 
 /// Exit code when a run completed but failed items exceeded `max_failed_items`.
@@ -202,30 +217,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let engine = open_engine(&cli.data_dir)?;
             let flow = pick_flow(&engine, cli.config.as_deref(), flow)?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            engine.export(&flow, &mut |row| {
-                let line = serde_json::json!({
-                    "key": row.key,
-                    "source": row.payload.source,
-                    "range": row.payload.range,
-                    "text": row.payload.text,
-                    "vector": row.vector,
-                });
-                writeln!(out, "{line}").map_err(|e| {
+            let mut closed = false;
+            let result = engine.export(&flow, &mut |row| {
+                let line = ExportLine {
+                    key: &row.key,
+                    source: &row.payload.source,
+                    range: row.payload.range,
+                    text: &row.payload.text,
+                    vector: &row.vector,
+                };
+                let written = serde_json::to_writer(&mut out, &line)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| out.write_all(b"\n"));
+                written.map_err(|e| {
+                    closed = e.kind() == std::io::ErrorKind::BrokenPipe;
                     freshindex_engine::EngineError::Config(format!("writing stdout: {e}"))
                 })
-            })?;
-            out.flush()?;
-            Ok(ExitCode::SUCCESS)
+            });
+            match result.and_then(|()| {
+                out.flush().map_err(|e| {
+                    closed = e.kind() == std::io::ErrorKind::BrokenPipe;
+                    freshindex_engine::EngineError::Config(format!("writing stdout: {e}"))
+                })
+            }) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                // The reader went away (`| head`): not an error of ours.
+                Err(_) if closed => Ok(ExitCode::SUCCESS),
+                Err(e) => Err(e.into()),
+            }
         }
         Command::Status { flow, json } => {
             let engine = open_engine(&cli.data_dir)?;
             let names = match flow {
                 Some(f) => vec![f],
-                None => engine
-                    .stored_flows()?
-                    .into_iter()
-                    .map(|f| f.name)
-                    .collect(),
+                None => engine.stored_flows()?.into_iter().map(|f| f.name).collect(),
             };
             let statuses = names
                 .iter()
@@ -252,21 +277,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         s.cache_entries,
                         freshindex_core::spec::ByteSize(s.cache_bytes)
                     );
-                    if let Some(last) = s.last_run {
-                        if let Ok(sum) = serde_json::from_value::<RunSummary>(last) {
-                            println!(
-                                "  last run: {} in {} ms, {} new, {} modified, {} deleted, {} failed",
-                                match sum.status {
-                                    RunStatus::Success => "success",
-                                    RunStatus::Failed => "failed",
-                                },
-                                sum.elapsed_ms,
-                                sum.items.new,
-                                sum.items.modified,
-                                sum.items.deleted,
-                                sum.items.failed
-                            );
-                        }
+                    if let Some(last) = s.last_run
+                        && let Ok(sum) = serde_json::from_value::<RunSummary>(last)
+                    {
+                        println!(
+                            "  last run: {} in {} ms, {} new, {} modified, {} deleted, {} failed",
+                            match sum.status {
+                                RunStatus::Success => "success",
+                                RunStatus::Failed => "failed",
+                            },
+                            sum.elapsed_ms,
+                            sum.items.new,
+                            sum.items.modified,
+                            sum.items.deleted,
+                            sum.items.failed
+                        );
                     }
                 }
             }
@@ -308,7 +333,9 @@ fn flows_to_run(
                     .unwrap_or_default(),
             )
         });
-        return Ok(vec![FlowSpec::quick_start(&name, abs).map_err(|e| anyhow!(e))?]);
+        return Ok(vec![
+            FlowSpec::quick_start(&name, abs).map_err(|e| anyhow!(e))?,
+        ]);
     }
     let Some(config) = config_path(config) else {
         bail!(

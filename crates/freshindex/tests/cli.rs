@@ -154,6 +154,15 @@ fn several_flows_print_a_json_array() {
         Summary(r.clone()).assert_clean();
     }
 
+    // --flow runs only that flow: a single object again.
+    let only_b = Fi::new(cwd.path())
+        .args(["index", "--flow", "b", "--json"])
+        .run()
+        .ok()
+        .summary();
+    assert_eq!(only_b.0["flow"], "b", "{}", only_b.0);
+    assert_eq!(only_b.n("items.unchanged"), 3, "{}", only_b.0);
+
     // Each flow's target holds its own rows; identical trees give identical
     // chunks (keys may differ per flow, texts may not).
     let export = |name: &str| {

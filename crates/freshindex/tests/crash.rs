@@ -21,7 +21,7 @@ const INITIAL_FILES: usize = 3000;
 const DIRS: usize = 30;
 /// Kills that must actually interrupt a run.
 const MIN_KILLS: usize = 20;
-const TARGET_KILLS: usize = 24;
+const TARGET_KILLS: usize = 30;
 /// A completed run plus a from-scratch comparison after this many kills.
 const VERIFY_EVERY: usize = 3;
 const SEED: u64 = 0xC0A5_4001;
@@ -297,4 +297,5 @@ fn sigkill_at_failpoints_and_random_moments_never_corrupts_the_index() {
         again.0
     );
     assert_eq!(tree.ws.export(), export, "no-op run changed the export");
+    println!("{}", log.join("\n"));
 }

@@ -29,7 +29,7 @@ const DIRS: &[&str] = &["", "", "guides/", "notes/deep/", "archive/"];
 /// Few titles, so the first chunk of many files is identical.
 const TITLES: &[&str] = &["Overview", "Notes", "Guide", "Reference"];
 /// Mutation steps per sequence (default).
-const STEPS: u64 = 30;
+const STEPS: u64 = 40;
 /// Keep the tree small so a step stays cheap.
 const MAX_FILES: usize = 18;
 const MIN_FILES: usize = 3;
@@ -319,6 +319,28 @@ fn check_step(
         ));
     }
 
+    // Row counters: the net change matches the export, and a run writes
+    // something exactly when the export changed.
+    let (added, deleted) = (summary.n("rows.added"), summary.n("rows.deleted"));
+    if old_rows.len() as u64 + added != rows.len() as u64 + deleted {
+        ctx(format!(
+            "rows: {} before + {added} added - {deleted} deleted != {} after",
+            old_rows.len(),
+            rows.len()
+        ));
+    }
+    let writes = added + deleted + summary.n("rows.updated");
+    if (writes == 0) != (export == prev_export) {
+        ctx(format!(
+            "{writes} row writes reported, but the export {}",
+            if export == prev_export {
+                "did not change"
+            } else {
+                "changed"
+            }
+        ));
+    }
+
     // Item counters follow from the content of the two snapshots, unless the
     // chunking changed (then every item has to be re-split anyway).
     let after = m.snapshot();
@@ -363,6 +385,7 @@ fn run_sequence(base_seed: u64) {
     let mut m = Model::new(seed);
     let empty = BTreeMap::new();
     let mut export = check_step(&m, 0, "", &empty, false);
+    let (mut multi, mut rechunked) = (0, 0);
 
     for step in 1..=steps {
         let before = m.snapshot();
@@ -379,10 +402,18 @@ fn run_sequence(base_seed: u64) {
         }
         let changed = chunking != (m.ws.flow.chunk_size, m.ws.flow.chunk_overlap);
         export = check_step(&m, step, &export, &before, changed);
+        multi += usize::from(ops > 1);
+        rechunked += usize::from(changed);
     }
+    println!(
+        "seed {seed}: {steps} steps checked ({multi} multi-op, {rechunked} with new chunking), \
+         final tree {} files, {} rows",
+        m.files.len(),
+        parse_export(&export).len()
+    );
 }
 
-// Eight fixed sequences of 30 steps each: 240 checked mutation steps. They
+// Eight fixed sequences of 40 steps each: 320 checked mutation steps. They
 // are separate tests so the runner executes them in parallel.
 macro_rules! sequences {
     ($($name:ident => $seed:expr),* $(,)?) => {

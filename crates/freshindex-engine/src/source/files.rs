@@ -95,9 +95,8 @@ pub fn path_key(rel: &Path) -> (String, bool) {
 /// Folders whose (device, inode) is in `skip_dirs` (the data directory) are not entered.
 pub fn scan(src: &FilesSource, skip_dirs: &[(u64, u64)]) -> Result<Scan, EngineError> {
     let root = &src.path;
-    let root_meta = std::fs::metadata(root).map_err(|e| {
-        EngineError::Source(format!("source path {}: {e}", root.display()))
-    })?;
+    let root_meta = std::fs::metadata(root)
+        .map_err(|e| EngineError::Source(format!("source path {}: {e}", root.display())))?;
     if !root_meta.is_dir() {
         return Err(EngineError::Source(format!(
             "source path {} is not a folder",
@@ -250,7 +249,8 @@ pub fn read(file: &ScannedFile, max_size: u64) -> Result<ReadFile, ReadError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64);
     let (m0, m1) = (mtime_ns(&before), mtime_ns(&after));
-    let changed_during_read = m0 != m1 || before.len() != after.len() || bytes.len() as u64 != after.len();
+    let changed_during_read =
+        m0 != m1 || before.len() != after.len() || bytes.len() as u64 != after.len();
     Ok(ReadFile {
         size: after.len(),
         mtime_ns: m1,

@@ -76,7 +76,11 @@ impl BuiltinEmbedder {
             let wh = fnv(1, word.as_bytes());
             add(&mut v, wh, 1.0);
             if let Some(p) = prev {
-                add(&mut v, fnv(2, &[p.to_le_bytes(), wh.to_le_bytes()].concat()), 0.5);
+                add(
+                    &mut v,
+                    fnv(2, &[p.to_le_bytes(), wh.to_le_bytes()].concat()),
+                    0.5,
+                );
             }
             prev = Some(wh);
             marked.clear();

@@ -40,10 +40,10 @@ mod tests {
 
     #[test]
     fn classifies_content() {
-        assert!(parse(b"").unwrap_err().contains("empty"));
-        assert!(parse(b"  \n").unwrap_err().contains("empty"));
-        assert!(parse(b"ab\0c").unwrap_err().contains("binary"));
-        assert!(parse(b"ab\xffc").unwrap_err().contains("not valid UTF-8"));
+        assert!(parse(b"").expect_err("skipped").contains("empty"));
+        assert!(parse(b"  \n").expect_err("skipped").contains("empty"));
+        assert!(parse(b"ab\0c").expect_err("skipped").contains("binary"));
+        assert!(parse(b"ab\xffc").expect_err("skipped").contains("not valid UTF-8"));
         assert_eq!(
             parse("\u{feff}hi".as_bytes()),
             Ok(Parsed {
