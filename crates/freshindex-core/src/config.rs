@@ -58,21 +58,36 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Serde reports errors inside tagged tables (the steps) at the enclosing value; when the
-/// message names an unknown field, point at that field's own line instead.
+/// Serde reports errors inside a value at the enclosing table; point at the named key's own
+/// line instead. The key is the unknown field of an "unknown field `x`" message, or the last
+/// component of the path the message starts with (`steps[1]: chunk_size: invalid type ...`).
 fn locate_key(text: &str, from: usize, message: &str) -> Option<usize> {
-    let rest = message.strip_prefix("unknown field `")?;
-    let key = &rest[..rest.find('`')?];
+    let key = match message.split_once("unknown field `") {
+        Some((_, rest)) => rest[..rest.find('`')?].to_string(),
+        None => {
+            let is_path = |seg: &str| {
+                !seg.is_empty()
+                    && seg
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'))
+            };
+            let last = message.split(": ").take_while(|seg| is_path(seg)).last()?;
+            let last = last.rsplit('.').next()?;
+            last[..last.find('[').unwrap_or(last.len())].to_string()
+        }
+    };
+    if key.is_empty() {
+        return None;
+    }
     let tail = text.get(from..)?;
     let mut search = 0;
-    while let Some(i) = tail[search..].find(key) {
+    while let Some(i) = tail[search..].find(key.as_str()) {
         let at = search + i;
         let after = tail[at + key.len()..].trim_start_matches([' ', '\t']);
-        let before_ok = at == 0
-            || !tail[..at]
-                .chars()
-                .next_back()
-                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let before_ok = !tail[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
         if after.starts_with('=') && before_ok {
             return Some(from + at);
         }
@@ -250,6 +265,14 @@ mod tests {
         let text = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\", max_file_size = \"3 parsecs\" }\n";
         let e = Config::parse(text, None).expect_err("bad size");
         assert!(e.message.contains("parsecs"), "{e}");
+        assert!(e.message.contains("max_file_size"), "{e}");
+        let text = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\" }\nsteps = [\n { op = \"parse\" },\n { op = \"split\", chunk_size = \"big\" },\n { op = \"embed\" },\n]\n";
+        let e = Config::parse(text, None).expect_err("bad type");
+        assert!(e.message.contains("chunk_size"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(6), "{e}");
+        let text = "[[flow]]\nname = \"a\"\nsource = { type = \"ftp\", path = \"x\" }\n";
+        let e = Config::parse(text, None).expect_err("bad source type");
+        assert!(e.message.contains("ftp"), "{e}");
         let text = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\" }\nsteps = [{ op = \"parse\" }, { op = \"split\", chunk_size = 10, chunk_overlap = 10 }, { op = \"embed\" }]\n";
         let e = Config::parse(text, None).expect_err("bad overlap");
         assert!(e.message.contains("chunk_overlap"), "{e}");

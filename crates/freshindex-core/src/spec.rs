@@ -7,14 +7,48 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Deserializes `T` from a JSON value, prefixing errors with the path of the offending field
+/// (`steps[1]: chunk_size: invalid type ...`). Tagged tables are read through this, since
+/// serde's internally tagged enums lose field names in their errors.
+fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path.is_empty() || path == "." {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+/// Reads a table and removes its tag field.
+fn tagged<'de, D: Deserializer<'de>>(
+    d: D,
+    tag: &str,
+) -> Result<(String, serde_json::Value), D::Error> {
+    let mut v = serde_json::Value::deserialize(d)?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| D::Error::custom("expected a table"))?;
+    let t = obj
+        .remove(tag)
+        .ok_or_else(|| D::Error::custom(format!("missing field `{tag}`")))?;
+    let t = t
+        .as_str()
+        .ok_or_else(|| D::Error::custom(format!("{tag}: expected a string, got {t}")))?
+        .to_string();
+    Ok((t, v))
+}
 
 /// Default include patterns of a files source: text and Markdown.
 pub const DEFAULT_INCLUDE: [&str; 4] = ["**/*.md", "**/*.markdown", "**/*.txt", "**/*.text"];
 
 /// A declared pipeline.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "RawFlowSpec")]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FlowSpec {
     /// Unique name; also the default collection name.
     pub name: String,
@@ -87,6 +121,14 @@ struct RawFlowSpec {
 
 fn no_limit() -> i64 {
     -1
+}
+
+impl<'de> Deserialize<'de> for FlowSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw: RawFlowSpec =
+            from_value(serde_json::Value::deserialize(d)?).map_err(D::Error::custom)?;
+        FlowSpec::try_from(raw).map_err(D::Error::custom)
+    }
 }
 
 impl TryFrom<RawFlowSpec> for FlowSpec {
@@ -168,11 +210,24 @@ pub fn sanitize_name(raw: &str) -> String {
 }
 
 /// Where items come from.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceSpec {
     /// A folder on the local file system.
     Files(FilesSource),
+}
+
+impl<'de> Deserialize<'de> for SourceSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (kind, rest) = tagged(d, "type")?;
+        match kind.as_str() {
+            "files" => from_value(rest).map(SourceSpec::Files),
+            other => Err(format!(
+                "type: unknown source type `{other}`; expected `files`"
+            )),
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 /// A folder, scanned in full on every run.
@@ -221,7 +276,7 @@ fn yes() -> bool {
 }
 
 /// One step of a flow.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum StepSpec {
     /// Bytes to text.
@@ -230,6 +285,21 @@ pub enum StepSpec {
     Split(SplitSpec),
     /// Chunks to vectors.
     Embed(EmbedSpec),
+}
+
+impl<'de> Deserialize<'de> for StepSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (op, rest) = tagged(d, "op")?;
+        match op.as_str() {
+            "parse" => from_value(rest).map(StepSpec::Parse),
+            "split" => from_value(rest).map(StepSpec::Split),
+            "embed" => from_value(rest).map(StepSpec::Embed),
+            other => Err(format!(
+                "op: unknown op `{other}`; expected parse, split or embed"
+            )),
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 impl StepSpec {
@@ -375,11 +445,24 @@ impl TryFrom<RawEmbedSpec> for EmbedSpec {
 }
 
 /// Where rows go.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum TargetSpec {
     /// A built-in vector collection in the data directory.
     Collection(CollectionTarget),
+}
+
+impl<'de> Deserialize<'de> for TargetSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (kind, rest) = tagged(d, "type")?;
+        match kind.as_str() {
+            "collection" => from_value(rest).map(TargetSpec::Collection),
+            other => Err(format!(
+                "type: unknown target type `{other}`; expected `collection`"
+            )),
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 impl TargetSpec {

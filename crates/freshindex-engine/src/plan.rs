@@ -17,8 +17,10 @@ pub fn row_key(item_key: &str, text_fp: &Fingerprint, dup: u32) -> String {
     fp.to_hex()[..32].to_string()
 }
 
-/// Fingerprint of everything a row holds, to tell an unchanged row from an updated one.
+/// Fingerprint of everything a row holds and where it is written, to tell an unchanged row
+/// from one that must be written (a new target collection rewrites every row).
 pub fn row_fp(
+    collection: &str,
     row_key: &str,
     source: &str,
     range: [usize; 2],
@@ -26,6 +28,7 @@ pub fn row_fp(
     vector_key: &Fingerprint,
 ) -> Fingerprint {
     Fingerprint::builder("freshindex/row")
+        .str(collection)
         .str(row_key)
         .str(source)
         .u64(range[0] as u64)

@@ -786,7 +786,14 @@ impl FlowRun<'_> {
             let Some(vector) = vectors.get(&c.memo_key) else {
                 continue; // unreachable: callers check every chunk has a vector
             };
-            let fp = row_fp(&rk, key, c.range, &c.text_fp, &c.memo_key);
+            let fp = row_fp(
+                self.spec.target.collection(),
+                &rk,
+                key,
+                c.range,
+                &c.text_fp,
+                &c.memo_key,
+            );
             out.push((
                 Row {
                     key: rk.clone(),

@@ -11,7 +11,8 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 
 use common::{
-    Fi, FlowConfig, Summary, TIMEOUT, Workspace, export_diff, parse_export, sources, write_file,
+    Fi, FlowConfig, Summary, TIMEOUT, Workspace, check_chunks, export_diff, parse_export, sources,
+    write_file,
 };
 
 /// Good files every test tree contains next to the bad one.
@@ -291,46 +292,6 @@ fn symlink_loop_is_a_warning_on_the_link() {
     );
 }
 
-/// Chunks of `content` must be real slices of it (text == bytes of range),
-/// at most `max_chars` characters, and together cover the file except for
-/// whitespace between chunks.
-fn assert_chunks_cover(content: &str, rows: &[&common::Row], max_chars: usize) {
-    let mut ranges: Vec<(usize, usize)> = Vec::new();
-    for r in rows {
-        let (start, end) = r.range;
-        assert!(
-            start < end && end <= content.len(),
-            "bad range {:?} for a {}-byte file",
-            r.range,
-            content.len()
-        );
-        assert_eq!(
-            r.text,
-            &content[start..end],
-            "chunk text differs from its byte range {:?}",
-            r.range
-        );
-        let chars = r.text.chars().count();
-        assert!(
-            chars <= max_chars,
-            "chunk of {chars} chars > chunk_size {max_chars}"
-        );
-        ranges.push((start, end));
-    }
-    ranges.sort();
-    let mut covered = 0;
-    for (start, end) in ranges {
-        if start > covered {
-            assert!(
-                content[covered..start].trim().is_empty(),
-                "bytes {covered}..{start} are not covered by any chunk"
-            );
-        }
-        covered = covered.max(end);
-    }
-    assert!(content[covered..].trim().is_empty(), "tail not covered");
-}
-
 #[test]
 fn very_long_lines_are_chunked_within_chunk_size() {
     let ws = workspace_with_good_files(FlowConfig::default());
@@ -352,7 +313,9 @@ fn very_long_lines_are_chunked_within_chunk_size() {
             "{name}: {} chunks for ~200 KB at chunk_size 1000",
             mine.len()
         );
-        assert_chunks_cover(content, &mine, 1000);
+        if let Err(e) = check_chunks(content, &mine, 1000) {
+            panic!("{name}: {e}");
+        }
     }
 }
 
@@ -397,34 +360,67 @@ fn mentions_number(text: &str, n: usize) -> bool {
         .any(|tok| tok == n.to_string())
 }
 
-#[test]
-fn unknown_config_key_is_rejected_with_key_and_line() {
-    let ws = workspace_with_good_files(FlowConfig::default());
-    // The typo sits on line 13 (a number nothing else in the file uses).
-    let config = "\
-# freshindex configuration
+/// A config whose `source` table is on line 10 and split step on line 13
+/// (numbers nothing else in the file uses), with the given pieces.
+fn config_with(source_extra: &str, split: &str) -> String {
+    format!(
+        "# freshindex configuration
 #
-# A flow with a typo in its split step.
+# A flow with one mistake in it.
 #
 #
 #
 #
 [[flow]]
 name = \"docs\"
-source = { type = \"files\", path = \"docs\", include = [\"**/*.md\"] }
+source = {{ type = \"files\", path = \"docs\", include = [\"**/*.md\"]{source_extra} }}
 steps = [
-  { op = \"parse\" },
-  { op = \"split\", chunk_sise = 1000, chunk_overlap = 200 },
-  { op = \"embed\", model = \"builtin\", batch_size = 64 },
+  {{ op = \"parse\" }},
+  {{ op = \"split\", {split} }},
+  {{ op = \"embed\", model = \"builtin\", batch_size = 64 }},
 ]
-target = { type = \"collection\", name = \"docs\" }
-";
+target = {{ type = \"collection\", name = \"docs\" }}
+"
+    )
+}
+
+/// Asserts `index` refuses `config` with a one-line error naming `key` and
+/// `line`.
+fn assert_config_rejected(config: &str, key: &str, line: usize) {
+    let ws = workspace_with_good_files(FlowConfig::default());
     fs::write(ws.config_path(), config).expect("write config");
     let out = ws.fi().args(["index", "--json"]).run().failed();
-    let err = out.stderr.trim();
-    assert!(err.contains("chunk_sise"), "stderr: {err}");
-    assert!(mentions_number(err, 13), "stderr lacks line 13: {err}");
+    // The temp dir's random name may contain digits: take it out before
+    // looking for the line number.
+    let root = ws.root().to_string_lossy().into_owned();
+    let err = out.stderr.trim().replace(&root, "<workspace>");
+    assert!(err.contains(key), "stderr does not name `{key}`: {err}");
+    assert!(
+        mentions_number(&err, line),
+        "stderr lacks line {line}: {err}"
+    );
     assert_eq!(err.lines().count(), 1, "expected a one-line error: {err}");
+}
+
+#[test]
+fn unknown_config_key_is_rejected_with_key_and_line() {
+    let config = config_with("", "chunk_sise = 1000, chunk_overlap = 200");
+    assert_config_rejected(&config, "chunk_sise", 13);
+}
+
+#[test]
+fn invalid_chunk_size_value_is_rejected_with_key_and_line() {
+    let config = config_with("", "chunk_size = \"big\", chunk_overlap = 200");
+    assert_config_rejected(&config, "chunk_size", 13);
+}
+
+#[test]
+fn invalid_max_file_size_value_is_rejected_with_key_and_line() {
+    let config = config_with(
+        ", max_file_size = \"3 parsecs\"",
+        "chunk_size = 1000, chunk_overlap = 200",
+    );
+    assert_config_rejected(&config, "max_file_size", 10);
 }
 
 #[test]

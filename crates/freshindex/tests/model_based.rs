@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 
 use common::{
-    FlowConfig, Rng, Row, Workspace, assert_export_well_formed, env_u64, expected_computed,
-    export_diff, paragraph, parse_export,
+    FlowConfig, Rng, Row, Workspace, assert_export_well_formed, check_chunks, env_u64,
+    expected_computed, export_diff, paragraph, parse_export,
 };
 
 /// Chunking settings the config alternates between.
@@ -319,6 +319,22 @@ fn check_step(
         ));
     }
 
+    // Every row is a real slice of its file, within chunk_size, and each
+    // file's chunks cover it.
+    let after = m.snapshot();
+    for (path, content) in &after {
+        let mine: Vec<&Row> = rows.iter().filter(|r| &r.source == path).collect();
+        if mine.is_empty() {
+            ctx(format!("{path} has no rows"));
+        }
+        if let Err(e) = check_chunks(content, &mine, m.ws.flow.chunk_size) {
+            ctx(e);
+        }
+    }
+    if rows.iter().any(|r| !after.contains_key(&r.source)) {
+        ctx("rows of a file that no longer exists".into());
+    }
+
     // Row counters: the net change matches the export, and a run writes
     // something exactly when the export changed.
     let (added, deleted) = (summary.n("rows.added"), summary.n("rows.deleted"));
@@ -343,7 +359,6 @@ fn check_step(
 
     // Item counters follow from the content of the two snapshots, unless the
     // chunking changed (then every item has to be re-split anyway).
-    let after = m.snapshot();
     let items = expected_items(before, &after);
     if summary.n("items.seen") != items["seen"] {
         ctx(format!("items.seen, expected {}", items["seen"]));

@@ -76,11 +76,10 @@ impl BuiltinEmbedder {
             let wh = fnv(1, word.as_bytes());
             add(&mut v, wh, 1.0);
             if let Some(p) = prev {
-                add(
-                    &mut v,
-                    fnv(2, &[p.to_le_bytes(), wh.to_le_bytes()].concat()),
-                    0.5,
-                );
+                let mut pair = [0u8; 16];
+                pair[..8].copy_from_slice(&p.to_le_bytes());
+                pair[8..].copy_from_slice(&wh.to_le_bytes());
+                add(&mut v, fnv(2, &pair), 0.5);
             }
             prev = Some(wh);
             marked.clear();

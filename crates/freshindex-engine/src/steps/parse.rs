@@ -43,7 +43,11 @@ mod tests {
         assert!(parse(b"").expect_err("skipped").contains("empty"));
         assert!(parse(b"  \n").expect_err("skipped").contains("empty"));
         assert!(parse(b"ab\0c").expect_err("skipped").contains("binary"));
-        assert!(parse(b"ab\xffc").expect_err("skipped").contains("not valid UTF-8"));
+        assert!(
+            parse(b"ab\xffc")
+                .expect_err("skipped")
+                .contains("not valid UTF-8")
+        );
         assert_eq!(
             parse("\u{feff}hi".as_bytes()),
             Ok(Parsed {

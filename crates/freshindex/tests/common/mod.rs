@@ -770,6 +770,50 @@ pub fn assert_export_well_formed(jsonl: &str) {
     }
 }
 
+/// Checks the chunks of one file against its `content`: each chunk text is
+/// exactly the bytes of its `range`, has at most `max_chars` characters, and
+/// together the chunks cover the file except for whitespace between them.
+pub fn check_chunks(content: &str, rows: &[&Row], max_chars: usize) -> Result<(), String> {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for r in rows {
+        let (start, end) = r.range;
+        let slice = content.get(start..end).ok_or_else(|| {
+            format!(
+                "range {:?} of {} is not a valid byte range of its {}-byte file",
+                r.range,
+                r.source,
+                content.len()
+            )
+        })?;
+        if start >= end || slice != r.text {
+            return Err(format!(
+                "chunk text of {} differs from the file bytes of its range {:?}: {:?} vs {:?}",
+                r.source, r.range, r.text, slice
+            ));
+        }
+        let chars = r.text.chars().count();
+        if chars > max_chars {
+            return Err(format!(
+                "chunk {:?} of {} has {chars} chars, chunk_size is {max_chars}",
+                r.range, r.source
+            ));
+        }
+        ranges.push((start, end));
+    }
+    ranges.sort();
+    let mut covered = 0;
+    for (start, end) in ranges {
+        if start > covered && !content[covered..start].trim().is_empty() {
+            return Err(format!("bytes {covered}..{start} are in no chunk"));
+        }
+        covered = covered.max(end);
+    }
+    if !content[covered..].trim().is_empty() {
+        return Err(format!("bytes {covered}.. are in no chunk"));
+    }
+    Ok(())
+}
+
 /// A short human-readable diff of two JSONL exports (first differing lines).
 pub fn export_diff(expected: &str, got: &str) -> String {
     let exp: BTreeSet<&str> = expected.lines().collect();
