@@ -1,13 +1,13 @@
 //! The incremental engine: sources, steps, memoization, lineage diff and the two-phase write
 //! of target mutations.
 //!
-//! A run ([`Engine::run`]) is synchronous and single-threaded on the caller's thread: scan the
-//! source (walk + stat), classify items against the state store by metadata, then process the
-//! candidates in batches — read, fingerprint, parse, split, embed through the memo cache, diff
-//! against the item's lineage, and write the minimal mutations with the two-phase protocol
-//! (record pending keys → write the target → commit lineage, item state and cache together).
-//! The machine this targets gains little from a second core, so the run keeps one thread busy
-//! instead of paying for coordination.
+//! A run ([`Engine::run`]) is synchronous for its caller and uses two threads: the caller's
+//! thread scans the source (walk + stat) and classifies items against the state store by
+//! metadata; then a scoped *preparer* thread reads, fingerprints, parses, splits and embeds
+//! (through the memo cache) batch N+1 while the caller's thread, the *writer*, diffs batch N
+//! against lineage and writes the minimal mutations with the two-phase protocol (record
+//! pending keys → write the target → commit lineage, item state and cache together). A
+//! one-slot channel connects them, so CPU work overlaps SQLite writes and memory stays flat.
 
 pub mod failpoint;
 pub mod plan;
@@ -37,6 +37,9 @@ pub enum EngineError {
     /// No such flow in the state.
     #[error("{0}")]
     NotFound(String),
+    /// A bug: a worker thread panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl EngineError {
@@ -44,7 +47,7 @@ impl EngineError {
     pub fn is_user_error(&self) -> bool {
         match self {
             EngineError::Config(_) | EngineError::Source(_) | EngineError::NotFound(_) => true,
-            EngineError::Store(_) | EngineError::Target(_) => false,
+            EngineError::Store(_) | EngineError::Target(_) | EngineError::Internal(_) => false,
         }
     }
 }

@@ -181,8 +181,8 @@ impl Engine {
         progress.finish(Phase::Scanning);
         failpoint::hit("scan-done");
 
-        let mut run = FlowRun {
-            engine: self,
+        let prep = Prep {
+            store: self.store.as_ref(),
             flow,
             spec,
             spec_fp: processing_fingerprint(spec),
@@ -192,6 +192,11 @@ impl Engine {
                 .finish(),
             embedder,
             splitter,
+        };
+        let mut run = FlowRun {
+            engine: self,
+            flow,
+            spec,
             collection,
             summary: RunSummary {
                 flow: spec.name.clone(),
@@ -220,7 +225,7 @@ impl Engine {
             let needs_look = match &before {
                 None => true,
                 Some(p) => {
-                    run.forced(p) || p.racy || p.size != file.size || p.mtime_ns != file.mtime_ns
+                    prep.forced(p) || p.racy || p.size != file.size || p.mtime_ns != file.mtime_ns
                 }
             };
             if needs_look {
@@ -248,13 +253,45 @@ impl Engine {
         progress.start(Phase::Processing, Some(work.len() as u64));
         progress.start(Phase::Writing, None);
         let batch_items = opts.batch_items.max(1);
-        let mut work = work.into_iter().peekable();
-        while work.peek().is_some() {
-            let batch: Vec<Work> = work.by_ref().take(batch_items).collect();
-            let n = batch.len() as u64;
-            run.batch(batch)?;
-            progress.inc(Phase::Processing, n);
-        }
+        // Two stages: a preparer thread reads, splits and embeds batch N+1 while this thread
+        // diffs and writes batch N. A bounded channel of one batch keeps memory flat.
+        std::thread::scope(|scope| -> Result<(), EngineError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Prepared, EngineError>>(1);
+            let prep = &prep;
+            let preparer = scope.spawn(move || {
+                let mut recent = Recent::new();
+                let mut work = work.into_iter().peekable();
+                while work.peek().is_some() {
+                    let batch: Vec<Work> = work.by_ref().take(batch_items).collect();
+                    let prepared = prep.prepare(batch, &mut recent);
+                    let failed = prepared.is_err();
+                    // A closed channel means the writer stopped on an error.
+                    if tx.send(prepared).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let mut result = Ok(());
+            while let Ok(prepared) = rx.recv() {
+                let step = prepared.and_then(|p| {
+                    let n = p.items;
+                    run.apply(p)?;
+                    progress.inc(Phase::Processing, n);
+                    Ok(())
+                });
+                if let Err(e) = step {
+                    result = Err(e);
+                    break;
+                }
+            }
+            drop(rx);
+            if preparer.join().is_err() {
+                result = result.and(Err(EngineError::Internal(
+                    "the preparing thread panicked".into(),
+                )));
+            }
+            result
+        })?;
         progress.finish(Phase::Processing);
         progress.finish(Phase::Writing);
 
@@ -393,8 +430,8 @@ struct PreparedChunk {
 
 /// What looking at one item decided.
 enum Outcome {
-    /// Same content as before: refresh the stored metadata only.
-    Unchanged { record: ItemRecord },
+    /// Same content as before: refresh the stored metadata only (when `dirty`).
+    Unchanged { record: ItemRecord, dirty: bool },
     /// New or changed content, split into chunks.
     Indexed {
         record: ItemRecord,
@@ -413,14 +450,41 @@ enum Outcome {
     },
 }
 
-struct FlowRun<'a> {
-    engine: &'a Engine,
+/// The read-only half of a run: looks at items and embeds their chunks. Runs on its own
+/// thread, one batch ahead of the writer.
+struct Prep<'a> {
+    store: &'a dyn StateStore,
     flow: FlowId,
     spec: &'a FlowSpec,
     spec_fp: Fingerprint,
     embed_fp: Fingerprint,
     embedder: Box<dyn Embedder>,
     splitter: Splitter,
+}
+
+/// A batch after looking and embedding, ready for the diff and the write.
+struct Prepared {
+    outcomes: Vec<Outcome>,
+    vectors: HashMap<Fingerprint, Vec<f32>>,
+    new_memo: Vec<(Fingerprint, Vec<u8>)>,
+    reused: u64,
+    embed_error: Option<String>,
+    items: u64,
+}
+
+/// Embeddings computed by the last few batches: the writer may not have committed them to the
+/// memo cache yet, and a text computed once in a run is never computed again.
+type Recent = std::collections::VecDeque<HashMap<Fingerprint, Vec<f32>>>;
+
+/// Batches the preparer may run ahead of the writer's commits (channel slot + the one being
+/// written), plus one for margin.
+const RECENT_BATCHES: usize = 3;
+
+/// The writing half of a run: diffs against lineage and applies the two-phase write.
+struct FlowRun<'a> {
+    engine: &'a Engine,
+    flow: FlowId,
+    spec: &'a FlowSpec,
     collection: SqliteCollection,
     summary: RunSummary,
     total_errors: u64,
@@ -428,14 +492,7 @@ struct FlowRun<'a> {
     progress: &'a dyn Progress,
 }
 
-impl FlowRun<'_> {
-    fn issues(&mut self, issues: &[Issue]) {
-        let (mut e, mut w) = (self.total_errors, self.total_warnings);
-        self.summary.push_issues(issues, &mut e, &mut w);
-        self.total_errors = e;
-        self.total_warnings = w;
-    }
-
+impl Prep<'_> {
     /// Must be processed whatever its metadata says.
     fn forced(&self, p: &ItemRecord) -> bool {
         !p.status.is_settled() || p.has_pending || p.spec_fp.as_ref() != Some(&self.spec_fp)
@@ -528,7 +585,8 @@ impl FlowRun<'_> {
         {
             record.status = p.status;
             record.message = p.message.clone();
-            return Outcome::Unchanged { record };
+            let dirty = (p.size, p.mtime_ns, p.racy) != (record.size, record.mtime_ns, record.racy);
+            return Outcome::Unchanged { record, dirty };
         }
         let parsed = match parse(&read.bytes) {
             Ok(p) => p,
@@ -577,10 +635,11 @@ impl FlowRun<'_> {
         }
     }
 
-    fn batch(&mut self, batch: Vec<Work>) -> Result<(), EngineError> {
+    /// Looks at a batch of items and embeds their chunks through the memo cache: every chunk
+    /// is looked up, each missing text computed once.
+    fn prepare(&self, batch: Vec<Work>, recent: &mut Recent) -> Result<Prepared, EngineError> {
+        let items = batch.len() as u64;
         let outcomes: Vec<Outcome> = batch.into_iter().map(|w| self.look(w)).collect();
-
-        // Embeddings through the memo cache: look up every chunk, compute each missing text once.
         let mut needed: Vec<Fingerprint> = Vec::new();
         for o in &outcomes {
             if let Outcome::Indexed { chunks, .. } = o {
@@ -588,7 +647,17 @@ impl FlowRun<'_> {
             }
         }
         let mut vectors: HashMap<Fingerprint, Vec<f32>> = HashMap::with_capacity(needed.len());
-        for (k, bytes) in self.engine.store.memo_get(self.flow, &needed)? {
+        for k in &needed {
+            if let Some(v) = recent.iter().find_map(|m| m.get(k)) {
+                vectors.insert(*k, v.clone());
+            }
+        }
+        let lookup: Vec<Fingerprint> = needed
+            .iter()
+            .filter(|k| !vectors.contains_key(k))
+            .copied()
+            .collect();
+        for (k, bytes) in self.store.memo_get(self.flow, &lookup)? {
             let v = decode_vector(&bytes)
                 .filter(|v| v.len() == self.embedder.dimension())
                 .ok_or_else(|| {
@@ -613,6 +682,7 @@ impl FlowRun<'_> {
             }
         }
         let mut new_memo: Vec<(Fingerprint, Vec<u8>)> = Vec::with_capacity(missing.len());
+        let mut computed: HashMap<Fingerprint, Vec<f32>> = HashMap::with_capacity(missing.len());
         let mut embed_error: Option<String> = None;
         for part in missing.chunks(self.spec.embed().batch_size) {
             let texts: Vec<&str> = part.iter().map(|(_, t)| *t).collect();
@@ -620,6 +690,7 @@ impl FlowRun<'_> {
                 Ok(vs) if vs.len() == texts.len() => {
                     for ((k, _), v) in part.iter().zip(vs) {
                         new_memo.push((*k, encode_vector(&v)));
+                        computed.insert(*k, v.clone());
                         vectors.insert(*k, v);
                     }
                 }
@@ -633,8 +704,43 @@ impl FlowRun<'_> {
                 Err(e) => embed_error = Some(format!("embedding failed: {e}")),
             }
         }
+        recent.push_back(computed);
+        while recent.len() > RECENT_BATCHES {
+            recent.pop_front();
+        }
+        let reused = (needed.len() - new_memo.len()) as u64;
+        Ok(Prepared {
+            outcomes,
+            vectors,
+            new_memo,
+            reused,
+            embed_error,
+            items,
+        })
+    }
+}
+
+impl FlowRun<'_> {
+    fn issues(&mut self, issues: &[Issue]) {
+        let (mut e, mut w) = (self.total_errors, self.total_warnings);
+        self.summary.push_issues(issues, &mut e, &mut w);
+        self.total_errors = e;
+        self.total_warnings = w;
+    }
+
+    /// Diffs a prepared batch against lineage and writes it: pending keys, then the target,
+    /// then the commit.
+    fn apply(&mut self, prepared: Prepared) -> Result<(), EngineError> {
+        let Prepared {
+            outcomes,
+            vectors,
+            new_memo,
+            reused,
+            embed_error,
+            items: _,
+        } = prepared;
         self.summary.embeddings.computed += new_memo.len() as u64;
-        self.summary.embeddings.reused += (needed.len() - new_memo.len()) as u64;
+        self.summary.embeddings.reused += reused;
 
         // Lineage diff for every item whose rows may change.
         let keys: Vec<&str> = outcomes
@@ -657,9 +763,11 @@ impl FlowRun<'_> {
         for o in outcomes {
             let (key, record, rows): (String, Option<ItemRecord>, Vec<(Row, TrackedRow)>) = match o
             {
-                Outcome::Unchanged { record } => {
+                Outcome::Unchanged { record, dirty } => {
                     self.summary.items.unchanged += 1;
-                    changes.push(ItemChange::Upsert { record, rows: None });
+                    if dirty {
+                        changes.push(ItemChange::Upsert { record, rows: None });
+                    }
                     continue;
                 }
                 Outcome::Failed { record, error } => {
@@ -759,14 +867,16 @@ impl FlowRun<'_> {
                 .inc(Phase::Writing, (upserts.len() + deletes.len()) as u64);
             failpoint::hit("target-written");
         }
-        self.engine.store.commit(
-            self.flow,
-            BatchCommit {
-                items: changes,
-                memo: new_memo,
-            },
-        )?;
-        failpoint::hit("batch-committed");
+        if !changes.is_empty() || !new_memo.is_empty() {
+            self.engine.store.commit(
+                self.flow,
+                BatchCommit {
+                    items: changes,
+                    memo: new_memo,
+                },
+            )?;
+            failpoint::hit("batch-committed");
+        }
         Ok(())
     }
 

@@ -113,7 +113,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(backend)?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -65536;",
+            "PRAGMA page_size = 65536; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -65536;",
         )
         .map_err(backend)?;
         let found: Option<String> = conn
@@ -131,23 +131,30 @@ impl SqliteStore {
                 other => Err(other),
             })
             .map_err(backend)?;
-        if let Some(v) = found {
-            let v: i64 = v
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?;
-            if v > SCHEMA_VERSION {
-                return Err(StoreError::SchemaTooNew {
-                    found: v,
-                    supported: SCHEMA_VERSION,
-                });
-            }
+        let found = match found {
+            Some(v) => Some(
+                v.parse::<i64>()
+                    .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?,
+            ),
+            None => None,
+        };
+        if let Some(v) = found
+            && v > SCHEMA_VERSION
+        {
+            return Err(StoreError::SchemaTooNew {
+                found: v,
+                supported: SCHEMA_VERSION,
+            });
         }
-        conn.execute_batch(SCHEMA).map_err(backend)?;
-        conn.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
-            [SCHEMA_VERSION.to_string()],
-        )
-        .map_err(backend)?;
+        // Opening an up-to-date store writes nothing (a no-op run should not pay for fsyncs).
+        if found != Some(SCHEMA_VERSION) {
+            conn.execute_batch(SCHEMA).map_err(backend)?;
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+                [SCHEMA_VERSION.to_string()],
+            )
+            .map_err(backend)?;
+        }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -163,12 +170,20 @@ impl SqliteStore {
 impl FlowStore for SqliteStore {
     fn register_flow(&self, name: &str, spec_json: &str) -> Result<FlowId> {
         let conn = self.conn();
-        conn.execute(
-            "INSERT INTO flows (name, spec_json) VALUES (?1, ?2)
-             ON CONFLICT (name) DO UPDATE SET spec_json = excluded.spec_json",
-            params![name, spec_json],
-        )
-        .map_err(backend)?;
+        let stored: Option<String> = conn
+            .query_row("SELECT spec_json FROM flows WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(backend)?;
+        if stored.as_deref() != Some(spec_json) {
+            conn.execute(
+                "INSERT INTO flows (name, spec_json) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET spec_json = excluded.spec_json",
+                params![name, spec_json],
+            )
+            .map_err(backend)?;
+        }
         conn.query_row("SELECT id FROM flows WHERE name = ?1", [name], |r| {
             r.get(0).map(FlowId)
         })
@@ -342,7 +357,7 @@ impl LineageStore for SqliteStore {
                 .prepare_cached(
                     "INSERT OR IGNORE INTO memo_gc (flow_id, key)
                      SELECT flow_id, memo_key FROM tracked
-                     WHERE flow_id = ?1 AND item_key = ?2 AND memo_key IS NOT NULL",
+                     WHERE flow_id = ?1 AND item_key = ?2 AND +memo_key IS NOT NULL",
                 )
                 .map_err(backend)?;
             let mut del_tracked = tx
@@ -464,6 +479,16 @@ impl MemoStore for SqliteStore {
 
     fn memo_gc(&self, flow: FlowId) -> Result<u64> {
         let mut conn = self.conn();
+        let any: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM memo_gc WHERE flow_id = ?1)",
+                [flow.0],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        if !any {
+            return Ok(0);
+        }
         let tx = conn.transaction().map_err(backend)?;
         let removed = tx
             .execute(

@@ -68,7 +68,7 @@ impl SqliteCollection {
         conn.busy_timeout(std::time::Duration::from_secs(30))
             .map_err(|e| err(e.to_string()))?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -65536;
+            "PRAGMA page_size = 65536; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -65536;
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS rows (
                id INTEGER PRIMARY KEY,
