@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use freshindex_core::{Fingerprint, FlowSpec, ItemStatus, Row, RowPayload};
 use freshindex_store::{
-    BatchCommit, FlowId, ItemChange, ItemLineage, ItemRecord, SqliteStore, StateStore, TrackedRow,
+    BatchCommit, FlowId, ItemChange, ItemLineage, ItemRecord, SqliteStore, StateStore, StoreError,
+    TrackedRow,
 };
 use freshindex_vector::{
     Collections, Filter, SearchHit, SqliteCollection, VectorCollection, decode_vector,
@@ -175,8 +176,17 @@ impl Engine {
 
         let progress = opts.progress;
         progress.start(Phase::Scanning, None);
-        let prior: Vec<ItemRecord> = self.store.items(flow)?;
-        let mut scan = files::scan(spec.files(), &self.skip_dirs)?;
+        // Loading the stored items (CPU in SQLite) overlaps the walk (system calls).
+        let (prior, scan) = std::thread::scope(|scope| {
+            let items = scope.spawn(|| self.store.items(flow));
+            let scan = files::scan(spec.files(), &self.skip_dirs);
+            let items = items
+                .join()
+                .unwrap_or_else(|_| Err(StoreError::Backend("loading items panicked".into())));
+            (items, scan)
+        });
+        let (prior, mut scan): (Vec<ItemRecord>, _) = (prior?, scan?);
+        debug_assert!(prior.is_sorted_by(|a, b| a.key <= b.key));
         progress.inc(Phase::Scanning, scan.files.len() as u64);
         progress.finish(Phase::Scanning);
         failpoint::hit("scan-done");
@@ -216,39 +226,13 @@ impl Engine {
         run.issues(&scan.issues);
 
         // Classify by metadata: only candidates are read.
-        let mut prior: HashMap<String, ItemRecord> =
-            prior.into_iter().map(|r| (r.key.clone(), r)).collect();
-        let mut work: Vec<Work> = Vec::new();
-        let unlisted = std::mem::take(&mut scan.unlisted);
-        for file in std::mem::take(&mut scan.files) {
-            let before = prior.remove(&file.key);
-            let needs_look = match &before {
-                None => true,
-                Some(p) => {
-                    prep.forced(p) || p.racy || p.size != file.size || p.mtime_ns != file.mtime_ns
-                }
-            };
-            if needs_look {
-                work.push(Work::File {
-                    file,
-                    prior: before,
-                });
-            } else {
-                run.summary.items.unchanged += 1;
-            }
-        }
-        let mut gone: Vec<Work> = prior
-            .into_values()
-            .filter(|p| !unlisted.iter().any(|u| p.key.starts_with(u.as_str())))
-            .map(|p| Work::Gone {
-                key: p.key.clone(),
-                prior: Some(p),
-                warning: None,
-            })
-            .collect();
-        gone.sort_by(|a, b| a.key().cmp(b.key()));
-        gone.extend(work);
-        let work = gone;
+        let (work, unchanged) = classify(
+            prior,
+            std::mem::take(&mut scan.files),
+            &scan.unlisted,
+            |p| prep.forced(p),
+        );
+        run.summary.items.unchanged += unchanged;
 
         progress.start(Phase::Processing, Some(work.len() as u64));
         progress.start(Phase::Writing, None);
@@ -396,6 +380,57 @@ impl Engine {
     }
 }
 
+/// Merge-joins the stored items with the listed files (both sorted by key, in byte order):
+/// returns the work — deletions first, then files to look at — and the number of files left
+/// alone because their size and mtime are the stored ones.
+fn classify(
+    prior: Vec<ItemRecord>,
+    files: Vec<ScannedFile>,
+    unlisted: &[String],
+    forced: impl Fn(&ItemRecord) -> bool,
+) -> (Vec<Work>, u64) {
+    let mut gone = Vec::new();
+    let mut look = Vec::new();
+    let mut unchanged = 0;
+    let mut prior = prior.into_iter().peekable();
+    for file in files {
+        // Stored items before this file's key were not listed: deleted.
+        while let Some(p) = prior.next_if(|p| p.key < file.key) {
+            if !unlisted.iter().any(|u| p.key.starts_with(u.as_str())) {
+                gone.push(Work::Gone {
+                    key: p.key.clone(),
+                    prior: Some(p),
+                    warning: None,
+                });
+            }
+        }
+        let before = prior.next_if(|p| p.key == file.key);
+        let needs_look = match &before {
+            None => true,
+            Some(p) => forced(p) || p.racy || p.size != file.size || p.mtime_ns != file.mtime_ns,
+        };
+        if needs_look {
+            look.push(Work::File {
+                file,
+                prior: before,
+            });
+        } else {
+            unchanged += 1;
+        }
+    }
+    for p in prior {
+        if !unlisted.iter().any(|u| p.key.starts_with(u.as_str())) {
+            gone.push(Work::Gone {
+                key: p.key.clone(),
+                prior: Some(p),
+                warning: None,
+            });
+        }
+    }
+    gone.extend(look);
+    (gone, unchanged)
+}
+
 /// One unit of work of a run.
 enum Work {
     /// A listed file to look at.
@@ -409,15 +444,6 @@ enum Work {
         prior: Option<ItemRecord>,
         warning: Option<String>,
     },
-}
-
-impl Work {
-    fn key(&self) -> &str {
-        match self {
-            Work::File { file, .. } => &file.key,
-            Work::Gone { key, .. } => key,
-        }
-    }
 }
 
 /// A chunk ready for embedding and writing.

@@ -103,13 +103,19 @@ impl SqliteCollection {
             }
             (None, Some(d)) => {
                 conn.execute_batch(&format!(
-                    "INSERT INTO meta (key, value) VALUES ('dimension', '{d}'), ('metric', 'cosine');"
+                    "INSERT INTO meta (key, value) VALUES ('dimension', '{d}'), ('metric', 'cosine'), ('rows', '0');"
                 ))
                 .map_err(|e| err(e.to_string()))?;
                 d
             }
             (None, None) => return Err(VectorError::NotFound(name.into())),
         };
+        // Files written before the row count was kept get it once.
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) SELECT 'rows', COUNT(*) FROM rows",
+            [],
+        )
+        .map_err(|e| err(e.to_string()))?;
         Ok(SqliteCollection {
             name: name.into(),
             dimension,
@@ -162,31 +168,47 @@ impl VectorCollection for SqliteCollection {
         }
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
+        // The row count is kept in `meta`, in the same transaction, so `count` is O(1).
+        let mut delta: i64 = 0;
         {
             let mut del = tx
                 .prepare_cached("DELETE FROM rows WHERE key = ?1")
                 .map_err(|e| self.err(e))?;
             for key in deletes {
-                del.execute([key]).map_err(|e| self.err(e))?;
+                delta -= del.execute([key]).map_err(|e| self.err(e))? as i64;
             }
-            let mut up = tx
+            let mut ins = tx
                 .prepare_cached(
-                    "INSERT INTO rows (key, source, start, end, text, vector)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (key) DO UPDATE SET source = excluded.source,
-                       start = excluded.start, end = excluded.end, text = excluded.text,
-                       vector = excluded.vector",
+                    "INSERT OR IGNORE INTO rows (key, source, start, end, text, vector)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(|e| self.err(e))?;
+            let mut upd = tx
+                .prepare_cached(
+                    "UPDATE rows SET source = ?2, start = ?3, end = ?4, text = ?5, vector = ?6
+                     WHERE key = ?1",
                 )
                 .map_err(|e| self.err(e))?;
             for row in upserts {
-                up.execute(params![
+                let values = params![
                     row.key,
                     row.payload.source,
                     row.payload.range[0] as i64,
                     row.payload.range[1] as i64,
                     row.payload.text,
                     encode_vector(&row.vector),
-                ])
+                ];
+                if ins.execute(values).map_err(|e| self.err(e))? == 1 {
+                    delta += 1;
+                } else {
+                    upd.execute(values).map_err(|e| self.err(e))?;
+                }
+            }
+            if delta != 0 {
+                tx.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + ?1 WHERE key = 'rows'",
+                    [delta],
+                )
                 .map_err(|e| self.err(e))?;
             }
         }
@@ -261,7 +283,11 @@ impl VectorCollection for SqliteCollection {
 
     fn count(&self) -> Result<u64> {
         self.conn()
-            .query_row("SELECT COUNT(*) FROM rows", [], |r| r.get::<_, i64>(0))
+            .query_row(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rows'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
             .map(|n| n as u64)
             .map_err(|e| self.err(e))
     }
