@@ -5,8 +5,43 @@ use std::str::FromStr;
 
 /// A 256-bit BLAKE3 digest. Used for content hashes, memo-cache keys, row fingerprints and
 /// spec fingerprints.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Fingerprint(pub [u8; 32]);
+
+impl std::hash::Hash for Fingerprint {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The digest is already uniformly random: 64 of its bits are a perfect hash.
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// A hasher for maps keyed by [`Fingerprint`]: takes the fingerprint's own bits instead of
+/// hashing them again.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FpHasher(u64);
+
+impl std::hash::Hasher for FpHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for other key types; FNV-1a keeps it correct.
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// A hash map keyed by fingerprints.
+pub type FpMap<V> =
+    std::collections::HashMap<Fingerprint, V, std::hash::BuildHasherDefault<FpHasher>>;
 
 impl Fingerprint {
     /// Fingerprint of one byte string.
@@ -21,10 +56,16 @@ impl Fingerprint {
 
     /// The digest as 64 lowercase hex characters.
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            use fmt::Write;
-            let _ = write!(s, "{b:02x}");
+        self.hex_prefix(32)
+    }
+
+    /// The first `bytes` bytes of the digest as lowercase hex.
+    pub fn hex_prefix(&self, bytes: usize) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(bytes * 2);
+        for b in &self.0[..bytes.min(32)] {
+            s.push(HEX[(b >> 4) as usize] as char);
+            s.push(HEX[(b & 15) as usize] as char);
         }
         s
     }

@@ -10,7 +10,7 @@ pub mod spec;
 pub mod status;
 
 pub use config::{Config, ConfigError};
-pub use fingerprint::Fingerprint;
+pub use fingerprint::{Fingerprint, FpMap};
 pub use row::{Row, RowPayload};
 pub use spec::{EmbedSpec, FlowSpec, ParseSpec, SourceSpec, SplitSpec, StepSpec, TargetSpec};
 pub use status::ItemStatus;

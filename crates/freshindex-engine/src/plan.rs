@@ -14,7 +14,7 @@ pub fn row_key(item_key: &str, text_fp: &Fingerprint, dup: u32) -> String {
         .fp(text_fp)
         .u64(dup as u64)
         .finish();
-    fp.to_hex()[..32].to_string()
+    fp.hex_prefix(16)
 }
 
 /// Fingerprint of everything a row holds and where it is written, to tell an unchanged row

@@ -1,12 +1,12 @@
 //! One run of a flow, and the read-side operations (search, export, status) over its state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use freshindex_core::{Fingerprint, FlowSpec, ItemStatus, Row, RowPayload};
+use freshindex_core::{Fingerprint, FlowSpec, FpMap, ItemStatus, Row, RowPayload};
 use freshindex_store::{
     BatchCommit, FlowId, ItemChange, ItemLineage, ItemRecord, SqliteStore, StateStore, StoreError,
     TrackedRow,
@@ -59,7 +59,9 @@ impl Progress for NoProgress {
 
 /// Options of a run.
 pub struct RunOptions<'a> {
-    /// Items per batch (one two-phase write per batch).
+    /// Items per full batch (one two-phase write per batch). Large batches matter: every
+    /// commit rewrites the index pages its random keys land on, so fewer, larger commits write
+    /// far less. The first batches are smaller so that writing starts early.
     pub batch_items: usize,
     /// Progress receiver.
     pub progress: &'a dyn Progress,
@@ -68,7 +70,7 @@ pub struct RunOptions<'a> {
 impl Default for RunOptions<'_> {
     fn default() -> Self {
         RunOptions {
-            batch_items: 256,
+            batch_items: 1024,
             progress: &NoProgress,
         }
     }
@@ -245,8 +247,12 @@ impl Engine {
             let preparer = scope.spawn(move || {
                 let mut recent = Recent::new();
                 let mut work = work.into_iter().peekable();
+                // Small first batches get the writer going early; full batches then amortize
+                // each commit over many rows.
+                let mut size = (batch_items / 8).max(1);
                 while work.peek().is_some() {
-                    let batch: Vec<Work> = work.by_ref().take(batch_items).collect();
+                    let batch: Vec<Work> = work.by_ref().take(size).collect();
+                    size = (size * 2).min(batch_items);
                     let prepared = prep.prepare(batch, &mut recent);
                     let failed = prepared.is_err();
                     // A closed channel means the writer stopped on an error.
@@ -278,7 +284,6 @@ impl Engine {
         })?;
         progress.finish(Phase::Processing);
         progress.finish(Phase::Writing);
-
         self.store.memo_gc(flow)?;
         let mut summary = run.finish()?;
         summary.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -378,6 +383,19 @@ impl Engine {
             last_run,
         })
     }
+}
+
+/// Decodes a cached vector, checking its dimension.
+fn decode_memo(bytes: &[u8], dimension: usize) -> Result<Vec<f32>, EngineError> {
+    decode_vector(bytes)
+        .filter(|v| v.len() == dimension)
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "memo entry of {} bytes for dimension {dimension}",
+                bytes.len()
+            ))
+            .into()
+        })
 }
 
 /// Merge-joins the stored items with the listed files (both sorted by key, in byte order):
@@ -491,16 +509,19 @@ struct Prep<'a> {
 /// A batch after looking and embedding, ready for the diff and the write.
 struct Prepared {
     outcomes: Vec<Outcome>,
-    vectors: HashMap<Fingerprint, Vec<f32>>,
+    vectors: FpMap<Vec<f32>>,
     new_memo: Vec<(Fingerprint, Vec<u8>)>,
+    /// Vectors computed by earlier batches of this run, read from the cache at apply time.
+    deferred: Vec<Fingerprint>,
     reused: u64,
     embed_error: Option<String>,
     items: u64,
 }
 
-/// Embeddings computed by the last few batches: the writer may not have committed them to the
-/// memo cache yet, and a text computed once in a run is never computed again.
-type Recent = std::collections::VecDeque<HashMap<Fingerprint, Vec<f32>>>;
+/// Memo keys computed by the last few batches: the writer may not have committed them to the
+/// memo cache yet, and a text computed once in a run is never computed again. A later batch
+/// that needs one reads it from the cache when it is applied, after those batches committed.
+type Recent = std::collections::VecDeque<FpMap<()>>;
 
 /// Batches the preparer may run ahead of the writer's commits (channel slot + the one being
 /// written), plus one for margin.
@@ -672,35 +693,32 @@ impl Prep<'_> {
                 needed.extend(chunks.iter().map(|c| c.memo_key));
             }
         }
-        let mut vectors: HashMap<Fingerprint, Vec<f32>> = HashMap::with_capacity(needed.len());
+        let mut vectors: FpMap<Vec<f32>> =
+            FpMap::with_capacity_and_hasher(needed.len(), Default::default());
+        let mut deferred: FpMap<()> = FpMap::default();
         for k in &needed {
-            if let Some(v) = recent.iter().find_map(|m| m.get(k)) {
-                vectors.insert(*k, v.clone());
+            if recent.iter().any(|m| m.contains_key(k)) {
+                deferred.insert(*k, ());
             }
         }
         let lookup: Vec<Fingerprint> = needed
             .iter()
-            .filter(|k| !vectors.contains_key(k))
+            .filter(|k| !deferred.contains_key(k))
             .copied()
             .collect();
         for (k, bytes) in self.store.memo_get(self.flow, &lookup)? {
-            let v = decode_vector(&bytes)
-                .filter(|v| v.len() == self.embedder.dimension())
-                .ok_or_else(|| {
-                    freshindex_store::StoreError::Corrupt(format!(
-                        "memo entry of {} bytes",
-                        bytes.len()
-                    ))
-                })?;
-            vectors.insert(k, v);
+            vectors.insert(k, decode_memo(&bytes, self.embedder.dimension())?);
         }
         let mut missing: Vec<(Fingerprint, &str)> = Vec::new();
         {
-            let mut queued = std::collections::HashSet::new();
+            let mut queued: FpMap<()> = FpMap::default();
             for o in &outcomes {
                 if let Outcome::Indexed { chunks, .. } = o {
                     for c in chunks {
-                        if !vectors.contains_key(&c.memo_key) && queued.insert(c.memo_key) {
+                        if !vectors.contains_key(&c.memo_key)
+                            && !deferred.contains_key(&c.memo_key)
+                            && queued.insert(c.memo_key, ()).is_none()
+                        {
                             missing.push((c.memo_key, c.text.as_str()));
                         }
                     }
@@ -708,7 +726,8 @@ impl Prep<'_> {
             }
         }
         let mut new_memo: Vec<(Fingerprint, Vec<u8>)> = Vec::with_capacity(missing.len());
-        let mut computed: HashMap<Fingerprint, Vec<f32>> = HashMap::with_capacity(missing.len());
+        let mut computed: FpMap<()> =
+            FpMap::with_capacity_and_hasher(missing.len(), Default::default());
         let mut embed_error: Option<String> = None;
         for part in missing.chunks(self.spec.embed().batch_size) {
             let texts: Vec<&str> = part.iter().map(|(_, t)| *t).collect();
@@ -716,7 +735,7 @@ impl Prep<'_> {
                 Ok(vs) if vs.len() == texts.len() => {
                     for ((k, _), v) in part.iter().zip(vs) {
                         new_memo.push((*k, encode_vector(&v)));
-                        computed.insert(*k, v.clone());
+                        computed.insert(*k, ());
                         vectors.insert(*k, v);
                     }
                 }
@@ -739,6 +758,7 @@ impl Prep<'_> {
             outcomes,
             vectors,
             new_memo,
+            deferred: deferred.into_keys().collect(),
             reused,
             embed_error,
             items,
@@ -759,12 +779,17 @@ impl FlowRun<'_> {
     fn apply(&mut self, prepared: Prepared) -> Result<(), EngineError> {
         let Prepared {
             outcomes,
-            vectors,
+            mut vectors,
             new_memo,
+            deferred,
             reused,
             embed_error,
             items: _,
         } = prepared;
+        // Computed by a batch that has committed since this one was prepared.
+        for (k, bytes) in self.engine.store.memo_get(self.flow, &deferred)? {
+            vectors.insert(k, decode_memo(&bytes, self.collection.dimension())?);
+        }
         self.summary.embeddings.computed += new_memo.len() as u64;
         self.summary.embeddings.reused += reused;
 
@@ -782,6 +807,7 @@ impl FlowRun<'_> {
         let lineage = self.engine.store.lineage(self.flow, &keys)?;
         let empty = ItemLineage::default();
         let mut upserts: Vec<Row> = Vec::new();
+        let mut upsert_vectors: Vec<Option<Fingerprint>> = Vec::new();
         let mut deletes: Vec<String> = Vec::new();
         let mut pending: Vec<(String, Vec<String>)> = Vec::new();
         let mut changes: Vec<ItemChange> = Vec::with_capacity(outcomes.len());
@@ -843,7 +869,7 @@ impl FlowRun<'_> {
                     if let Some(w) = &record.message {
                         issues.push(Issue::warning(record.key.clone(), w.clone()));
                     }
-                    let rows = self.rows(&record.key, chunks, &vectors);
+                    let rows = self.rows(&record.key, chunks);
                     (record.key.clone(), Some(record), rows)
                 }
             };
@@ -872,6 +898,7 @@ impl FlowRun<'_> {
             for i in plan.upsert {
                 if let Some(row) = rows[i].take() {
                     upserts.push(row);
+                    upsert_vectors.push(tracked[i].memo_key);
                 }
             }
             changes.push(match record {
@@ -883,6 +910,24 @@ impl FlowRun<'_> {
             });
         }
         self.issues(&issues);
+        // Vectors go to the rows that are written: moved on their last use, copied before.
+        let mut uses: FpMap<u32> = FpMap::default();
+        for k in upsert_vectors.iter().flatten() {
+            *uses.entry(*k).or_insert(0) += 1;
+        }
+        for (row, k) in upserts.iter_mut().zip(&upsert_vectors) {
+            let Some(k) = k else { continue };
+            let last = uses.get_mut(k).is_some_and(|n| {
+                *n -= 1;
+                *n == 0
+            });
+            row.vector = if last {
+                vectors.remove(k)
+            } else {
+                vectors.get(k).cloned()
+            }
+            .unwrap_or_default();
+        }
 
         // Two-phase write: pending keys, then the target, then the commit.
         if !upserts.is_empty() || !deletes.is_empty() {
@@ -907,21 +952,13 @@ impl FlowRun<'_> {
     }
 
     /// Target rows of an indexed item, with their lineage records.
-    fn rows(
-        &self,
-        key: &str,
-        chunks: Vec<PreparedChunk>,
-        vectors: &HashMap<Fingerprint, Vec<f32>>,
-    ) -> Vec<(Row, TrackedRow)> {
-        let mut dups: HashMap<Fingerprint, u32> = HashMap::new();
+    fn rows(&self, key: &str, chunks: Vec<PreparedChunk>) -> Vec<(Row, TrackedRow)> {
+        let mut dups: FpMap<u32> = FpMap::default();
         let mut out = Vec::with_capacity(chunks.len());
         for c in chunks {
             let dup = dups.entry(c.text_fp).or_insert(0);
             let rk = row_key(key, &c.text_fp, *dup);
             *dup += 1;
-            let Some(vector) = vectors.get(&c.memo_key) else {
-                continue; // unreachable: callers check every chunk has a vector
-            };
             let fp = row_fp(
                 self.spec.target.collection(),
                 &rk,
@@ -933,7 +970,8 @@ impl FlowRun<'_> {
             out.push((
                 Row {
                     key: rk.clone(),
-                    vector: vector.clone(),
+                    // Filled in for the rows that are written (see `apply`).
+                    vector: Vec::new(),
                     payload: RowPayload {
                         source: key.to_string(),
                         range: c.range,

@@ -12,7 +12,7 @@ use crate::{
     BatchCommit, FlowId, FlowRecord, FlowStore, ItemChange, ItemLineage, ItemRecord, ItemStatus,
     ItemStore, LineageStore, MemoStore, Result, RunStore, StoreError, TrackedRow,
 };
-use freshindex_core::Fingerprint;
+use freshindex_core::{Fingerprint, FpMap};
 
 /// Schema version this build writes.
 const SCHEMA_VERSION: i64 = 1;
@@ -36,21 +36,25 @@ CREATE TABLE IF NOT EXISTS items (
   message TEXT,
   PRIMARY KEY (flow_id, key)
 ) WITHOUT ROWID;
+-- Lineage: the rows each item produced, one record per item (see `encode_rows`). One write per
+-- item instead of one per row; garbage collection scans these records instead of keeping an
+-- index of memo keys, which every row insert would pay for.
 CREATE TABLE IF NOT EXISTS tracked (
   flow_id INTEGER NOT NULL,
   item_key TEXT NOT NULL,
-  row_key TEXT NOT NULL,
-  row_fp BLOB NOT NULL,
-  memo_key BLOB,
-  PRIMARY KEY (flow_id, item_key, row_key)
+  n_rows INTEGER NOT NULL,
+  rows BLOB NOT NULL,
+  PRIMARY KEY (flow_id, item_key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tracked_memo ON tracked (flow_id, memo_key);
+-- One record per interrupted-write attempt of an item: its row keys as a JSON array. (One
+-- row per item instead of one per key: the initial index records a pending set per item.)
 CREATE TABLE IF NOT EXISTS pending (
+  id INTEGER PRIMARY KEY,
   flow_id INTEGER NOT NULL,
   item_key TEXT NOT NULL,
-  row_key TEXT NOT NULL,
-  PRIMARY KEY (flow_id, item_key, row_key)
-) WITHOUT ROWID;
+  row_keys TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_item ON pending (flow_id, item_key);
 CREATE TABLE IF NOT EXISTS memo (
   flow_id INTEGER NOT NULL,
   key BLOB NOT NULL,
@@ -75,6 +79,11 @@ CREATE INDEX IF NOT EXISTS runs_flow ON runs (flow_id, id);
 /// The embedded state store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// A second connection for lookups that may run beside a writer on another thread (memo
+    /// lookups, loading items): WAL lets it read the last committed state without waiting for
+    /// the writer's lock. `None` for in-memory stores, which cannot share data across
+    /// connections.
+    reader: Option<Mutex<Connection>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -96,12 +105,90 @@ fn fp_from(col: Option<Vec<u8>>) -> Result<Option<Fingerprint>> {
     }
 }
 
+/// Encodes an item's tracked rows: per row, the key length (u16 LE) and bytes, the 32-byte row
+/// fingerprint, a flag byte and, when the flag is 1, the 32-byte memo key.
+fn encode_rows(rows: &[TrackedRow]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * 100);
+    for r in rows {
+        let key = r.row_key.as_bytes();
+        let len = u16::try_from(key.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&key[..len as usize]);
+        out.extend_from_slice(&r.row_fp.0);
+        match &r.memo_key {
+            Some(m) => {
+                out.push(1);
+                out.extend_from_slice(&m.0);
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+/// Walks an encoded row list, handing each row's parts to `visit`.
+fn walk_rows(mut b: &[u8], mut visit: impl FnMut(&[u8], &[u8], Option<&[u8]>)) -> Result<()> {
+    let corrupt = || StoreError::Corrupt("tracked rows record is truncated".into());
+    while !b.is_empty() {
+        let len = u16::from_le_bytes([b[0], *b.get(1).ok_or_else(corrupt)?]) as usize;
+        let key = b.get(2..2 + len).ok_or_else(corrupt)?;
+        let fp = b.get(2 + len..34 + len).ok_or_else(corrupt)?;
+        let flag = *b.get(34 + len).ok_or_else(corrupt)?;
+        let (memo, used) = if flag == 1 {
+            (
+                Some(b.get(35 + len..67 + len).ok_or_else(corrupt)?),
+                67 + len,
+            )
+        } else {
+            (None, 35 + len)
+        };
+        visit(key, fp, memo);
+        b = &b[used..];
+    }
+    Ok(())
+}
+
+fn decode_rows(b: &[u8]) -> Result<Vec<TrackedRow>> {
+    let mut out = Vec::new();
+    let mut bad_key = false;
+    walk_rows(b, |key, fp, memo| match std::str::from_utf8(key) {
+        Ok(k) => out.push(TrackedRow {
+            row_key: k.to_string(),
+            row_fp: Fingerprint::from_slice(fp).unwrap_or(Fingerprint([0; 32])),
+            memo_key: memo.and_then(Fingerprint::from_slice),
+        }),
+        Err(_) => bad_key = true,
+    })?;
+    if bad_key {
+        return Err(StoreError::Corrupt("tracked row key is not UTF-8".into()));
+    }
+    Ok(out)
+}
+
+fn for_each_memo_key(b: &[u8], mut visit: impl FnMut(Fingerprint)) -> Result<()> {
+    walk_rows(b, |_, _, memo| {
+        if let Some(m) = memo.and_then(Fingerprint::from_slice) {
+            visit(m);
+        }
+    })
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and migrates its schema.
     pub fn open(path: &Path) -> Result<SqliteStore> {
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        let reader = Connection::open(path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(backend)?;
+        reader
+            .execute_batch("PRAGMA cache_size = -32768;")
+            .map_err(backend)?;
+        store.reader = Some(Mutex::new(reader));
+        Ok(store)
     }
 
     /// An in-memory store (tests).
@@ -157,6 +244,7 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            reader: None,
         })
     }
 
@@ -164,6 +252,14 @@ impl SqliteStore {
         // A poisoned lock means a panic mid-call; SQLite rolled back any open transaction when
         // the guard's statement was dropped, so the connection is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reading connection (the main one for in-memory stores).
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        match &self.reader {
+            Some(r) => r.lock().unwrap_or_else(|p| p.into_inner()),
+            None => self.conn(),
+        }
     }
 }
 
@@ -227,7 +323,7 @@ impl FlowStore for SqliteStore {
 
 impl ItemStore for SqliteStore {
     fn items(&self, flow: FlowId) -> Result<Vec<ItemRecord>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut pending = HashSet::new();
         {
             let mut stmt = conn
@@ -303,28 +399,33 @@ impl LineageStore for SqliteStore {
     fn lineage(&self, flow: FlowId, items: &[&str]) -> Result<HashMap<String, ItemLineage>> {
         let conn = self.conn();
         let mut tracked = conn
-            .prepare_cached(
-                "SELECT row_key, row_fp, memo_key FROM tracked WHERE flow_id = ?1 AND item_key = ?2",
-            )
+            .prepare_cached("SELECT rows FROM tracked WHERE flow_id = ?1 AND item_key = ?2")
             .map_err(backend)?;
         let mut pending = conn
-            .prepare_cached("SELECT row_key FROM pending WHERE flow_id = ?1 AND item_key = ?2")
+            .prepare_cached(
+                "SELECT row_keys FROM pending WHERE flow_id = ?1 AND item_key = ?2 ORDER BY id",
+            )
             .map_err(backend)?;
         let mut out = HashMap::with_capacity(items.len());
         for &item in items {
             let mut lin = ItemLineage::default();
-            let mut rows = tracked.query(params![flow.0, item]).map_err(backend)?;
-            while let Some(r) = rows.next().map_err(backend)? {
-                lin.tracked.push(TrackedRow {
-                    row_key: r.get(0).map_err(backend)?,
-                    row_fp: fp_from(Some(r.get(1).map_err(backend)?))?
-                        .ok_or_else(|| StoreError::Corrupt("row fingerprint".into()))?,
-                    memo_key: fp_from(r.get(2).map_err(backend)?)?,
-                });
+            let blob: Option<Vec<u8>> = tracked
+                .query_row(params![flow.0, item], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            if let Some(blob) = blob {
+                lin.tracked = decode_rows(&blob)?;
             }
             let mut rows = pending.query(params![flow.0, item]).map_err(backend)?;
             while let Some(r) = rows.next().map_err(backend)? {
-                lin.pending.push(r.get(0).map_err(backend)?);
+                let json: String = r.get(0).map_err(backend)?;
+                let keys: Vec<String> = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("pending keys of `{item}`: {e}")))?;
+                for k in keys {
+                    if !lin.pending.contains(&k) {
+                        lin.pending.push(k);
+                    }
+                }
             }
             out.insert(item.to_string(), lin);
         }
@@ -337,13 +438,13 @@ impl LineageStore for SqliteStore {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO pending (flow_id, item_key, row_key) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO pending (flow_id, item_key, row_keys) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(backend)?;
             for (item, keys) in pending {
-                for key in keys {
-                    ins.execute(params![flow.0, item, key]).map_err(backend)?;
-                }
+                let json = serde_json::to_string(keys)
+                    .map_err(|e| StoreError::Backend(format!("encoding pending keys: {e}")))?;
+                ins.execute(params![flow.0, item, json]).map_err(backend)?;
             }
         }
         tx.commit().map_err(backend)
@@ -353,12 +454,11 @@ impl LineageStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(backend)?;
         {
-            let mut old_memo = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO memo_gc (flow_id, key)
-                     SELECT flow_id, memo_key FROM tracked
-                     WHERE flow_id = ?1 AND item_key = ?2 AND +memo_key IS NOT NULL",
-                )
+            let mut old_rows = tx
+                .prepare_cached("SELECT rows FROM tracked WHERE flow_id = ?1 AND item_key = ?2")
+                .map_err(backend)?;
+            let mut gc_candidate = tx
+                .prepare_cached("INSERT OR IGNORE INTO memo_gc (flow_id, key) VALUES (?1, ?2)")
                 .map_err(backend)?;
             let mut del_tracked = tx
                 .prepare_cached("DELETE FROM tracked WHERE flow_id = ?1 AND item_key = ?2")
@@ -371,8 +471,7 @@ impl LineageStore for SqliteStore {
                 .map_err(backend)?;
             let mut ins_tracked = tx
                 .prepare_cached(
-                    "INSERT INTO tracked (flow_id, item_key, row_key, row_fp, memo_key)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO tracked (flow_id, item_key, n_rows, rows) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(backend)?;
             let mut up_item = tx
@@ -420,17 +519,26 @@ impl LineageStore for SqliteStore {
                     // The item's lineage is now exact: whatever was pending is resolved. (An
                     // item committed without rows keeps its pending keys for a later run.)
                     del_pending.execute(params![flow.0, key]).map_err(backend)?;
-                    old_memo.execute(params![flow.0, key]).map_err(backend)?;
-                    del_tracked.execute(params![flow.0, key]).map_err(backend)?;
-                    for row in rows {
+                    // Memo keys the old rows used may now be unused: candidates for the GC.
+                    let old: Option<Vec<u8>> = old_rows
+                        .query_row(params![flow.0, key], |r| r.get(0))
+                        .optional()
+                        .map_err(backend)?;
+                    if let Some(old) = old {
+                        for row in decode_rows(&old)? {
+                            if let Some(m) = row.memo_key
+                                && !rows.iter().any(|r| r.memo_key == Some(m))
+                            {
+                                gc_candidate
+                                    .execute(params![flow.0, &m.0[..]])
+                                    .map_err(backend)?;
+                            }
+                        }
+                        del_tracked.execute(params![flow.0, key]).map_err(backend)?;
+                    }
+                    if !rows.is_empty() {
                         ins_tracked
-                            .execute(params![
-                                flow.0,
-                                key,
-                                row.row_key,
-                                &row.row_fp.0[..],
-                                row.memo_key.as_ref().map(|f| &f.0[..]),
-                            ])
+                            .execute(params![flow.0, key, rows.len() as i64, encode_rows(rows)])
                             .map_err(backend)?;
                     }
                 }
@@ -442,7 +550,7 @@ impl LineageStore for SqliteStore {
     fn tracked_count(&self, flow: FlowId) -> Result<u64> {
         self.conn()
             .query_row(
-                "SELECT COUNT(*) FROM tracked WHERE flow_id = ?1",
+                "SELECT COALESCE(SUM(n_rows), 0) FROM tracked WHERE flow_id = ?1",
                 [flow.0],
                 |r| r.get::<_, i64>(0),
             )
@@ -457,7 +565,7 @@ impl MemoStore for SqliteStore {
         flow: FlowId,
         keys: &[Fingerprint],
     ) -> Result<HashMap<Fingerprint, Vec<u8>>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn
             .prepare_cached("SELECT value FROM memo WHERE flow_id = ?1 AND key = ?2")
             .map_err(backend)?;
@@ -490,18 +598,46 @@ impl MemoStore for SqliteStore {
             return Ok(0);
         }
         let tx = conn.transaction().map_err(backend)?;
-        let removed = tx
-            .execute(
-                "DELETE FROM memo WHERE flow_id = ?1 AND key IN (
-                   SELECT g.key FROM memo_gc g WHERE g.flow_id = ?1 AND NOT EXISTS (
-                     SELECT 1 FROM tracked t WHERE t.flow_id = ?1 AND t.memo_key = g.key))",
-                [flow.0],
-            )
-            .map_err(backend)?;
+        let mut unused: FpMap<()> = FpMap::default();
+        {
+            let mut stmt = tx
+                .prepare("SELECT key FROM memo_gc WHERE flow_id = ?1")
+                .map_err(backend)?;
+            let mut rows = stmt.query([flow.0]).map_err(backend)?;
+            while let Some(r) = rows.next().map_err(backend)? {
+                if let Some(k) = fp_from(Some(r.get(0).map_err(backend)?))? {
+                    unused.insert(k, ());
+                }
+            }
+            // One pass over the lineage drops every candidate a row still uses.
+            let mut stmt = tx
+                .prepare("SELECT rows FROM tracked WHERE flow_id = ?1")
+                .map_err(backend)?;
+            let mut rows = stmt.query([flow.0]).map_err(backend)?;
+            while let Some(r) = rows.next().map_err(backend)? {
+                let blob = r.get_ref(0).map_err(backend)?;
+                for_each_memo_key(
+                    blob.as_blob()
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    |k| {
+                        unused.remove(&k);
+                    },
+                )?;
+            }
+        }
+        let mut removed = 0;
+        {
+            let mut del = tx
+                .prepare("DELETE FROM memo WHERE flow_id = ?1 AND key = ?2")
+                .map_err(backend)?;
+            for k in unused.keys() {
+                removed += del.execute(params![flow.0, &k.0[..]]).map_err(backend)? as u64;
+            }
+        }
         tx.execute("DELETE FROM memo_gc WHERE flow_id = ?1", [flow.0])
             .map_err(backend)?;
         tx.commit().map_err(backend)?;
-        Ok(removed as u64)
+        Ok(removed)
     }
 
     fn memo_stats(&self, flow: FlowId) -> Result<(u64, u64)> {

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     Filter, Metric, Result, Row, RowPayload, SearchHit, VectorCollection, VectorError, cosine,
-    decode_vector, encode_vector,
+    decode_vector,
 };
 
 /// A durable collection with exact cosine search.
@@ -189,14 +189,19 @@ impl VectorCollection for SqliteCollection {
                      WHERE key = ?1",
                 )
                 .map_err(|e| self.err(e))?;
+            let mut buf = Vec::with_capacity(self.dimension * 4);
             for row in upserts {
+                buf.clear();
+                for x in &row.vector {
+                    buf.extend_from_slice(&x.to_le_bytes());
+                }
                 let values = params![
                     row.key,
                     row.payload.source,
                     row.payload.range[0] as i64,
                     row.payload.range[1] as i64,
                     row.payload.text,
-                    encode_vector(&row.vector),
+                    buf,
                 ];
                 if ins.execute(values).map_err(|e| self.err(e))? == 1 {
                     delta += 1;

@@ -174,3 +174,39 @@ fn rewriting_identical_content_computes_nothing() {
     }
     assert_eq!(ws.export(), before);
 }
+
+/// Many files sharing paragraphs span several processing batches (the first batches are
+/// small and the preparer runs ahead of the writer): a text shared across batches is still
+/// embedded exactly once, and a second run reuses everything.
+#[test]
+fn shared_chunks_across_batches_are_embedded_once() {
+    let ws = Workspace::new(FlowConfig::with_chunks(120, 0));
+    let mut rng = Rng::new(11);
+    let shared: Vec<String> = (0..5).map(|_| paragraph(&mut rng, 12)).collect();
+    for i in 0..700 {
+        let own = paragraph(&mut rng, 12);
+        let common = &shared[i % shared.len()];
+        ws.write(format!("d{}/f{i:04}.md", i % 7), format!("{own}\n\n{common}\n"));
+    }
+    let first = ws.index();
+    first.assert_clean();
+    let export = ws.export();
+    let rows = parse_export(&export);
+    let distinct = expected_computed(&[], &rows);
+    assert!(distinct < rows.len(), "the corpus shares chunks");
+    assert_eq!(
+        first.n("embeddings.computed") as usize,
+        distinct,
+        "each distinct chunk text embedded once: {}",
+        first.0
+    );
+    assert_eq!(
+        (first.n("embeddings.computed") + first.n("embeddings.reused")) as usize,
+        rows.len(),
+        "{}",
+        first.0
+    );
+    assert_eq!(export, ws.fresh_export());
+    let again = ws.index();
+    assert_eq!(again.n("embeddings.computed"), 0, "{}", again.0);
+}
