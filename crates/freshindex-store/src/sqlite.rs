@@ -61,6 +61,13 @@ CREATE TABLE IF NOT EXISTS memo (
   value BLOB NOT NULL,
   UNIQUE (flow_id, key)
 );
+-- Entry count and value bytes of each flow's memo cache, kept with every change so that status
+-- does not read the whole cache.
+CREATE TABLE IF NOT EXISTS memo_totals (
+  flow_id INTEGER PRIMARY KEY,
+  entries INTEGER NOT NULL,
+  bytes INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS memo_gc (
   flow_id INTEGER NOT NULL,
   key BLOB NOT NULL,
@@ -171,6 +178,25 @@ fn for_each_memo_key(b: &[u8], mut visit: impl FnMut(Fingerprint)) -> Result<()>
             visit(m);
         }
     })
+}
+
+fn add_memo_totals(
+    tx: &rusqlite::Transaction<'_>,
+    flow: FlowId,
+    entries: i64,
+    bytes: i64,
+) -> Result<()> {
+    if entries == 0 && bytes == 0 {
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO memo_totals (flow_id, entries, bytes) VALUES (?1, ?2, ?3)
+         ON CONFLICT (flow_id) DO UPDATE SET entries = entries + excluded.entries,
+           bytes = bytes + excluded.bytes",
+        params![flow.0, entries, bytes],
+    )
+    .map_err(backend)?;
+    Ok(())
 }
 
 impl SqliteStore {
@@ -486,11 +512,18 @@ impl LineageStore for SqliteStore {
                     "INSERT OR IGNORE INTO memo (flow_id, key, value) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(backend)?;
+            let (mut entries, mut bytes) = (0i64, 0i64);
             for (key, value) in &batch.memo {
-                ins_memo
+                if ins_memo
                     .execute(params![flow.0, &key.0[..], value])
-                    .map_err(backend)?;
+                    .map_err(backend)?
+                    == 1
+                {
+                    entries += 1;
+                    bytes += value.len() as i64;
+                }
             }
+            add_memo_totals(&tx, flow, entries, bytes)?;
             for change in &batch.items {
                 let key = change.key();
                 let new_rows = match change {
@@ -628,11 +661,20 @@ impl MemoStore for SqliteStore {
         let mut removed = 0;
         {
             let mut del = tx
-                .prepare("DELETE FROM memo WHERE flow_id = ?1 AND key = ?2")
+                .prepare("DELETE FROM memo WHERE flow_id = ?1 AND key = ?2 RETURNING length(value)")
                 .map_err(backend)?;
+            let mut bytes = 0i64;
             for k in unused.keys() {
-                removed += del.execute(params![flow.0, &k.0[..]]).map_err(backend)? as u64;
+                let len: Option<i64> = del
+                    .query_row(params![flow.0, &k.0[..]], |r| r.get(0))
+                    .optional()
+                    .map_err(backend)?;
+                if let Some(len) = len {
+                    removed += 1;
+                    bytes += len;
+                }
             }
+            add_memo_totals(&tx, flow, -(removed as i64), -bytes)?;
         }
         tx.execute("DELETE FROM memo_gc WHERE flow_id = ?1", [flow.0])
             .map_err(backend)?;
@@ -643,10 +685,12 @@ impl MemoStore for SqliteStore {
     fn memo_stats(&self, flow: FlowId) -> Result<(u64, u64)> {
         self.conn()
             .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM memo WHERE flow_id = ?1",
+                "SELECT entries, bytes FROM memo_totals WHERE flow_id = ?1",
                 [flow.0],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )
+            .optional()
+            .map(Option::unwrap_or_default)
             .map_err(backend)
     }
 }

@@ -201,6 +201,8 @@ fn memo_gc(s: &dyn StateStore) {
     // Entries stay until the end-of-run GC (a rename later in the run may still use them).
     assert_eq!(s.memo_stats(f).expect("stats").0, 2);
     assert_eq!(s.memo_gc(f).expect("gc"), 1);
+    assert_eq!(s.memo_stats(f).expect("stats after gc"), (1, 8));
+    assert_eq!(s.memo_stats(g).expect("other flow's stats"), (1, 4));
     let got = s.memo_get(f, &[fp(1), fp(2)]).expect("get");
     assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![fp(2)]);
     assert_eq!(s.memo_gc(f).expect("gc again"), 0);

@@ -111,11 +111,18 @@ impl SqliteCollection {
             (None, None) => return Err(VectorError::NotFound(name.into())),
         };
         // Files written before the row count was kept get it once.
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) SELECT 'rows', COUNT(*) FROM rows",
-            [],
-        )
-        .map_err(|e| err(e.to_string()))?;
+        let counted: bool = conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'rows')", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| err(e.to_string()))?;
+        if !counted {
+            conn.execute(
+                "INSERT INTO meta (key, value) SELECT 'rows', COUNT(*) FROM rows",
+                [],
+            )
+            .map_err(|e| err(e.to_string()))?;
+        }
         Ok(SqliteCollection {
             name: name.into(),
             dimension,

@@ -186,7 +186,10 @@ fn shared_chunks_across_batches_are_embedded_once() {
     for i in 0..700 {
         let own = paragraph(&mut rng, 12);
         let common = &shared[i % shared.len()];
-        ws.write(format!("d{}/f{i:04}.md", i % 7), format!("{own}\n\n{common}\n"));
+        ws.write(
+            format!("d{}/f{i:04}.md", i % 7),
+            format!("{own}\n\n{common}\n"),
+        );
     }
     let first = ws.index();
     first.assert_clean();
