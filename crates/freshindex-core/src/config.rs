@@ -246,7 +246,7 @@ mod tests {
         )
         .expect("minimal config");
         let f = &c.flows[0];
-        assert_eq!(f.steps.len(), 3);
+        assert_eq!(f.steps().len(), 3);
         assert_eq!(f.target.collection(), "a");
         assert_eq!(f.split().chunk_overlap, 200);
         assert_eq!(f.embed().model, "builtin");

@@ -54,8 +54,9 @@ pub struct FlowSpec {
     pub name: String,
     /// Where items come from.
     pub source: SourceSpec,
-    /// What turns an item into rows.
-    pub steps: Vec<StepSpec>,
+    /// What turns an item into rows: parse, split, embed, in that order (checked when the spec
+    /// is built, which is why the field is private; read it with [`FlowSpec::steps`]).
+    steps: Vec<StepSpec>,
     /// Where rows go.
     pub target: TargetSpec,
     /// A run fails when more items than this fail; -1 means no limit.
@@ -72,6 +73,11 @@ impl FlowSpec {
             target: None,
             max_failed_items: -1,
         })
+    }
+
+    /// The steps, in order.
+    pub fn steps(&self) -> &[StepSpec] {
+        &self.steps
     }
 
     /// The parse step.

@@ -112,9 +112,11 @@ impl SqliteCollection {
         };
         // Files written before the row count was kept get it once.
         let counted: bool = conn
-            .query_row("SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'rows')", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'rows')",
+                [],
+                |r| r.get(0),
+            )
             .map_err(|e| err(e.to_string()))?;
         if !counted {
             conn.execute(

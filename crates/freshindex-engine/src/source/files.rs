@@ -38,13 +38,6 @@ pub struct Scan {
     pub unlisted: Vec<String>,
 }
 
-impl Scan {
-    /// Whether `key` lies under a folder the scan could not list.
-    pub fn is_unlisted(&self, key: &str) -> bool {
-        self.unlisted.iter().any(|p| key.starts_with(p.as_str()))
-    }
-}
-
 /// Modification time in ns since the epoch.
 pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
