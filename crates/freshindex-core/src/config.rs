@@ -130,6 +130,20 @@ impl Config {
                     format!("name: flow `{}` is defined twice", flow.name),
                 ));
             }
+            if let Some(other) = flows
+                .iter()
+                .find(|f| f.target.collection() == flow.target.collection())
+            {
+                return Err(err(
+                    Some(pos),
+                    format!(
+                        "target: flow `{}` writes to collection `{}`, already the target of flow `{}`; give each flow its own collection",
+                        flow.name,
+                        flow.target.collection(),
+                        other.name
+                    ),
+                ));
+            }
             flows.push(flow);
         }
         Ok(Config { flows })
@@ -280,5 +294,9 @@ mod tests {
         let e = Config::parse(text, None).expect_err("duplicate");
         assert!(e.message.contains("defined twice"), "{e}");
         assert_eq!(e.position.map(|p| p.0), Some(4), "{e}");
+        let text = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\" }\ntarget = { type = \"collection\", name = \"c\" }\n[[flow]]\nname = \"b\"\nsource = { type = \"files\", path = \"y\" }\ntarget = { type = \"collection\", name = \"c\" }\n";
+        let e = Config::parse(text, None).expect_err("shared collection");
+        assert!(e.message.contains("collection `c`"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(5), "{e}");
     }
 }

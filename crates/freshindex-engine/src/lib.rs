@@ -37,6 +37,9 @@ pub enum EngineError {
     /// No such flow in the state.
     #[error("{0}")]
     NotFound(String),
+    /// Another run holds the data directory.
+    #[error("{0}")]
+    Busy(String),
     /// A bug: a worker thread panicked.
     #[error("internal error: {0}")]
     Internal(String),
@@ -46,7 +49,10 @@ impl EngineError {
     /// Whether the user can fix it (config, paths) rather than the system (storage).
     pub fn is_user_error(&self) -> bool {
         match self {
-            EngineError::Config(_) | EngineError::Source(_) | EngineError::NotFound(_) => true,
+            EngineError::Config(_)
+            | EngineError::Source(_)
+            | EngineError::NotFound(_)
+            | EngineError::Busy(_) => true,
             EngineError::Store(_) | EngineError::Target(_) | EngineError::Internal(_) => false,
         }
     }

@@ -81,6 +81,8 @@ pub struct Engine {
     store: Arc<dyn StateStore>,
     collections: Collections,
     skip_dirs: Vec<(u64, u64)>,
+    /// Held (flock) for the whole of a run: one run at a time per data directory.
+    lock_path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -123,6 +125,7 @@ impl Engine {
             store: Arc::new(store),
             collections: Collections::new(&dir.join("collections")),
             skip_dirs: vec![(meta.dev(), meta.ino())],
+            lock_path: Some(dir.join("run.lock")),
         })
     }
 
@@ -132,6 +135,7 @@ impl Engine {
             store,
             collections: Collections::new(&collections_dir),
             skip_dirs: Vec::new(),
+            lock_path: None,
         }
     }
 
@@ -167,14 +171,35 @@ impl Engine {
     /// Runs a flow once: brings its target in line with its source.
     pub fn run(&self, spec: &FlowSpec, opts: &RunOptions<'_>) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
-        let spec_json = serde_json::to_string(spec)
-            .map_err(|e| EngineError::Config(format!("flow `{}`: {e}", spec.name)))?;
+        let spec_json = serde_json::to_string(spec).map_err(|e| {
+            EngineError::Config(format!(
+                "flow `{}`: cannot store its spec (source path {}): {e}",
+                spec.name,
+                spec.files().path.display()
+            ))
+        })?;
         let embedder = embedder_for(spec.embed()).map_err(EngineError::Config)?;
         let splitter = Splitter::new(spec.split()).map_err(EngineError::Config)?;
+        let _lock = self.lock()?;
+        let stored = self.stored_flows()?;
+        if let Some(other) = stored
+            .iter()
+            .find(|f| f.name != spec.name && f.target.collection() == spec.target.collection())
+        {
+            return Err(EngineError::Config(format!(
+                "flow `{}`: collection `{}` is already the target of flow `{}` in this data directory; give each flow its own collection",
+                spec.name,
+                spec.target.collection(),
+                other.name
+            )));
+        }
+        if let Some(before) = stored.iter().find(|f| f.name == spec.name)
+            && before.target.collection() != spec.target.collection()
+            && let Some(rec) = self.store.flow(&spec.name)?
+        {
+            self.leave_target(rec.id, before.target.collection())?;
+        }
         let flow = self.store.register_flow(&spec.name, &spec_json)?;
-        let collection = self
-            .collections
-            .open_or_create(spec.target.collection(), embedder.dimension())?;
 
         let progress = opts.progress;
         progress.start(Phase::Scanning, None);
@@ -192,6 +217,9 @@ impl Engine {
         progress.inc(Phase::Scanning, scan.files.len() as u64);
         progress.finish(Phase::Scanning);
         failpoint::hit("scan-done");
+        let collection = self
+            .collections
+            .open_or_create(spec.target.collection(), embedder.dimension())?;
 
         let prep = Prep {
             store: self.store.as_ref(),
@@ -297,6 +325,72 @@ impl Engine {
         Ok(summary)
     }
 
+    /// Takes the data directory's run lock, or says who holds it.
+    fn lock(&self) -> Result<Option<std::fs::File>, EngineError> {
+        let Some(path) = &self.lock_path else {
+            return Ok(None);
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| EngineError::Config(format!("lock file {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(EngineError::Busy(format!(
+                "another freshindex run is using this data directory (lock {}); wait for it to finish",
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(EngineError::Config(format!(
+                "lock file {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// The flow's target changed: deletes every row it tracked (and any pending key) from
+    /// the old collection and forgets its items, so that the run rebuilds the new target from
+    /// scratch while the memo cache keeps every embedding. Crash-safe: the lineage is
+    /// forgotten only after its rows are deleted, and the old target stays the registered one
+    /// until this completes, so an interrupted switch is redone.
+    fn leave_target(&self, flow: FlowId, old: &str) -> Result<(), EngineError> {
+        let old = match self.collections.open(old) {
+            Ok(c) => Some(c),
+            Err(freshindex_vector::VectorError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let items = self.store.items(flow)?;
+        for part in items.chunks(1024) {
+            let keys: Vec<&str> = part.iter().map(|i| i.key.as_str()).collect();
+            let lineage = self.store.lineage(flow, &keys)?;
+            if let Some(old) = &old {
+                let deletes: Vec<String> = lineage
+                    .values()
+                    .flat_map(|l| {
+                        l.tracked
+                            .iter()
+                            .map(|r| r.row_key.clone())
+                            .chain(l.pending.iter().cloned())
+                    })
+                    .collect();
+                old.delete(&deletes)?;
+            }
+            self.store.commit(
+                flow,
+                BatchCommit {
+                    items: keys
+                        .iter()
+                        .map(|k| ItemChange::Delete { key: k.to_string() })
+                        .collect(),
+                    memo: Vec::new(),
+                    gc_candidates: Vec::new(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     fn collection_of(&self, spec: &FlowSpec) -> Result<SqliteCollection, EngineError> {
         Ok(self.collections.open(spec.target.collection())?)
     }
@@ -398,6 +492,13 @@ fn decode_memo(bytes: &[u8], dimension: usize) -> Result<Vec<f32>, EngineError> 
         })
 }
 
+/// Whether a stored item lies where the scan could not look (see `Scan::unlisted`).
+fn is_unlisted(unlisted: &[String], key: &str) -> bool {
+    unlisted
+        .iter()
+        .any(|u| key == u || (u.ends_with('/') && key.starts_with(u.as_str())))
+}
+
 /// Merge-joins the stored items with the listed files (both sorted by key, in byte order):
 /// returns the work — deletions first, then files to look at — and the number of files left
 /// alone because their size and mtime are the stored ones.
@@ -414,7 +515,7 @@ fn classify(
     for file in files {
         // Stored items before this file's key were not listed: deleted.
         while let Some(p) = prior.next_if(|p| p.key < file.key) {
-            if !unlisted.iter().any(|u| p.key.starts_with(u.as_str())) {
+            if !is_unlisted(unlisted, &p.key) {
                 gone.push(Work::Gone {
                     key: p.key.clone(),
                     prior: Some(p),
@@ -437,7 +538,7 @@ fn classify(
         }
     }
     for p in prior {
-        if !unlisted.iter().any(|u| p.key.starts_with(u.as_str())) {
+        if !is_unlisted(unlisted, &p.key) {
             gone.push(Work::Gone {
                 key: p.key.clone(),
                 prior: Some(p),
@@ -576,14 +677,17 @@ impl Prep<'_> {
         };
         let max = self.spec.files().max_file_size;
         let key = file.key.as_str();
-        if !file.regular {
+        let not_regular = || {
             let w = "not a regular file (FIFO, socket or device); skipped".to_string();
             let mut r = self.record(key, ItemStatus::Skipped, file.size, file.mtime_ns);
             r.message = Some(w.clone());
-            return Outcome::Skipped {
+            Outcome::Skipped {
                 record: r,
                 warning: w,
-            };
+            }
+        };
+        if !file.regular {
+            return not_regular();
         }
         let too_large = |size: u64| {
             let w = format!(
@@ -604,6 +708,7 @@ impl Prep<'_> {
         let read = match files::read(&file, max.0) {
             Ok(r) => r,
             Err(ReadError::TooLarge(size)) => return too_large(size),
+            Err(ReadError::NotRegular) => return not_regular(),
             Err(ReadError::Vanished(e)) => {
                 return Outcome::Gone {
                     key: file.key.clone(),
@@ -943,6 +1048,12 @@ impl FlowRun<'_> {
                 self.flow,
                 BatchCommit {
                     items: changes,
+                    // After a partial embedding failure some new entries may serve no row.
+                    gc_candidates: if embed_error.is_some() {
+                        new_memo.iter().map(|(k, _)| *k).collect()
+                    } else {
+                        Vec::new()
+                    },
                     memo: new_memo,
                 },
             )?;

@@ -524,6 +524,11 @@ impl LineageStore for SqliteStore {
                 }
             }
             add_memo_totals(&tx, flow, entries, bytes)?;
+            for k in &batch.gc_candidates {
+                gc_candidate
+                    .execute(params![flow.0, &k.0[..]])
+                    .map_err(backend)?;
+            }
             for change in &batch.items {
                 let key = change.key();
                 let new_rows = match change {

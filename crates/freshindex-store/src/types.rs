@@ -97,4 +97,7 @@ pub struct BatchCommit {
     pub items: Vec<ItemChange>,
     /// New memo-cache entries.
     pub memo: Vec<(Fingerprint, Vec<u8>)>,
+    /// Memo keys to check at the next garbage collection besides those of removed rows (new
+    /// entries whose items failed after all, so that no row may use them).
+    pub gc_candidates: Vec<Fingerprint>,
 }

@@ -59,6 +59,7 @@ fn flows_and_items(s: &dyn StateStore) {
                 },
             ],
             memo: vec![],
+            gc_candidates: vec![],
         },
     )
     .expect("commit");
@@ -85,6 +86,7 @@ fn two_phase(s: &dyn StateStore) {
                 rows: Some(vec![row("r1", 1), row("r2", 2)]),
             }],
             memo: vec![],
+            gc_candidates: vec![],
         },
     )
     .expect("commit");
@@ -123,6 +125,7 @@ fn two_phase(s: &dyn StateStore) {
                 ItemChange::Delete { key: "new".into() },
             ],
             memo: vec![],
+            gc_candidates: vec![],
         },
     )
     .expect("commit 2");
@@ -147,6 +150,7 @@ fn two_phase(s: &dyn StateStore) {
                 rows: None,
             }],
             memo: vec![],
+            gc_candidates: vec![],
         },
     )
     .expect("commit 3");
@@ -174,6 +178,7 @@ fn memo_gc(s: &dyn StateStore) {
                 },
             ],
             memo: vec![(fp(1), vec![1; 8]), (fp(2), vec![2; 8])],
+            gc_candidates: vec![],
         },
     )
     .expect("commit");
@@ -182,6 +187,7 @@ fn memo_gc(s: &dyn StateStore) {
         BatchCommit {
             items: vec![],
             memo: vec![(fp(1), vec![9; 4])],
+            gc_candidates: vec![],
         },
     )
     .expect("other flow");
@@ -195,6 +201,7 @@ fn memo_gc(s: &dyn StateStore) {
         BatchCommit {
             items: vec![ItemChange::Delete { key: "a".into() }],
             memo: vec![],
+            gc_candidates: vec![],
         },
     )
     .expect("delete a");
@@ -206,6 +213,18 @@ fn memo_gc(s: &dyn StateStore) {
     let got = s.memo_get(f, &[fp(1), fp(2)]).expect("get");
     assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![fp(2)]);
     assert_eq!(s.memo_gc(f).expect("gc again"), 0);
+    // An entry committed as a candidate (its item failed after all) goes at the next GC.
+    s.commit(
+        f,
+        BatchCommit {
+            items: vec![],
+            memo: vec![(fp(7), vec![7; 8])],
+            gc_candidates: vec![fp(7)],
+        },
+    )
+    .expect("orphan entry");
+    assert_eq!(s.memo_gc(f).expect("gc orphan"), 1);
+    assert!(s.memo_get(f, &[fp(7)]).expect("get").is_empty());
     // Another flow's cache is its own.
     assert_eq!(
         s.memo_get(g, &[fp(1)]).expect("get other")[&fp(1)],

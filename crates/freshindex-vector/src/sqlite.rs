@@ -241,7 +241,8 @@ impl VectorCollection for SqliteCollection {
             return Ok(Vec::new());
         }
         let conn = self.conn();
-        let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(k + 1);
+        // `k` comes from users: never let it size an allocation beyond what can be returned.
+        let mut heap: BinaryHeap<Scored> = BinaryHeap::with_capacity(k.min(1024) + 1);
         {
             let (sql, prefix) = match filter.and_then(|f| f.source_prefix.as_deref()) {
                 Some(p) => (

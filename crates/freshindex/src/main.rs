@@ -137,31 +137,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Index { path, flow, json } => {
             let flows = flows_to_run(cli.config.as_deref(), path.as_deref(), flow.as_deref())?;
             let engine = open_engine(&cli.data_dir)?;
-            let mut summaries = Vec::new();
+            // Every flow gets its run: one that cannot run is reported and the others go on.
+            let mut results: Vec<serde_json::Value> = Vec::new();
+            let (mut could_not_run, mut too_many_failures) = (false, false);
             for spec in &flows {
                 let progress = progress::for_terminal(&spec.name, std::io::stderr().is_terminal());
                 let opts = RunOptions {
                     progress: progress.as_ref(),
                     ..RunOptions::default()
                 };
-                let summary = engine
-                    .run(spec, &opts)
-                    .with_context(|| format!("flow `{}`", spec.name))?;
+                let outcome = engine.run(spec, &opts);
                 drop(progress);
-                if !json {
-                    print_summary(&summary);
+                match outcome {
+                    Ok(summary) => {
+                        if !json {
+                            print_summary(&summary);
+                        }
+                        too_many_failures |= summary.status == RunStatus::Failed;
+                        results.push(serde_json::to_value(&summary)?);
+                    }
+                    Err(e) if flows.len() == 1 => {
+                        return Err(anyhow!(e).context(format!("flow `{}`", spec.name)));
+                    }
+                    Err(e) => {
+                        could_not_run = true;
+                        let message = e.to_string().replace('\n', " ");
+                        eprintln!("freshindex: error: flow `{}`: {message}", spec.name);
+                        results.push(serde_json::json!({
+                            "flow": spec.name,
+                            "status": "error",
+                            "error": message,
+                        }));
+                    }
                 }
-                summaries.push(summary);
             }
             if json {
-                let out = if summaries.len() == 1 {
-                    serde_json::to_string(&summaries[0])?
+                let out = if results.len() == 1 {
+                    serde_json::to_string(&results[0])?
                 } else {
-                    serde_json::to_string(&summaries)?
+                    serde_json::to_string(&results)?
                 };
                 println!("{out}");
             }
-            if summaries.iter().any(|s| s.status == RunStatus::Failed) {
+            if could_not_run {
+                return Ok(ExitCode::FAILURE);
+            }
+            if too_many_failures {
                 eprintln!("freshindex: error: failed items exceed max_failed_items");
                 return Ok(ExitCode::from(EXIT_TOO_MANY_FAILURES));
             }

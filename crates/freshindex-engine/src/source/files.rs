@@ -1,7 +1,7 @@
 //! The files source: a full scan of a folder (walk + stat), and reading one file.
 
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -33,8 +33,8 @@ pub struct Scan {
     pub files: Vec<ScannedFile>,
     /// Warnings and errors about particular paths.
     pub issues: Vec<Issue>,
-    /// Key prefixes (`dir/`) of folders that could not be listed: items under them are neither
-    /// seen nor known to be deleted.
+    /// Keys of entries that could not be stat-ed and prefixes (`dir/`) of folders that could
+    /// not be listed: items there are neither seen nor known to be deleted.
     pub unlisted: Vec<String>,
 }
 
@@ -67,20 +67,40 @@ pub fn path_key(rel: &Path) -> (String, bool) {
             key.push('/');
         }
         let bytes = comp.as_os_str().as_bytes();
-        match std::str::from_utf8(bytes) {
-            Ok(s) => key.push_str(s),
-            Err(_) => {
-                valid = false;
-                for chunk in bytes.utf8_chunks() {
-                    key.push_str(chunk.valid());
-                    for b in chunk.invalid() {
-                        key.push_str(&format!("\\x{b:02X}"));
+        for chunk in bytes.utf8_chunks() {
+            // A literal backslash is escaped too, so that no two names share a key.
+            for part in chunk.valid().split_inclusive('\\') {
+                match part.strip_suffix('\\') {
+                    Some(head) => {
+                        key.push_str(head);
+                        key.push_str("\\x5C");
                     }
+                    None => key.push_str(part),
                 }
+            }
+            for b in chunk.invalid() {
+                valid = false;
+                key.push_str(&format!("\\x{b:02X}"));
             }
         }
     }
     (key, valid)
+}
+
+/// A `stat` of a listed entry failed. Only "not found" means the entry is gone; any other
+/// error (permissions, I/O) leaves its items as they are, neither seen nor deleted.
+fn stat_failed(out: &mut Scan, key: String, e: std::io::Error) {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        out.issues.push(Issue::warning(
+            key,
+            format!("vanished during the scan: {e}"),
+        ));
+    } else {
+        out.unlisted.push(format!("{key}/"));
+        out.unlisted.push(key.clone());
+        out.issues
+            .push(Issue::error(key, format!("cannot stat: {e}")));
+    }
 }
 
 /// A folder still to list during a scan.
@@ -162,10 +182,7 @@ pub fn scan(src: &FilesSource, skip_dirs: &[(u64, u64)]) -> Result<Scan, EngineE
             let file_type = match entry.file_type() {
                 Ok(t) => t,
                 Err(e) => {
-                    out.issues.push(Issue::warning(
-                        key,
-                        format!("vanished during the scan: {e}"),
-                    ));
+                    stat_failed(&mut out, key, e);
                     continue;
                 }
             };
@@ -182,13 +199,17 @@ pub fn scan(src: &FilesSource, skip_dirs: &[(u64, u64)]) -> Result<Scan, EngineE
                         meta = Some(m);
                         d
                     }
-                    Err(e) => {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         if include.is_match(&key) {
                             out.issues.push(Issue::warning(
                                 key,
                                 format!("cannot follow symlink (broken link?): {e}"),
                             ));
                         }
+                        continue;
+                    }
+                    Err(e) => {
+                        stat_failed(&mut out, key, e);
                         continue;
                     }
                 }
@@ -205,10 +226,7 @@ pub fn scan(src: &FilesSource, skip_dirs: &[(u64, u64)]) -> Result<Scan, EngineE
                     None => match std::fs::metadata(&path) {
                         Ok(m) => m,
                         Err(e) => {
-                            out.issues.push(Issue::warning(
-                                key,
-                                format!("vanished during the scan: {e}"),
-                            ));
+                            stat_failed(&mut out, key, e);
                             continue;
                         }
                     },
@@ -245,11 +263,7 @@ pub fn scan(src: &FilesSource, skip_dirs: &[(u64, u64)]) -> Result<Scan, EngineE
                 None => match entry.metadata() {
                     Ok(m) => m,
                     Err(e) => {
-                        // Listed, then gone before the stat: not part of this scan.
-                        out.issues.push(Issue::warning(
-                            key,
-                            format!("vanished during the scan: {e}"),
-                        ));
+                        stat_failed(&mut out, key, e);
                         continue;
                     }
                 },
@@ -301,6 +315,8 @@ pub enum ReadError {
     Vanished(std::io::Error),
     /// Larger than the cap (checked on the open handle, the listing may be stale).
     TooLarge(u64),
+    /// Not a regular file any more (replaced by a FIFO, socket or device after the listing).
+    NotRegular,
     /// Any other I/O error.
     Io(std::io::Error),
 }
@@ -315,13 +331,29 @@ pub fn read(file: &ScannedFile, max_size: u64) -> Result<ReadFile, ReadError> {
             ReadError::Io(e)
         }
     };
-    let mut f = std::fs::File::open(&file.path).map_err(map)?;
+    // Non-blocking, so that a FIFO swapped in after the listing cannot hang the run; the type
+    // is checked on the open handle.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&file.path)
+        .map_err(map)?;
     let before = f.metadata().map_err(map)?;
+    if !before.is_file() {
+        return Err(ReadError::NotRegular);
+    }
     if before.len() > max_size {
         return Err(ReadError::TooLarge(before.len()));
     }
     let mut bytes = Vec::with_capacity(before.len() as usize);
-    f.read_to_end(&mut bytes).map_err(map)?;
+    // A file growing while it is read stops at the cap.
+    (&mut f)
+        .take(max_size.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(map)?;
+    if bytes.len() as u64 > max_size {
+        return Err(ReadError::TooLarge(bytes.len() as u64));
+    }
     let after = f.metadata().map_err(map)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -349,5 +381,14 @@ mod tests {
         let p = Path::new(OsStr::from_bytes(b"dir/bad\xffname.md"));
         assert_eq!(path_key(p), ("dir/bad\\xFFname.md".to_string(), false));
         assert_eq!(path_key(Path::new("a/b.md")), ("a/b.md".to_string(), true));
+        // A name that spells an escape literally does not collide with the escaped byte.
+        assert_eq!(
+            path_key(Path::new("a\\xFF.md")),
+            ("a\\x5CxFF.md".to_string(), true)
+        );
+        assert_ne!(
+            path_key(Path::new("a\\xFF.md")).0,
+            path_key(Path::new(OsStr::from_bytes(b"a\xff.md"))).0
+        );
     }
 }

@@ -19,5 +19,7 @@ pub fn processing_fingerprint(spec: &FlowSpec) -> Fingerprint {
         .str(&spec.embed().identity())
         .u64(embed::behavior_version(&spec.embed().model))
         .str(spec.target.collection())
+        // The size cap decides whether a file is indexed at all.
+        .u64(spec.files().max_file_size.0)
         .finish()
 }
