@@ -457,7 +457,9 @@ impl Engine {
             .collect();
         let rows = match self.collection_of(&spec) {
             Ok(c) => c.count()?,
-            Err(_) => 0,
+            // Nothing was ever written (an empty source).
+            Err(EngineError::Target(freshindex_vector::VectorError::NotFound(_))) => 0,
+            Err(e) => return Err(e),
         };
         let (cache_entries, cache_bytes) = self.store.memo_stats(id)?;
         let last_run = match self.store.last_run(id)? {

@@ -187,6 +187,64 @@ fn unreadable_file_is_a_failed_item_with_the_os_error() {
     assert!(!srcs.contains("secret.md"));
 }
 
+/// A folder that becomes unreadable keeps its items: the run cannot tell whether its files
+/// still exist, so it reports the folder and deletes nothing under it.
+#[test]
+fn unreadable_folder_keeps_its_items() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    ws.write("locked/inner.md", "# Inner\n\nIndexed while readable.\n");
+    ws.write(
+        "locked/deeper/more.md",
+        "# More\n\nAlso indexed while readable.\n",
+    );
+    let program = if common::is_root() {
+        let copy = ws.root().join("freshindex-bin");
+        fs::copy(common::BIN, &copy).expect("copy binary");
+        make_world_accessible(ws.root());
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod binary");
+        Some(copy)
+    } else {
+        None
+    };
+    let fi = |args: &[&str]| {
+        let mut fi = match &program {
+            Some(p) => Fi::with_program(p, ws.root()).run_as_user(NOBODY, NOBODY),
+            None => Fi::new(ws.root()),
+        };
+        fi = fi
+            .arg("--config")
+            .arg(ws.config_path())
+            .arg("--data-dir")
+            .arg(ws.data());
+        fi.args(args).run().ok()
+    };
+    let first = fi(&["index", "--json"]).summary();
+    assert_eq!(first.n("items.new"), GOOD.len() as u64 + 2, "{}", first.0);
+    let before = fi(&["export", "--flow", "docs"]).stdout;
+
+    // Listable but not enterable (r--), then not even listable (---).
+    for mode in [0o644, 0o000] {
+        fs::set_permissions(ws.src().join("locked"), fs::Permissions::from_mode(mode))
+            .expect("chmod locked");
+        let s = fi(&["index", "--json"]).summary();
+        assert_eq!(s.n("items.deleted"), 0, "mode {mode:o}: {}", s.0);
+        assert!(
+            s.0["errors"].as_array().is_some_and(|e| e
+                .iter()
+                .any(|e| e["item"].as_str().is_some_and(|i| i.starts_with("locked")))),
+            "mode {mode:o}: the folder is reported: {}",
+            s.0
+        );
+        assert_eq!(
+            fi(&["export", "--flow", "docs"]).stdout,
+            before,
+            "mode {mode:o}"
+        );
+    }
+    fs::set_permissions(ws.src().join("locked"), fs::Permissions::from_mode(0o777))
+        .expect("chmod back");
+}
+
 /// Runs `index --json` paused at the `scan-done` failpoint, applies `mutate`
 /// while the process waits, then lets it finish.
 fn index_with_mutation_after_scan(ws: &Workspace, mutate: impl FnOnce()) -> Summary {
