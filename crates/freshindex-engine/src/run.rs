@@ -232,6 +232,7 @@ impl Engine {
                 .finish(),
             embedder,
             splitter,
+            cache_was_empty: self.store.memo_stats(flow)?.0 == 0,
         };
         let mut run = FlowRun {
             engine: self,
@@ -273,7 +274,10 @@ impl Engine {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Prepared, EngineError>>(1);
             let prep = &prep;
             let preparer = scope.spawn(move || {
-                let mut recent = Recent::new();
+                let mut recent = Recent {
+                    all: prep.cache_was_empty.then(FpMap::default),
+                    ..Recent::default()
+                };
                 let mut work = work.into_iter().peekable();
                 // Small first batches get the writer going early; full batches then amortize
                 // each commit over many rows.
@@ -607,6 +611,9 @@ struct Prep<'a> {
     embed_fp: Fingerprint,
     embedder: Box<dyn Embedder>,
     splitter: Splitter,
+    /// The memo cache held nothing when the run started (a first index): only keys this run
+    /// computed can be in it, so no other lookup is made (see `Recent::all`).
+    cache_was_empty: bool,
 }
 
 /// A batch after looking and embedding, ready for the diff and the write.
@@ -621,10 +628,17 @@ struct Prepared {
     items: u64,
 }
 
-/// Memo keys computed by the last few batches: the writer may not have committed them to the
-/// memo cache yet, and a text computed once in a run is never computed again. A later batch
-/// that needs one reads it from the cache when it is applied, after those batches committed.
-type Recent = std::collections::VecDeque<FpMap<()>>;
+/// Memo keys this run computed. The writer may not have committed those of the last few
+/// batches yet, and a text computed once in a run is never computed again: a later batch that
+/// needs one reads it from the cache when it is applied, after those batches committed.
+#[derive(Default)]
+struct Recent {
+    /// Per batch still possibly uncommitted, oldest first.
+    batches: std::collections::VecDeque<FpMap<()>>,
+    /// Every key computed in the run, kept only when the cache started empty: then a key
+    /// outside this set cannot be cached and needs no lookup.
+    all: Option<FpMap<()>>,
+}
 
 /// Batches the preparer may run ahead of the writer's commits (channel slot + the one being
 /// written), plus one for margin.
@@ -804,13 +818,14 @@ impl Prep<'_> {
             FpMap::with_capacity_and_hasher(needed.len(), Default::default());
         let mut deferred: FpMap<()> = FpMap::default();
         for k in &needed {
-            if recent.iter().any(|m| m.contains_key(k)) {
+            if recent.batches.iter().any(|m| m.contains_key(k)) {
                 deferred.insert(*k, ());
             }
         }
         let lookup: Vec<Fingerprint> = needed
             .iter()
             .filter(|k| !deferred.contains_key(k))
+            .filter(|k| recent.all.as_ref().is_none_or(|all| all.contains_key(k)))
             .copied()
             .collect();
         for (k, bytes) in self.store.memo_get(self.flow, &lookup)? {
@@ -856,9 +871,12 @@ impl Prep<'_> {
                 Err(e) => embed_error = Some(format!("embedding failed: {e}")),
             }
         }
-        recent.push_back(computed);
-        while recent.len() > RECENT_BATCHES {
-            recent.pop_front();
+        if let Some(all) = &mut recent.all {
+            all.extend(computed.keys().map(|k| (*k, ())));
+        }
+        recent.batches.push_back(computed);
+        while recent.batches.len() > RECENT_BATCHES {
+            recent.batches.pop_front();
         }
         let reused = (needed.len() - new_memo.len()) as u64;
         Ok(Prepared {
