@@ -1009,9 +1009,9 @@ impl FlowRun<'_> {
             self.summary.rows.deleted += plan.deleted;
             self.summary.rows.unchanged += plan.unchanged;
             if !plan.pending.is_empty() {
-                pending.push((key.clone(), plan.pending.clone()));
+                pending.push((key.clone(), plan.pending));
             }
-            deletes.extend(plan.delete.iter().cloned());
+            deletes.extend(plan.delete);
             let mut tracked = Vec::with_capacity(rows.len());
             let mut rows: Vec<Option<Row>> = rows
                 .into_iter()

@@ -563,9 +563,14 @@ impl LineageStore for SqliteStore {
                         .optional()
                         .map_err(backend)?;
                     if let Some(old) = old {
+                        let kept: FpMap<()> = rows
+                            .iter()
+                            .filter_map(|r| r.memo_key)
+                            .map(|m| (m, ()))
+                            .collect();
                         for row in decode_rows(&old)? {
                             if let Some(m) = row.memo_key
-                                && !rows.iter().any(|r| r.memo_key == Some(m))
+                                && !kept.contains_key(&m)
                             {
                                 gc_candidate
                                     .execute(params![flow.0, &m.0[..]])

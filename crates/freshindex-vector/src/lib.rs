@@ -154,11 +154,19 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 /// Encodes a vector as little-endian f32 bytes.
 pub fn encode_vector(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
+    let mut out = Vec::new();
+    encode_vector_into(v, &mut out);
     out
+}
+
+/// Encodes a vector into `out` (cleared first), reusing its allocation.
+pub fn encode_vector_into(v: &[f32], out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(v.len() * 4, 0);
+    // Fixed-size chunks let the compiler turn this into plain (vectorized) copies.
+    for (dst, x) in out.chunks_exact_mut(4).zip(v) {
+        dst.copy_from_slice(&x.to_le_bytes());
+    }
 }
 
 /// Decodes little-endian f32 bytes; `None` when the length is not a multiple of 4.

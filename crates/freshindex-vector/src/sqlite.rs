@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     Filter, Metric, Result, Row, RowPayload, SearchHit, VectorCollection, VectorError, cosine,
-    decode_vector,
+    decode_vector, encode_vector_into,
 };
 
 /// A durable collection with exact cosine search.
@@ -200,10 +200,7 @@ impl VectorCollection for SqliteCollection {
                 .map_err(|e| self.err(e))?;
             let mut buf = Vec::with_capacity(self.dimension * 4);
             for row in upserts {
-                buf.clear();
-                for x in &row.vector {
-                    buf.extend_from_slice(&x.to_le_bytes());
-                }
+                encode_vector_into(&row.vector, &mut buf);
                 let values = params![
                     row.key,
                     row.payload.source,
