@@ -307,10 +307,15 @@ impl Engine {
                 }
             }
             drop(rx);
-            if preparer.join().is_err() {
-                result = result.and(Err(EngineError::Internal(
-                    "the preparing thread panicked".into(),
-                )));
+            if let Err(panic) = preparer.join() {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                result = result.and(Err(EngineError::Internal(format!(
+                    "the preparing thread panicked: {why}"
+                ))));
             }
             result
         })?;

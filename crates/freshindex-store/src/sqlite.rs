@@ -440,7 +440,8 @@ impl LineageStore for SqliteStore {
                 .optional()
                 .map_err(backend)?;
             if let Some(blob) = blob {
-                lin.tracked = decode_rows(&blob)?;
+                lin.tracked = decode_rows(&blob)
+                    .map_err(|e| StoreError::Corrupt(format!("lineage of item `{item}`: {e}")))?;
             }
             let mut rows = pending.query(params![flow.0, item]).map_err(backend)?;
             while let Some(r) = rows.next().map_err(backend)? {
