@@ -139,13 +139,10 @@ fn make_world_accessible(path: &Path) {
     }
 }
 
-#[test]
-fn unreadable_file_is_a_failed_item_with_the_os_error() {
-    let ws = workspace_with_good_files(FlowConfig::default());
-    ws.write("secret.md", "# Secret\n\nYou cannot read this.\n");
-
-    // Root bypasses file permissions: run the binary as an unprivileged user
-    // on a tree (and data dir location) that user can use.
+/// Runs the binary on `ws` so that file permissions apply. Root bypasses them, so as root the
+/// binary runs as an unprivileged user on a tree (and data dir location) that user can use;
+/// call it before making anything unreadable.
+fn unprivileged(ws: &Workspace) -> impl Fn(&[&str]) -> common::Outcome + '_ {
     let program = if common::is_root() {
         let copy = ws.root().join("freshindex-bin");
         fs::copy(common::BIN, &copy).expect("copy binary");
@@ -155,24 +152,31 @@ fn unreadable_file_is_a_failed_item_with_the_os_error() {
     } else {
         None
     };
+    move |args: &[&str]| {
+        let fi = match &program {
+            Some(p) => Fi::with_program(p, ws.root()).run_as_user(NOBODY, NOBODY),
+            None => Fi::new(ws.root()),
+        };
+        fi.arg("--config")
+            .arg(ws.config_path())
+            .arg("--data-dir")
+            .arg(ws.data())
+            .args(args)
+            .run()
+            .ok()
+    }
+}
+
+#[test]
+fn unreadable_file_is_a_failed_item_with_the_os_error() {
+    let ws = workspace_with_good_files(FlowConfig::default());
+    ws.write("secret.md", "# Secret\n\nYou cannot read this.\n");
+    let fi = unprivileged(&ws);
     fs::set_permissions(
         ws.src().join("secret.md"),
         fs::Permissions::from_mode(0o000),
     )
     .expect("chmod 000");
-
-    let fi = |args: &[&str]| {
-        let mut fi = match &program {
-            Some(p) => Fi::with_program(p, ws.root()).run_as_user(NOBODY, NOBODY),
-            None => Fi::new(ws.root()),
-        };
-        fi = fi
-            .arg("--config")
-            .arg(ws.config_path())
-            .arg("--data-dir")
-            .arg(ws.data());
-        fi.args(args).run().ok()
-    };
 
     let s = fi(&["index", "--json"]).summary();
     s.assert_error("secret.md", "Permission denied");
@@ -197,27 +201,7 @@ fn unreadable_folder_keeps_its_items() {
         "locked/deeper/more.md",
         "# More\n\nAlso indexed while readable.\n",
     );
-    let program = if common::is_root() {
-        let copy = ws.root().join("freshindex-bin");
-        fs::copy(common::BIN, &copy).expect("copy binary");
-        make_world_accessible(ws.root());
-        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod binary");
-        Some(copy)
-    } else {
-        None
-    };
-    let fi = |args: &[&str]| {
-        let mut fi = match &program {
-            Some(p) => Fi::with_program(p, ws.root()).run_as_user(NOBODY, NOBODY),
-            None => Fi::new(ws.root()),
-        };
-        fi = fi
-            .arg("--config")
-            .arg(ws.config_path())
-            .arg("--data-dir")
-            .arg(ws.data());
-        fi.args(args).run().ok()
-    };
+    let fi = unprivileged(&ws);
     let first = fi(&["index", "--json"]).summary();
     assert_eq!(first.n("items.new"), GOOD.len() as u64 + 2, "{}", first.0);
     let before = fi(&["export", "--flow", "docs"]).stdout;
