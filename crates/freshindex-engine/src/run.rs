@@ -23,7 +23,7 @@ use crate::steps::embed::{Embedder, behavior_version, embedder_for};
 use crate::steps::parse::parse;
 use crate::steps::processing_fingerprint;
 use crate::steps::split::Splitter;
-use crate::summary::{Issue, IssueLevel, RunStatus, RunSummary};
+use crate::summary::{Issue, RunStatus, RunSummary};
 use crate::{EngineError, summary};
 
 /// The phases a run reports progress for.
@@ -1130,31 +1130,26 @@ impl FlowRun<'_> {
         if limit >= 0 && self.summary.items.failed > limit as u64 {
             self.summary.status = RunStatus::Failed;
         }
-        for (total, listed, what) in [
-            (self.total_errors, self.summary.errors.len(), "errors"),
-            (self.total_warnings, self.summary.warnings.len(), "warnings"),
-        ] {
-            if total as usize > listed {
-                let more = Issue {
-                    item: "...".into(),
-                    message: format!("{} more {what} not listed", total as usize - listed),
-                    level: if what == "errors" {
-                        IssueLevel::Error
-                    } else {
-                        IssueLevel::Warning
-                    },
-                };
-                match more.level {
-                    IssueLevel::Error => self.summary.errors.push(summary::ItemError {
-                        item: more.item,
-                        error: more.message,
-                    }),
-                    IssueLevel::Warning => self.summary.warnings.push(summary::ItemWarning {
-                        item: more.item,
-                        warning: more.message,
-                    }),
-                }
-            }
+        // The lists are capped; a last line says how many were left out.
+        let unlisted = |total: u64, listed: usize, what: &str| {
+            (total as usize > listed).then(|| {
+                (
+                    "...".to_string(),
+                    format!("{} more {what} not listed", total as usize - listed),
+                )
+            })
+        };
+        if let Some((item, error)) =
+            unlisted(self.total_errors, self.summary.errors.len(), "errors")
+        {
+            self.summary.errors.push(summary::ItemError { item, error });
+        }
+        if let Some((item, warning)) =
+            unlisted(self.total_warnings, self.summary.warnings.len(), "warnings")
+        {
+            self.summary
+                .warnings
+                .push(summary::ItemWarning { item, warning });
         }
         Ok(self.summary)
     }

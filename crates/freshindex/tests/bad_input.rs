@@ -232,17 +232,7 @@ fn unreadable_folder_keeps_its_items() {
 /// Runs `index --json` paused at the `scan-done` failpoint, applies `mutate`
 /// while the process waits, then lets it finish.
 fn index_with_mutation_after_scan(ws: &Workspace, mutate: impl FnOnce()) -> Summary {
-    let resume = ws.root().join("resume-after-scan");
-    let mut child = ws
-        .fi()
-        .args(["index", "--json"])
-        .env("FRESHINDEX_FAILPOINT", "scan-done")
-        .env("FRESHINDEX_FAILPOINT_RESUME", &resume)
-        .spawn();
-    assert!(
-        child.wait_stderr("failpoint scan-done reached", TIMEOUT),
-        "the run ended without reaching the scan-done failpoint"
-    );
+    let (child, resume) = ws.index_paused_after_scan();
     mutate();
     fs::write(&resume, "").expect("create resume file");
     child.wait(TIMEOUT).ok().summary()

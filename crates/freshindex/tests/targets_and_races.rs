@@ -29,14 +29,7 @@ fn assert_matches_fresh(ws: &Workspace) -> String {
 fn a_second_run_on_the_same_data_dir_is_refused_while_one_runs() {
     let ws = Workspace::new(FlowConfig::default());
     ws.write("a.md", "# A\n\nSome text about otters.\n");
-    let resume = ws.root().join("resume");
-    let mut first = ws
-        .fi()
-        .args(["index", "--json"])
-        .env("FRESHINDEX_FAILPOINT", "scan-done")
-        .env("FRESHINDEX_FAILPOINT_RESUME", &resume)
-        .spawn();
-    assert!(first.wait_stderr("failpoint scan-done reached", TIMEOUT));
+    let (first, resume) = ws.index_paused_after_scan();
     let second = ws.fi().args(["index", "--json"]).run().failed();
     assert!(
         second.stderr.contains("another freshindex run"),
@@ -149,14 +142,7 @@ fn a_fifo_swapped_in_after_the_scan_is_skipped_without_hanging() {
     ws.write("b.md", "# B\n\nStays.\n");
     ws.index().assert_clean();
     ws.write("a.md", "# A\n\nSecond version, seen by the scan.\n");
-    let resume = ws.root().join("resume");
-    let mut child = ws
-        .fi()
-        .args(["index", "--json"])
-        .env("FRESHINDEX_FAILPOINT", "scan-done")
-        .env("FRESHINDEX_FAILPOINT_RESUME", &resume)
-        .spawn();
-    assert!(child.wait_stderr("failpoint scan-done reached", TIMEOUT));
+    let (child, resume) = ws.index_paused_after_scan();
     let a = ws.src().join("a.md");
     fs::remove_file(&a).expect("rm a.md");
     let made = std::process::Command::new("mkfifo")

@@ -275,6 +275,23 @@ impl Workspace {
             .stdout
     }
 
+    /// Starts `index --json` and waits until it stops at the `scan-done` failpoint (the tree
+    /// is listed, no file read yet). It goes on once the returned resume file exists.
+    pub fn index_paused_after_scan(&self) -> (Running, PathBuf) {
+        let resume = self.root().join("resume-after-scan");
+        let mut child = self
+            .fi()
+            .args(["index", "--json"])
+            .env("FRESHINDEX_FAILPOINT", "scan-done")
+            .env("FRESHINDEX_FAILPOINT_RESUME", &resume)
+            .spawn();
+        assert!(
+            child.wait_stderr("failpoint scan-done reached", TIMEOUT),
+            "the run ended without reaching the scan-done failpoint"
+        );
+        (child, resume)
+    }
+
     /// Indexes the current tree with the current config into a brand-new data
     /// dir and returns its export: the oracle every incremental state must
     /// match byte for byte.
