@@ -165,6 +165,7 @@ impl Config {
                         files.path = base.join(&files.path);
                     }
                 }
+                SourceSpec::Push(_) => {}
             }
         }
         Ok(config)
@@ -249,7 +250,7 @@ mod tests {
         let c = Config::parse(REFERENCE_CONFIG, None).expect("reference config");
         assert_eq!(c.flows.len(), 1);
         assert_eq!(c.flows[0].split().chunk_size, 1000);
-        assert_eq!(c.flows[0].files().exclude.len(), 2);
+        assert_eq!(c.flows[0].files().unwrap().exclude.len(), 2);
     }
 
     #[test]

@@ -11,6 +11,9 @@ pub struct RowPayload {
     pub range: [usize; 2],
     /// The chunk text.
     pub text: String,
+    /// Metadata of the source item (pushed items carry it with their content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// One target row: a stable key, a vector and its payload.

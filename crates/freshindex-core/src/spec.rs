@@ -104,10 +104,11 @@ impl FlowSpec {
         }
     }
 
-    /// The files source.
-    pub fn files(&self) -> &FilesSource {
+    /// The files source, if the flow reads a folder.
+    pub fn files(&self) -> Option<&FilesSource> {
         match &self.source {
-            SourceSpec::Files(f) => f,
+            SourceSpec::Files(f) => Some(f),
+            SourceSpec::Push(_) => None,
         }
     }
 }
@@ -221,15 +222,24 @@ pub fn sanitize_name(raw: &str) -> String {
 pub enum SourceSpec {
     /// A folder on the local file system.
     Files(FilesSource),
+    /// Items pushed by external connectors through the queue API: `index` carries each item's
+    /// content.
+    Push(PushSource),
 }
+
+/// A source that only the queue API feeds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushSource {}
 
 impl<'de> Deserialize<'de> for SourceSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let (kind, rest) = tagged(d, "type")?;
         match kind.as_str() {
             "files" => from_value(rest).map(SourceSpec::Files),
+            "push" => from_value(rest).map(SourceSpec::Push),
             other => Err(format!(
-                "type: unknown source type `{other}`; expected `files`"
+                "type: unknown source type `{other}`; expected `files` or `push`"
             )),
         }
         .map_err(D::Error::custom)

@@ -10,13 +10,16 @@
 //! one-slot channel connects them, so CPU work overlaps SQLite writes and memory stays flat.
 
 pub mod failpoint;
+pub mod items;
 pub mod plan;
+pub(crate) mod process;
 pub mod run;
 pub mod source;
 pub mod steps;
 pub mod summary;
 
-pub use run::{Engine, Phase, Progress, RunOptions};
+pub use items::{IndexOutcome, IndexRequest};
+pub use run::{Engine, Phase, Progress, RunOptions, default_workers};
 pub use summary::{Issue, IssueLevel, RunStatus, RunSummary};
 
 /// Errors that stop a run (per-item problems are [`Issue`]s instead).
@@ -43,6 +46,13 @@ pub enum EngineError {
     /// A bug: a worker thread panicked.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request conflicts with the item's state (a stale version, a lease another holder
+    /// took, a run of the flow in progress).
+    #[error("{0}")]
+    Conflict(String),
+    /// A request value is invalid (names the field).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl EngineError {
@@ -52,7 +62,9 @@ impl EngineError {
             EngineError::Config(_)
             | EngineError::Source(_)
             | EngineError::NotFound(_)
-            | EngineError::Busy(_) => true,
+            | EngineError::Busy(_)
+            | EngineError::Conflict(_)
+            | EngineError::Invalid(_) => true,
             EngineError::Store(_) | EngineError::Target(_) | EngineError::Internal(_) => false,
         }
     }

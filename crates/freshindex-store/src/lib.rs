@@ -1,7 +1,8 @@
 //! The state store: everything freshindex remembers between runs, behind traits.
 //!
 //! - [`FlowStore`]: registered flows and their specs.
-//! - [`ItemStore`]: per source item state (status, metadata, content hash, spec fingerprint).
+//! - [`ItemStore`]: per source item state: the indexing queue (seed 001) — status, hashes,
+//!   payload, label, lease, attempts, backoff, version.
 //! - [`LineageStore`]: which target rows each item produced, the two-phase "pending" keys, and
 //!   the atomic batch commit that moves both forward together with the memo cache.
 //! - [`MemoStore`]: the content-addressed memo cache of expensive step results, with garbage
@@ -12,7 +13,9 @@
 //! serialized by a mutex). Nothing above this crate sees SQL: a PostgreSQL backend implements
 //! the same traits.
 
+pub mod rules;
 mod sqlite;
+mod sqlite_items;
 mod types;
 
 pub use sqlite::SqliteStore;
@@ -50,14 +53,96 @@ pub trait FlowStore {
     fn flow(&self, name: &str) -> Result<Option<FlowRecord>>;
     /// Every registered flow, by name.
     fn flows(&self) -> Result<Vec<FlowRecord>>;
+    /// The label the flow's last completed full traversal pushed with.
+    fn traversal_label(&self, flow: FlowId) -> Result<Option<String>>;
+    /// Records the label of a completed full traversal (after its `deleteQueueItems`).
+    fn set_traversal_label(&self, flow: FlowId, label: &str) -> Result<()>;
 }
 
 /// Per-item state.
 pub trait ItemStore {
     /// Every item of a flow, sorted by key, with a flag for items that have pending row keys.
+    /// Items known only from pending keys (a first write cut short) come with an empty label.
     fn items(&self, flow: FlowId) -> Result<Vec<ItemRecord>>;
     /// Item counts by status.
     fn item_counts(&self, flow: FlowId) -> Result<Vec<(ItemStatus, u64)>>;
+
+    /// Pushes items in one transaction; one result per item, in order.
+    ///
+    /// With hashes: an unknown item becomes `NEW_ITEM`; an `ACCEPTED`/`SKIPPED` entry whose
+    /// given hashes all equal the stored ones stays as it is, any difference makes it
+    /// `MODIFIED`; `NEW_ITEM`, `MODIFIED` and `ERROR` entries keep their status. Given hashes
+    /// are stored. Types: `MODIFIED` (unknown → `NEW_ITEM`, accepted → `MODIFIED`, others keep
+    /// their status); `NOT_MODIFIED` → `ACCEPTED` and the lease ends; `REPOSITORY_ERROR` ends
+    /// the lease and backs off by the entry's attempts; `REQUEUE` ends a live lease (refused
+    /// without one) and makes the entry available now. A type other than `MODIFIED` on an
+    /// unknown item is refused. A push with hashes or `MODIFIED` also ends any retry backoff,
+    /// and, on a leased entry whose content changed, marks it re-pushed (see
+    /// [`ItemChange::Upsert`]). Every accepted push sets the label and, when given, the payload.
+    /// A status change sets the enqueue time to `now_ms`.
+    fn push(
+        &self,
+        flow: FlowId,
+        items: &[PushItem],
+        now_ms: i64,
+    ) -> Result<Vec<std::result::Result<ItemStatus, PushRejection>>>;
+
+    /// Returns and leases the highest-priority available entries: status priority
+    /// (`ERROR` > `MODIFIED` > `NEW_ITEM` > `ACCEPTED` > `SKIPPED`), then enqueue time, then key.
+    /// Available means: in the status filter, carrying the label if one is given, no live
+    /// lease, and past its retry backoff. Each returned entry gets a lease until
+    /// `now_ms + lease_ms` held by the request's owner, and one more attempt.
+    fn poll(&self, flow: FlowId, req: &PollRequest, now_ms: i64) -> Result<Vec<QueueEntry>>;
+
+    /// Extends every live lease `owner` holds on the flow to `until_ms` (a heartbeat); returns
+    /// how many. Expired leases are not revived.
+    fn heartbeat(&self, flow: FlowId, owner: &str, until_ms: i64, now_ms: i64) -> Result<u64>;
+
+    /// Ends the leases on the flow's entries, only those with the label and only those held by
+    /// the owner when given; returns how many live leases ended.
+    fn unreserve(
+        &self,
+        flow: FlowId,
+        queue: Option<&str>,
+        owner: Option<&str>,
+        now_ms: i64,
+    ) -> Result<u64>;
+
+    /// One entry with its payload.
+    fn get(&self, flow: FlowId, key: &str) -> Result<Option<QueueEntry>>;
+
+    /// Entries in key order, with payloads.
+    fn list(&self, flow: FlowId, req: &ListRequest) -> Result<Vec<QueueEntry>>;
+
+    /// The bulk form of a full traversal's pushes: every entry of the flow takes the label
+    /// `label` — as a push with unchanged hashes would do (status kept, retry backoff ended) —
+    /// except the entries in `unseen`, which take `unseen_label`, so that
+    /// `deleteQueueItems(unseen_label)` removes them. One transaction. A traversal pushes the
+    /// items whose hashes changed after this. Returns how many entries changed.
+    fn relabel_all(
+        &self,
+        flow: FlowId,
+        label: &str,
+        unseen: &[String],
+        unseen_label: &str,
+        now_ms: i64,
+    ) -> Result<u64>;
+
+    /// Keys of the entries that carry the label, sorted.
+    fn queue_keys(&self, flow: FlowId, queue: &str) -> Result<Vec<String>>;
+
+    /// Checks, before a target write, that an index or delete of each item may proceed: the
+    /// version (if any) is newer than the indexed one, and no other holder's live lease holds
+    /// the entry. One answer per check, in order.
+    fn fence(
+        &self,
+        flow: FlowId,
+        checks: &[FenceCheck],
+        now_ms: i64,
+    ) -> Result<Vec<std::result::Result<(), FenceError>>>;
+
+    /// Queue depth by status and lease counts.
+    fn queue_stats(&self, flow: FlowId, now_ms: i64) -> Result<QueueStats>;
 }
 
 /// Lineage and the two-phase commit of target mutations.

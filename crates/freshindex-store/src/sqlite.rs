@@ -1,7 +1,7 @@
 //! The SQLite backend: one file, WAL journal, `synchronous = FULL` so that a commit is on disk
 //! before the target write that depends on it (the two-phase protocol needs that order).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,33 +9,63 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    BatchCommit, FlowId, FlowRecord, FlowStore, ItemChange, ItemLineage, ItemRecord, ItemStatus,
-    ItemStore, LineageStore, MemoStore, Result, RunStore, StoreError, TrackedRow,
+    BatchCommit, FlowId, FlowRecord, FlowStore, ItemChange, ItemLineage, ItemStatus, LineageStore,
+    MemoStore, Result, RunStore, StoreError, TrackedRow,
 };
 use freshindex_core::{Fingerprint, FpMap};
 
 /// Schema version this build writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Version 1 kept file metadata per item; version 2 turns items into queue entries. Items
+/// become `MODIFIED` (or stay `NEW_ITEM`) under label `B`, so the next run re-reads each once
+/// (the memo cache spares every embedding) and its first traversal, labelled `A`, deletes
+/// what is gone.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE items RENAME TO items_v1;
+ALTER TABLE flows ADD COLUMN traversal_label TEXT;
+";
+const MIGRATE_1_TO_2_COPY: &str = "
+INSERT INTO items (flow_id, key, status, prio, queue, enqueued_at, attempts, available_at,
+  message, repushed)
+SELECT flow_id, key,
+  CASE status WHEN 'NEW_ITEM' THEN 'NEW_ITEM' ELSE 'MODIFIED' END,
+  CASE status WHEN 'NEW_ITEM' THEN 2 ELSE 1 END,
+  'B', 0, 0, 0, message, 0
+FROM items_v1;
+DROP TABLE items_v1;
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flows (
   id INTEGER PRIMARY KEY,
   name TEXT NOT NULL UNIQUE,
-  spec_json TEXT NOT NULL
+  spec_json TEXT NOT NULL,
+  traversal_label TEXT
 );
+-- The indexing queue: one entry per (flow, item key). `prio` is the status's poll priority;
+-- `items_poll` serves polls in order without sorting.
 CREATE TABLE IF NOT EXISTS items (
   flow_id INTEGER NOT NULL,
   key TEXT NOT NULL,
   status TEXT NOT NULL,
-  size INTEGER NOT NULL,
-  mtime_ns INTEGER NOT NULL,
-  racy INTEGER NOT NULL,
-  content_hash BLOB,
-  spec_fp BLOB,
+  prio INTEGER NOT NULL,
+  content_hash TEXT,
+  metadata_hash TEXT,
+  payload BLOB,
+  queue TEXT NOT NULL,
+  enqueued_at INTEGER NOT NULL,
+  leased_until INTEGER,
+  lease_owner TEXT,
+  attempts INTEGER NOT NULL,
+  available_at INTEGER NOT NULL,
   message TEXT,
+  version BLOB,
+  repushed INTEGER NOT NULL,
   PRIMARY KEY (flow_id, key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_poll ON items (flow_id, prio, enqueued_at, key);
 -- Lineage: the rows each item produced, one record per item (see `encode_rows`). One write per
 -- item instead of one per row; garbage collection scans these records instead of keeping an
 -- index of memo keys, which every row insert would pay for.
@@ -99,7 +129,7 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn backend(e: rusqlite::Error) -> StoreError {
+pub(crate) fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
@@ -261,12 +291,25 @@ impl SqliteStore {
         }
         // Opening an up-to-date store writes nothing (a no-op run should not pay for fsyncs).
         if found != Some(SCHEMA_VERSION) {
-            conn.execute_batch(SCHEMA).map_err(backend)?;
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
-                [SCHEMA_VERSION.to_string()],
-            )
-            .map_err(backend)?;
+            conn.execute_batch("BEGIN IMMEDIATE").map_err(backend)?;
+            let migrated = (|| {
+                if found == Some(1) {
+                    conn.execute_batch(MIGRATE_1_TO_2)?;
+                    conn.execute_batch(SCHEMA)?;
+                    conn.execute_batch(MIGRATE_1_TO_2_COPY)?;
+                } else {
+                    conn.execute_batch(SCHEMA)?;
+                }
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+                conn.execute_batch("COMMIT")
+            })();
+            if let Err(e) = migrated {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(backend(e));
+            }
         }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
@@ -274,14 +317,14 @@ impl SqliteStore {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A poisoned lock means a panic mid-call; SQLite rolled back any open transaction when
         // the guard's statement was dropped, so the connection is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The reading connection (the main one for in-memory stores).
-    fn reader(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn reader(&self) -> MutexGuard<'_, Connection> {
         match &self.reader {
             Some(r) => r.lock().unwrap_or_else(|p| p.into_inner()),
             None => self.conn(),
@@ -345,79 +388,27 @@ impl FlowStore for SqliteStore {
             .map_err(backend)?;
         rows.collect::<std::result::Result<_, _>>().map_err(backend)
     }
-}
 
-impl ItemStore for SqliteStore {
-    fn items(&self, flow: FlowId) -> Result<Vec<ItemRecord>> {
-        let conn = self.reader();
-        let mut pending = HashSet::new();
-        {
-            let mut stmt = conn
-                .prepare_cached("SELECT DISTINCT item_key FROM pending WHERE flow_id = ?1")
-                .map_err(backend)?;
-            let mut rows = stmt.query([flow.0]).map_err(backend)?;
-            while let Some(r) = rows.next().map_err(backend)? {
-                pending.insert(r.get::<_, String>(0).map_err(backend)?);
-            }
-        }
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT key, status, size, mtime_ns, racy, content_hash, spec_fp, message
-                 FROM items WHERE flow_id = ?1 ORDER BY key",
+    fn traversal_label(&self, flow: FlowId) -> Result<Option<String>> {
+        self.conn()
+            .query_row(
+                "SELECT traversal_label FROM flows WHERE id = ?1",
+                [flow.0],
+                |r| r.get(0),
             )
-            .map_err(backend)?;
-        let mut rows = stmt.query([flow.0]).map_err(backend)?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next().map_err(backend)? {
-            let key: String = r.get(0).map_err(backend)?;
-            let status: String = r.get(1).map_err(backend)?;
-            let has_pending = pending.remove(&key);
-            out.push(ItemRecord {
-                status: status.parse().map_err(StoreError::Corrupt)?,
-                size: r.get::<_, i64>(2).map_err(backend)? as u64,
-                mtime_ns: r.get(3).map_err(backend)?,
-                racy: r.get(4).map_err(backend)?,
-                content_hash: fp_from(r.get(5).map_err(backend)?)?,
-                spec_fp: fp_from(r.get(6).map_err(backend)?)?,
-                message: r.get(7).map_err(backend)?,
-                has_pending,
-                key,
-            });
-        }
-        // Pending keys of items that were never committed (new items cut short by a crash).
-        for key in pending {
-            out.push(ItemRecord {
-                key,
-                status: ItemStatus::NewItem,
-                size: 0,
-                mtime_ns: 0,
-                racy: true,
-                content_hash: None,
-                spec_fp: None,
-                message: None,
-                has_pending: true,
-            });
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+            .optional()
+            .map(Option::flatten)
+            .map_err(backend)
     }
 
-    fn item_counts(&self, flow: FlowId) -> Result<Vec<(ItemStatus, u64)>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT status, COUNT(*) FROM items WHERE flow_id = ?1 GROUP BY status")
+    fn set_traversal_label(&self, flow: FlowId, label: &str) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE flows SET traversal_label = ?2 WHERE id = ?1",
+                params![flow.0, label],
+            )
             .map_err(backend)?;
-        let mut rows = stmt.query([flow.0]).map_err(backend)?;
-        let mut counts: HashMap<ItemStatus, u64> = HashMap::new();
-        while let Some(r) = rows.next().map_err(backend)? {
-            let st: String = r.get(0).map_err(backend)?;
-            let n: i64 = r.get(1).map_err(backend)?;
-            counts.insert(st.parse().map_err(StoreError::Corrupt)?, n as u64);
-        }
-        Ok(ItemStatus::ALL
-            .into_iter()
-            .map(|s| (s, counts.get(&s).copied().unwrap_or(0)))
-            .collect())
+        Ok(())
     }
 }
 
@@ -501,13 +492,6 @@ impl LineageStore for SqliteStore {
                     "INSERT INTO tracked (flow_id, item_key, n_rows, rows) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(backend)?;
-            let mut up_item = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO items
-                     (flow_id, key, status, size, mtime_ns, racy, content_hash, spec_fp, message)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )
-                .map_err(backend)?;
             let mut ins_memo = tx
                 .prepare_cached(
                     "INSERT OR IGNORE INTO memo (flow_id, key, value) VALUES (?1, ?2, ?3)",
@@ -533,24 +517,29 @@ impl LineageStore for SqliteStore {
             for change in &batch.items {
                 let key = change.key();
                 let new_rows = match change {
-                    ItemChange::Delete { .. } => {
-                        del_item.execute(params![flow.0, key]).map_err(backend)?;
+                    ItemChange::Delete { if_queue, .. } => {
+                        let before = crate::sqlite_items::entry(&tx, flow, key)?;
+                        match (before, if_queue) {
+                            // Seen again since the deletion was decided: its rows are gone
+                            // from the target, so it is indexed again.
+                            (Some(mut e), Some(label)) if &e.queue != label => {
+                                if e.status != ItemStatus::Modified {
+                                    e.status = ItemStatus::Modified;
+                                    e.enqueued_at_ms = batch.now_ms;
+                                }
+                                e.content_hash = None;
+                                crate::sqlite_items::write_entry(&tx, flow, &e, None)?;
+                            }
+                            _ => {
+                                del_item.execute(params![flow.0, key]).map_err(backend)?;
+                            }
+                        }
                         Some(&[][..])
                     }
                     ItemChange::Upsert { record, rows } => {
-                        up_item
-                            .execute(params![
-                                flow.0,
-                                record.key,
-                                record.status.as_str(),
-                                record.size as i64,
-                                record.mtime_ns,
-                                record.racy,
-                                record.content_hash.as_ref().map(|f| &f.0[..]),
-                                record.spec_fp.as_ref().map(|f| &f.0[..]),
-                                record.message,
-                            ])
-                            .map_err(backend)?;
+                        let before = crate::sqlite_items::entry(&tx, flow, key)?;
+                        let after = crate::rules::index(before, record, batch.now_ms);
+                        crate::sqlite_items::write_entry(&tx, flow, &after, None)?;
                         rows.as_deref()
                     }
                 };

@@ -1,8 +1,10 @@
 //! The contract every state-store backend keeps. Each check takes a fresh store; the backend
 //! list at the bottom runs them all (a PostgreSQL backend adds itself there).
 
+use freshindex_core::PushType;
 use freshindex_store::{
-    BatchCommit, Fingerprint, FlowStore, ItemChange, ItemRecord, ItemStatus, RUNS_KEPT,
+    BatchCommit, FenceCheck, FenceError, Fingerprint, FlowStore, ItemChange, ItemRecord,
+    ItemStatus, ItemStore, ListRequest, PollRequest, PushItem, PushKind, PushRejection, RUNS_KEPT,
     SqliteStore, StateStore, TrackedRow,
 };
 
@@ -10,17 +12,29 @@ fn fp(n: u8) -> Fingerprint {
     Fingerprint([n; 32])
 }
 
+/// The commit time of every batch below.
+const NOW_MS: i64 = 1_700_000_000_000;
+
 fn record(key: &str, status: ItemStatus, hash: u8) -> ItemRecord {
-    ItemRecord {
+    let mut r = ItemRecord::new(key, status);
+    r.content_hash = Some(format!("hash-{hash}"));
+    r.metadata_hash = Some("meta".into());
+    r
+}
+
+fn batch(items: Vec<ItemChange>) -> BatchCommit {
+    BatchCommit {
+        items,
+        memo: vec![],
+        gc_candidates: vec![],
+        now_ms: NOW_MS,
+    }
+}
+
+fn delete(key: &str) -> ItemChange {
+    ItemChange::Delete {
         key: key.into(),
-        status,
-        size: 10,
-        mtime_ns: 1_700_000_000_000_000_000,
-        racy: false,
-        content_hash: Some(fp(hash)),
-        spec_fp: Some(fp(200)),
-        message: None,
-        has_pending: false,
+        if_queue: None,
     }
 }
 
@@ -60,12 +74,17 @@ fn flows_and_items(s: &dyn StateStore) {
             ],
             memo: vec![],
             gc_candidates: vec![],
+            now_ms: NOW_MS,
         },
     )
     .expect("commit");
     let items = s.items(a).expect("items");
     assert_eq!(items.len(), 2);
-    assert_eq!(items[0], record("x", ItemStatus::Accepted, 1));
+    // A new entry takes the record's state and enters the queue at the commit time.
+    let mut want = record("x", ItemStatus::Accepted, 1);
+    want.enqueued_at_ms = NOW_MS;
+    want.available_at_ms = NOW_MS;
+    assert_eq!(items[0], want);
     assert_eq!(items[1].status, ItemStatus::Error);
     assert!(
         s.items(b).expect("items of b").is_empty(),
@@ -87,6 +106,7 @@ fn two_phase(s: &dyn StateStore) {
             }],
             memo: vec![],
             gc_candidates: vec![],
+            now_ms: NOW_MS,
         },
     )
     .expect("commit");
@@ -122,10 +142,11 @@ fn two_phase(s: &dyn StateStore) {
                     record: record("doc", ItemStatus::Accepted, 2),
                     rows: Some(vec![row("r1", 1), row("r3", 3)]),
                 },
-                ItemChange::Delete { key: "new".into() },
+                delete("new"),
             ],
             memo: vec![],
             gc_candidates: vec![],
+            now_ms: NOW_MS,
         },
     )
     .expect("commit 2");
@@ -151,6 +172,7 @@ fn two_phase(s: &dyn StateStore) {
             }],
             memo: vec![],
             gc_candidates: vec![],
+            now_ms: NOW_MS,
         },
     )
     .expect("commit 3");
@@ -179,6 +201,7 @@ fn memo_gc(s: &dyn StateStore) {
             ],
             memo: vec![(fp(1), vec![1; 8]), (fp(2), vec![2; 8])],
             gc_candidates: vec![],
+            now_ms: NOW_MS,
         },
     )
     .expect("commit");
@@ -188,6 +211,7 @@ fn memo_gc(s: &dyn StateStore) {
             items: vec![],
             memo: vec![(fp(1), vec![9; 4])],
             gc_candidates: vec![],
+            now_ms: NOW_MS,
         },
     )
     .expect("other flow");
@@ -199,9 +223,10 @@ fn memo_gc(s: &dyn StateStore) {
     s.commit(
         f,
         BatchCommit {
-            items: vec![ItemChange::Delete { key: "a".into() }],
+            items: vec![delete("a")],
             memo: vec![],
             gc_candidates: vec![],
+            now_ms: NOW_MS,
         },
     )
     .expect("delete a");
@@ -220,6 +245,7 @@ fn memo_gc(s: &dyn StateStore) {
             items: vec![],
             memo: vec![(fp(7), vec![7; 8])],
             gc_candidates: vec![fp(7)],
+            now_ms: NOW_MS,
         },
     )
     .expect("orphan entry");
@@ -245,13 +271,188 @@ fn runs(s: &dyn StateStore) {
     );
 }
 
+fn push(key: &str, kind: PushKind, queue: &str) -> PushItem {
+    PushItem {
+        key: key.into(),
+        kind,
+        payload: Some(key.as_bytes().to_vec()),
+        queue: Some(queue.into()),
+    }
+}
+
+fn hashes(content: &str) -> PushKind {
+    PushKind::Hashes {
+        content: Some(content.into()),
+        metadata: None,
+    }
+}
+
+fn poll(owner: &str, limit: usize) -> PollRequest {
+    PollRequest {
+        queue: None,
+        limit,
+        statuses: vec![],
+        owner: owner.into(),
+        lease_ms: 30_000,
+    }
+}
+
+fn fence_check(key: &str, version: Option<&[u8]>, owner: Option<&str>) -> FenceCheck {
+    FenceCheck {
+        key: key.into(),
+        version: version.map(<[u8]>::to_vec),
+        owner: owner.map(str::to_string),
+    }
+}
+
+/// The indexing queue in one walk: push, poll and leases, fence, index, labels, deletes. (The
+/// model-based test in `queue_model.rs` checks the rules in depth.)
+fn queue(s: &dyn StateStore) {
+    let f = s.register_flow("q", "{}").expect("register");
+    let t = NOW_MS;
+    let pushed = s
+        .push(
+            f,
+            &[
+                push("b", hashes("h1"), "A"),
+                push("a", hashes("h1"), "A"),
+                push("zz", PushKind::Type(PushType::NotModified), "A"),
+            ],
+            t,
+        )
+        .expect("push");
+    assert_eq!(
+        pushed,
+        [
+            Ok(ItemStatus::NewItem),
+            Ok(ItemStatus::NewItem),
+            Err(PushRejection::UnknownItem("zz".into()))
+        ]
+    );
+    // Same status and enqueue time: key order. A second poller does not get the leased entry.
+    let got = s.poll(f, &poll("w1", 1), t).expect("poll");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].item.key, "a");
+    assert_eq!(got[0].payload.as_deref(), Some(&b"a"[..]));
+    assert_eq!(got[0].item.lease_owner.as_deref(), Some("w1"));
+    assert_eq!(got[0].item.leased_until_ms, Some(t + 30_000));
+    assert_eq!(got[0].item.attempts, 1);
+    let got = s.poll(f, &poll("w2", 5), t).expect("poll 2");
+    assert_eq!(
+        got.iter().map(|e| e.item.key.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert!(s.poll(f, &poll("w3", 5), t).expect("poll 3").is_empty());
+    let stats = s.queue_stats(f, t).expect("stats");
+    assert_eq!(stats.leased, 2);
+    assert!(stats.by_status.contains(&(ItemStatus::NewItem, 2)));
+    // Fencing: another holder's lease, then versions.
+    assert_eq!(
+        s.fence(f, &[fence_check("a", None, Some("w2"))], t)
+            .expect("fence"),
+        [Err(FenceError::LeaseLost {
+            key: "a".into(),
+            holder: "w1".into()
+        })]
+    );
+    assert_eq!(
+        s.heartbeat(f, "w1", t + 60_000, t + 1).expect("heartbeat"),
+        1
+    );
+    assert_eq!(
+        s.fence(f, &[fence_check("a", Some(&[1]), Some("w1"))], t + 1)
+            .expect("fence"),
+        [Ok(())]
+    );
+    let mut indexed = record("a", ItemStatus::Accepted, 1);
+    indexed.content_hash = Some("h1".into());
+    indexed.version = Some(vec![1]);
+    s.commit(
+        f,
+        batch(vec![ItemChange::Upsert {
+            record: indexed,
+            rows: Some(vec![row("a1", 1)]),
+        }]),
+    )
+    .expect("index a");
+    let a = s.get(f, "a").expect("get").expect("a");
+    assert_eq!(a.item.status, ItemStatus::Accepted);
+    assert_eq!(a.item.leased_until_ms, None);
+    assert_eq!(a.item.attempts, 0);
+    assert_eq!(a.item.queue, "A", "an index keeps the label");
+    assert_eq!(a.payload.as_deref(), Some(&b"a"[..]), "and the payload");
+    assert_eq!(
+        s.fence(f, &[fence_check("a", Some(&[1]), None)], t + 2)
+            .expect("fence"),
+        [Err(FenceError::StaleVersion { key: "a".into() })]
+    );
+    // Equal hashes keep it accepted; a new one makes it MODIFIED, relabelled.
+    let pushed = s
+        .push(f, &[push("a", hashes("h1"), "A")], t + 3)
+        .expect("same");
+    assert_eq!(pushed, [Ok(ItemStatus::Accepted)]);
+    let pushed = s
+        .push(f, &[push("a", hashes("h2"), "B")], t + 4)
+        .expect("changed");
+    assert_eq!(pushed, [Ok(ItemStatus::Modified)]);
+    assert_eq!(s.queue_keys(f, "A").expect("keys"), ["b"]);
+    assert_eq!(s.queue_keys(f, "B").expect("keys"), ["a"]);
+    // Unreserve by label and owner; then REQUEUE needs a lease.
+    assert_eq!(
+        s.unreserve(f, Some("A"), Some("w1"), t + 5).expect("none"),
+        0
+    );
+    assert_eq!(s.unreserve(f, Some("A"), Some("w2"), t + 5).expect("b"), 1);
+    assert_eq!(
+        s.push(
+            f,
+            &[push("b", PushKind::Type(PushType::Requeue), "A")],
+            t + 5
+        )
+        .expect("requeue"),
+        [Err(PushRejection::NotReserved("b".into()))]
+    );
+    // deleteQueueItems("A") decided on [b]; b is seen again (relabelled) before the commit:
+    // it stays, MODIFIED. `a` (label B) is deleted unconditionally.
+    s.push(f, &[push("b", hashes("h1"), "B")], t + 6)
+        .expect("relabel");
+    s.commit(
+        f,
+        batch(vec![
+            ItemChange::Delete {
+                key: "b".into(),
+                if_queue: Some("A".into()),
+            },
+            delete("a"),
+        ]),
+    )
+    .expect("delete");
+    let left = s.list(
+        f,
+        &ListRequest {
+            limit: 10,
+            ..ListRequest::default()
+        },
+    );
+    let left = left.expect("list");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].item.key, "b");
+    assert_eq!(left[0].item.status, ItemStatus::Modified);
+    assert_eq!(s.tracked_count(f).expect("rows"), 0);
+    // The traversal label.
+    assert_eq!(s.traversal_label(f).expect("label"), None);
+    s.set_traversal_label(f, "B").expect("set label");
+    assert_eq!(s.traversal_label(f).expect("label").as_deref(), Some("B"));
+}
+
 type Check = fn(&dyn StateStore);
 
-const CHECKS: [(&str, Check); 4] = [
+const CHECKS: [(&str, Check); 5] = [
     ("flows_and_items", flows_and_items),
     ("two_phase", two_phase),
     ("memo_gc", memo_gc),
     ("runs", runs),
+    ("queue", queue),
 ];
 
 #[test]
@@ -278,4 +479,155 @@ fn sqlite_file_keeps_the_contract_and_persists() {
             "{name}: state persisted"
         );
     }
+}
+
+/// The schema of version 1 (file metadata per item), as that release created it.
+const SCHEMA_V1: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE flows (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec_json TEXT NOT NULL);
+CREATE TABLE items (
+  flow_id INTEGER NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL, size INTEGER NOT NULL,
+  mtime_ns INTEGER NOT NULL, racy INTEGER NOT NULL, content_hash BLOB, spec_fp BLOB,
+  message TEXT, PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
+CREATE TABLE tracked (
+  flow_id INTEGER NOT NULL, item_key TEXT NOT NULL, n_rows INTEGER NOT NULL,
+  rows BLOB NOT NULL, PRIMARY KEY (flow_id, item_key)
+) WITHOUT ROWID;
+CREATE TABLE pending (
+  id INTEGER PRIMARY KEY, flow_id INTEGER NOT NULL, item_key TEXT NOT NULL,
+  row_keys TEXT NOT NULL
+);
+CREATE INDEX pending_item ON pending (flow_id, item_key);
+CREATE TABLE memo (
+  flow_id INTEGER NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL, UNIQUE (flow_id, key)
+);
+CREATE TABLE memo_totals (
+  flow_id INTEGER PRIMARY KEY, entries INTEGER NOT NULL, bytes INTEGER NOT NULL
+);
+CREATE TABLE memo_gc (
+  flow_id INTEGER NOT NULL, key BLOB NOT NULL, PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
+CREATE TABLE runs (
+  id INTEGER PRIMARY KEY, flow_id INTEGER NOT NULL, finished_at_ms INTEGER NOT NULL,
+  status TEXT NOT NULL, summary_json TEXT NOT NULL
+);
+CREATE INDEX runs_flow ON runs (flow_id, id);
+INSERT INTO meta (key, value) VALUES ('schema_version', '1');
+";
+
+#[test]
+fn sqlite_migrates_a_version_1_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v1.sqlite");
+    {
+        let c = rusqlite::Connection::open(&path).expect("create v1");
+        c.execute_batch(SCHEMA_V1).expect("v1 schema");
+        c.execute(
+            "INSERT INTO flows (id, name, spec_json) VALUES (7, 'docs', '{}')",
+            [],
+        )
+        .expect("flow");
+        for (key, status, message) in [
+            ("x", "ACCEPTED", None),
+            ("y", "NEW_ITEM", None),
+            ("z", "ERROR", Some("boom")),
+            ("s", "SKIPPED", Some("binary")),
+        ] {
+            c.execute(
+                "INSERT INTO items VALUES (7, ?1, ?2, 10, 1, 0, x'0101', x'0202', ?3)",
+                rusqlite::params![key, status, message],
+            )
+            .expect("item");
+        }
+        // One tracked row of `x` in the (unchanged) lineage encoding, using memo entry 1.
+        let mut rows = vec![2u8, 0];
+        rows.extend_from_slice(b"x1");
+        rows.extend_from_slice(&[101; 32]);
+        rows.push(1);
+        rows.extend_from_slice(&[1; 32]);
+        c.execute(
+            "INSERT INTO tracked VALUES (7, 'x', 1, ?1)",
+            rusqlite::params![rows],
+        )
+        .expect("tracked");
+        c.execute(
+            "INSERT INTO memo VALUES (7, ?1, x'00112233')",
+            rusqlite::params![vec![1u8; 32]],
+        )
+        .expect("memo");
+        c.execute("INSERT INTO memo_totals VALUES (7, 1, 4)", [])
+            .expect("totals");
+    }
+    let check = |s: &dyn StateStore| {
+        let flow = s.flow("docs").expect("flow").expect("docs");
+        assert_eq!(flow.id.0, 7);
+        let f = flow.id;
+        assert_eq!(s.traversal_label(f).expect("label"), None);
+        let items = s.items(f).expect("items");
+        let got: Vec<(&str, ItemStatus, &str, Option<&str>)> = items
+            .iter()
+            .map(|i| {
+                (
+                    i.key.as_str(),
+                    i.status,
+                    i.queue.as_str(),
+                    i.message.as_deref(),
+                )
+            })
+            .collect();
+        // Every item is re-read once under label B; nothing was indexed yet.
+        assert_eq!(
+            got,
+            [
+                ("s", ItemStatus::Modified, "B", Some("binary")),
+                ("x", ItemStatus::Modified, "B", None),
+                ("y", ItemStatus::NewItem, "B", None),
+                ("z", ItemStatus::Modified, "B", Some("boom")),
+            ]
+        );
+        for i in &items {
+            assert_eq!(
+                i.content_hash, None,
+                "{}: v1 hashes are not queue hashes",
+                i.key
+            );
+            assert_eq!(
+                (i.leased_until_ms, i.attempts, i.version.as_ref()),
+                (None, 0, None)
+            );
+        }
+        let lin = s.lineage(f, &["x"]).expect("lineage");
+        assert_eq!(lin["x"].tracked, [row("x1", 1)]);
+        assert_eq!(s.memo_stats(f).expect("memo"), (1, 4));
+        assert_eq!(
+            s.memo_get(f, &[fp(1)]).expect("memo get")[&fp(1)],
+            [0, 0x11, 0x22, 0x33]
+        );
+    };
+    let s = SqliteStore::open(&path).expect("migrate");
+    check(&s);
+    drop(s);
+    // Reopening a migrated store changes nothing.
+    let s = SqliteStore::open(&path).expect("reopen");
+    check(&s);
+    let f = s.flow("docs").expect("flow").expect("docs").id;
+    // The migrated entries are pollable, MODIFIED before NEW_ITEM.
+    let polled = s.poll(f, &poll("w", 10), NOW_MS).expect("poll");
+    assert_eq!(
+        polled
+            .iter()
+            .map(|e| e.item.key.as_str())
+            .collect::<Vec<_>>(),
+        ["s", "x", "z", "y"]
+    );
+    let version: String = rusqlite::Connection::open(&path)
+        .expect("open raw")
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("schema version");
+    assert_eq!(version, "2");
 }

@@ -29,6 +29,12 @@ impl std::fmt::Debug for SqliteCollection {
     }
 }
 
+/// Stored metadata (JSON text written by `apply`); unreadable text is dropped rather than
+/// failing a search.
+fn parse_metadata(text: Option<String>) -> Option<serde_json::Value> {
+    text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
 /// A candidate in the top-k heap, ordered so that the worst is on top.
 struct Scored {
     score: f32,
@@ -77,7 +83,8 @@ impl SqliteCollection {
                start INTEGER NOT NULL,
                end INTEGER NOT NULL,
                text TEXT NOT NULL,
-               vector BLOB NOT NULL
+               vector BLOB NOT NULL,
+               metadata TEXT
              );",
         )
         .map_err(|e| err(e.to_string()))?;
@@ -110,6 +117,18 @@ impl SqliteCollection {
             }
             (None, None) => return Err(VectorError::NotFound(name.into())),
         };
+        // Files written before rows carried metadata get the column.
+        let has_metadata: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('rows') WHERE name = 'metadata')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| err(e.to_string()))?;
+        if !has_metadata {
+            conn.execute_batch("ALTER TABLE rows ADD COLUMN metadata TEXT")
+                .map_err(|e| err(e.to_string()))?;
+        }
         // Files written before the row count was kept get it once.
         let counted: bool = conn
             .query_row(
@@ -188,19 +207,21 @@ impl VectorCollection for SqliteCollection {
             }
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO rows (key, source, start, end, text, vector)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR IGNORE INTO rows (key, source, start, end, text, vector, metadata)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(|e| self.err(e))?;
             let mut upd = tx
                 .prepare_cached(
-                    "UPDATE rows SET source = ?2, start = ?3, end = ?4, text = ?5, vector = ?6
+                    "UPDATE rows SET source = ?2, start = ?3, end = ?4, text = ?5, vector = ?6,
+                       metadata = ?7
                      WHERE key = ?1",
                 )
                 .map_err(|e| self.err(e))?;
             let mut buf = Vec::with_capacity(self.dimension * 4);
             for row in upserts {
                 encode_vector_into(&row.vector, &mut buf);
+                let metadata = row.payload.metadata.as_ref().map(|m| m.to_string());
                 let values = params![
                     row.key,
                     row.payload.source,
@@ -208,6 +229,7 @@ impl VectorCollection for SqliteCollection {
                     row.payload.range[1] as i64,
                     row.payload.text,
                     buf,
+                    metadata,
                 ];
                 if ins.execute(values).map_err(|e| self.err(e))? == 1 {
                     delta += 1;
@@ -271,7 +293,9 @@ impl VectorCollection for SqliteCollection {
         let mut best = heap.into_vec();
         best.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
         let mut stmt = conn
-            .prepare_cached("SELECT key, source, start, end, text FROM rows WHERE id = ?1")
+            .prepare_cached(
+                "SELECT key, source, start, end, text, metadata FROM rows WHERE id = ?1",
+            )
             .map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(best.len());
         for s in best {
@@ -284,6 +308,7 @@ impl VectorCollection for SqliteCollection {
                             source: r.get(1)?,
                             range: [r.get::<_, i64>(2)? as usize, r.get::<_, i64>(3)? as usize],
                             text: r.get(4)?,
+                            metadata: parse_metadata(r.get(5)?),
                         },
                     })
                 })
@@ -307,7 +332,9 @@ impl VectorCollection for SqliteCollection {
     fn scan(&self, visit: &mut dyn FnMut(Row) -> Result<()>) -> Result<()> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT key, source, start, end, text, vector FROM rows ORDER BY key")
+            .prepare(
+                "SELECT key, source, start, end, text, vector, metadata FROM rows ORDER BY key",
+            )
             .map_err(|e| self.err(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
         while let Some(r) = rows.next().map_err(|e| self.err(e))? {
@@ -322,6 +349,7 @@ impl VectorCollection for SqliteCollection {
                         r.get::<_, i64>(3).map_err(|e| self.err(e))? as usize,
                     ],
                     text: r.get(4).map_err(|e| self.err(e))?,
+                    metadata: parse_metadata(r.get(6).map_err(|e| self.err(e))?),
                 },
             };
             visit(row)?;
@@ -343,6 +371,7 @@ mod tests {
                 source: source.into(),
                 range: [0, 1],
                 text: key.into(),
+                metadata: None,
             },
         }
     }
@@ -394,7 +423,8 @@ mod tests {
                 payload: RowPayload {
                     source: "s".into(),
                     range: [0, 0],
-                    text: String::new()
+                    text: String::new(),
+                    metadata: None
                 }
             }]),
             Err(VectorError::Dimension { .. })

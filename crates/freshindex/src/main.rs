@@ -4,6 +4,7 @@
 //! by indicatif's own ticker thread when stderr is a terminal.
 
 mod progress;
+mod queue_cmd;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use clap::{Parser, Subcommand};
 use freshindex_core::config::REFERENCE_CONFIG;
 use freshindex_core::spec::sanitize_name;
 use freshindex_core::{Config, FlowSpec};
-use freshindex_engine::{Engine, RunOptions, RunStatus, RunSummary};
+use freshindex_engine::{Engine, RunOptions, RunStatus, RunSummary, default_workers};
 
 /// Keep AI and search indexes fresh: detect what changed in a source, recompute only that,
 /// apply the minimal changes to the target index.
@@ -49,6 +50,12 @@ enum Command {
         /// Print one JSON object per flow on stdout (an array when several flows run).
         #[arg(long)]
         json: bool,
+        /// Worker threads polling the flow's indexing queue (default: one per core).
+        #[arg(long, env = "FRESHINDEX_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
+        workers: Option<u16>,
+        /// Lease of a polled batch, in seconds (workers extend it while they work).
+        #[arg(long, env = "FRESHINDEX_LEASE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+        lease_secs: u32,
     },
     /// Search a flow's target.
     Search {
@@ -87,6 +94,27 @@ enum Command {
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+    },
+    /// Serve the HTTP API (queue verbs, search, metrics) until SIGTERM or Ctrl-C.
+    Serve {
+        /// Address to listen on; port 0 picks a free one. The first line on stdout says
+        /// which (`listening on http://ADDR`).
+        #[arg(long, env = "FRESHINDEX_LISTEN", default_value = "127.0.0.1:7700")]
+        listen: std::net::SocketAddr,
+        /// Bearer token every request but /healthz must carry; required on a non-loopback
+        /// address.
+        #[arg(long, env = "FRESHINDEX_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Lease of polled items, in seconds.
+        #[arg(long, env = "FRESHINDEX_LEASE_SECS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        lease_secs: u64,
+    },
+    /// The indexing queue of the local data directory (no server): list, show, push, poll,
+    /// unreserve, delete-queue-items.
+    Queue {
+        #[command(subcommand)]
+        command: queue_cmd::QueueCommand,
     },
 }
 
@@ -134,7 +162,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {}", path.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Index { path, flow, json } => {
+        Command::Serve {
+            listen,
+            token,
+            lease_secs,
+        } => {
+            let flows = match config_path(cli.config.as_deref()) {
+                Some(p) => Config::load(&p)?.flows,
+                None => Vec::new(),
+            };
+            serve(freshindex_server::ServeOptions {
+                data_dir: cli.data_dir.clone(),
+                flows,
+                listen,
+                token,
+                lease: std::time::Duration::from_secs(lease_secs),
+            })
+        }
+        Command::Queue { command } => {
+            queue_cmd::run(&cli.data_dir, cli.config.as_deref(), command)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Index {
+            path,
+            flow,
+            json,
+            workers,
+            lease_secs,
+        } => {
             let flows = flows_to_run(cli.config.as_deref(), path.as_deref(), flow.as_deref())?;
             let engine = open_engine(&cli.data_dir)?;
             // Every flow gets its run: one that cannot run is reported and the others go on.
@@ -144,6 +199,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let progress = progress::for_terminal(&spec.name, std::io::stderr().is_terminal());
                 let opts = RunOptions {
                     progress: progress.as_ref(),
+                    workers: workers.map_or_else(default_workers, usize::from),
+                    lease_ms: i64::from(lease_secs) * 1000,
                     ..RunOptions::default()
                 };
                 let outcome = engine.run(spec, &opts);
@@ -319,6 +376,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `freshindex serve`: logs on stderr, the bound address as the first line of stdout.
+fn serve(opts: freshindex_server::ServeOptions) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let report = freshindex_server::run(opts, |addr| {
+        let mut out = std::io::stdout().lock();
+        // Scripts and tests wait for this line to learn the port.
+        let _ = writeln!(out, "listening on http://{addr}");
+        let _ = out.flush();
+    })?;
+    eprintln!(
+        "stopped; released {} lease{} this server handed out",
+        report.leases_released,
+        if report.leases_released == 1 { "" } else { "s" }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_engine(data_dir: &Path) -> Result<Engine> {

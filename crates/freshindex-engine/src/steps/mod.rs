@@ -20,6 +20,6 @@ pub fn processing_fingerprint(spec: &FlowSpec) -> Fingerprint {
         .u64(embed::behavior_version(&spec.embed().model))
         .str(spec.target.collection())
         // The size cap decides whether a file is indexed at all.
-        .u64(spec.files().max_file_size.0)
+        .u64(spec.files().map_or(0, |f| f.max_file_size.0))
         .finish()
 }

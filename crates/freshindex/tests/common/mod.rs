@@ -8,6 +8,8 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -37,6 +39,9 @@ const BINARY_ENV: &[&str] = &[
     "FRESHINDEX_DATA_DIR",
     "FRESHINDEX_FAILPOINT",
     "FRESHINDEX_FAILPOINT_RESUME",
+    "FRESHINDEX_LISTEN",
+    "FRESHINDEX_TOKEN",
+    "FRESHINDEX_LEASE_SECS",
 ];
 
 // ---------------------------------------------------------------------------
@@ -430,6 +435,12 @@ impl Fi {
             stderr_closed: false,
             desc: self.desc,
         }
+    }
+
+    /// The command and its description, for tests that manage the child themselves (a
+    /// server whose first stdout line they read).
+    pub fn into_command(self) -> (Command, String) {
+        (self.cmd, self.desc)
     }
 
     /// Spawns and waits (with [`TIMEOUT`]).

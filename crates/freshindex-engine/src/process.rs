@@ -1,0 +1,918 @@
+//! Processing a batch of items, shared by a run's workers and the queue API's item operations:
+//! look at each item (read, fingerprint, parse, split), embed its chunks through the memo
+//! cache, then — under the engine's writer lock — fence, diff against lineage and apply the
+//! two-phase write (pending keys → target → commit of lineage, queue entries and cache).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use freshindex_core::{Fingerprint, FlowSpec, FpMap, ItemStatus, Row, RowPayload};
+use freshindex_store::{
+    BatchCommit, FenceCheck, FenceError, FlowId, ItemChange, ItemLineage, ItemRecord, StoreError,
+    TrackedRow,
+};
+use freshindex_vector::{SqliteCollection, VectorCollection, decode_vector, encode_vector};
+
+use crate::failpoint;
+use crate::plan::{plan_item, row_fp, row_key};
+use crate::run::{Phase, Progress, now_ms};
+use crate::source::files::{self, ReadError, ScannedFile};
+use crate::steps::embed::{Embedder, behavior_version};
+use crate::steps::parse::parse;
+use crate::steps::split::Splitter;
+use crate::summary::{Issue, ItemError, ItemWarning, RunStatus, RunSummary};
+use crate::{Engine, EngineError};
+
+/// One unit of work.
+pub(crate) enum Work {
+    /// A queue entry of a files flow, with the file the scan listed for it (`None`: the scan
+    /// could not look where the item lives).
+    File {
+        entry: ItemRecord,
+        file: Option<ScannedFile>,
+        has_pending: bool,
+    },
+    /// Content handed over by the queue API (`index` of a push flow). `text: None` records the
+    /// index without touching rows.
+    Text {
+        record: ItemRecord,
+        text: Option<String>,
+        metadata: Option<serde_json::Value>,
+        is_new: bool,
+    },
+    /// An item that is gone: all its rows go.
+    Gone {
+        key: String,
+        existed: bool,
+        /// Delete only if the entry still carries this label (`deleteQueueItems`).
+        if_queue: Option<String>,
+        version: Option<Vec<u8>>,
+        warning: Option<String>,
+    },
+}
+
+/// A chunk ready for embedding and writing.
+struct PreparedChunk {
+    text: String,
+    range: [usize; 2],
+    text_fp: Fingerprint,
+    memo_key: Fingerprint,
+}
+
+/// What looking at one item decided.
+enum Outcome {
+    /// Same content as indexed: only the entry is updated (status, hashes).
+    Unchanged { record: ItemRecord },
+    /// New or changed content, split into chunks.
+    Indexed {
+        record: ItemRecord,
+        chunks: Vec<PreparedChunk>,
+        metadata: Option<serde_json::Value>,
+        is_new: bool,
+    },
+    /// Deliberately produces no rows.
+    Skipped { record: ItemRecord, warning: String },
+    /// Failed; keeps its rows, retried later.
+    Failed { record: ItemRecord, error: String },
+    /// Cannot be looked at now (its folder was not listed): retried after a backoff.
+    Postponed { record: ItemRecord, warning: String },
+    /// Gone: all its rows go.
+    Gone {
+        key: String,
+        existed: bool,
+        if_queue: Option<String>,
+        version: Option<Vec<u8>>,
+        warning: Option<String>,
+    },
+}
+
+impl Outcome {
+    fn key(&self) -> &str {
+        match self {
+            Outcome::Unchanged { record }
+            | Outcome::Indexed { record, .. }
+            | Outcome::Skipped { record, .. }
+            | Outcome::Failed { record, .. }
+            | Outcome::Postponed { record, .. } => &record.key,
+            Outcome::Gone { key, .. } => key,
+        }
+    }
+
+    fn version(&self) -> Option<&Vec<u8>> {
+        match self {
+            Outcome::Unchanged { record }
+            | Outcome::Indexed { record, .. }
+            | Outcome::Skipped { record, .. }
+            | Outcome::Failed { record, .. }
+            | Outcome::Postponed { record, .. } => record.version.as_ref(),
+            Outcome::Gone { version, .. } => version.as_ref(),
+        }
+    }
+}
+
+/// Hex content hash of a files item: the bytes under the flow's processing fingerprint, so a
+/// change of steps makes every item changed.
+pub(crate) fn content_hash(spec_fp: &Fingerprint, bytes: &[u8]) -> String {
+    Fingerprint::builder("freshindex/content")
+        .fp(spec_fp)
+        .fp(&Fingerprint::of(bytes))
+        .finish()
+        .hex_prefix(32)
+}
+
+/// Hex metadata hash of a files item (size and mtime under the processing fingerprint). Racy
+/// metadata (too close to the read to be trusted) gets a hash no scan reproduces, so the next
+/// scan marks the item modified and its content is compared.
+pub(crate) fn metadata_hash(spec_fp: &Fingerprint, size: u64, mtime_ns: i64, racy: bool) -> String {
+    let h = Fingerprint::builder("freshindex/metadata")
+        .fp(spec_fp)
+        .u64(size)
+        .u64(mtime_ns as u64)
+        .finish()
+        .hex_prefix(32);
+    if racy { format!("racy:{h}") } else { h }
+}
+
+/// A vector being computed by one batch, or computed and not yet committed to the cache.
+enum Slot {
+    Computing,
+    Done(Arc<Vec<f32>>),
+}
+
+#[derive(Default)]
+struct MemoState {
+    inflight: FpMap<Slot>,
+    /// Every key computed since this memo started (committed or in flight).
+    computed: FpMap<()>,
+}
+
+/// Coordinates the memo cache across concurrent batches, so that each text is embedded once:
+/// a batch that needs a vector another batch is computing waits for it; a vector computed and
+/// not yet committed is taken from memory; anything else comes from the cache.
+pub(crate) struct RunMemo {
+    state: Mutex<MemoState>,
+    done: Condvar,
+    /// The cache held nothing when the memo started: keys this memo did not compute cannot be
+    /// cached, so they are computed without a lookup.
+    cache_was_empty: bool,
+}
+
+impl RunMemo {
+    pub(crate) fn new(cache_was_empty: bool) -> RunMemo {
+        RunMemo {
+            state: Mutex::new(MemoState::default()),
+            done: Condvar::new(),
+            cache_was_empty,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The batch that computed `keys` committed them: the cache serves them from now on.
+    fn committed(&self, keys: &[Fingerprint]) {
+        let mut st = self.lock();
+        for k in keys {
+            st.inflight.remove(k);
+        }
+    }
+}
+
+/// Counts and issues of the items processed so far.
+pub(crate) struct Tally {
+    pub(crate) summary: RunSummary,
+    total_errors: u64,
+    total_warnings: u64,
+    failed: HashSet<String>,
+}
+
+impl Tally {
+    pub(crate) fn new(flow: &str) -> Tally {
+        Tally {
+            summary: RunSummary {
+                flow: flow.to_string(),
+                status: RunStatus::Success,
+                items: Default::default(),
+                rows: Default::default(),
+                embeddings: Default::default(),
+                elapsed_ms: 0,
+                errors: Vec::new(),
+                warnings: Vec::new(),
+            },
+            total_errors: 0,
+            total_warnings: 0,
+            failed: HashSet::new(),
+        }
+    }
+
+    pub(crate) fn issues(&mut self, issues: &[Issue]) {
+        let (mut e, mut w) = (self.total_errors, self.total_warnings);
+        self.summary.push_issues(issues, &mut e, &mut w);
+        self.total_errors = e;
+        self.total_warnings = w;
+    }
+
+    /// The summary, with a last line in each capped list saying how many were left out.
+    pub(crate) fn finish(mut self, max_failed_items: i64) -> RunSummary {
+        let limit = max_failed_items;
+        if limit >= 0 && self.summary.items.failed > limit as u64 {
+            self.summary.status = RunStatus::Failed;
+        }
+        let unlisted = |total: u64, listed: usize, what: &str| {
+            (total as usize > listed).then(|| {
+                (
+                    "...".to_string(),
+                    format!("{} more {what} not listed", total as usize - listed),
+                )
+            })
+        };
+        if let Some((item, error)) =
+            unlisted(self.total_errors, self.summary.errors.len(), "errors")
+        {
+            self.summary.errors.push(ItemError { item, error });
+        }
+        if let Some((item, warning)) =
+            unlisted(self.total_warnings, self.summary.warnings.len(), "warnings")
+        {
+            self.summary.warnings.push(ItemWarning { item, warning });
+        }
+        self.summary
+    }
+}
+
+/// Everything needed to process items of one flow.
+pub(crate) struct Ctx<'a> {
+    pub(crate) engine: &'a Engine,
+    pub(crate) flow: FlowId,
+    pub(crate) spec: &'a FlowSpec,
+    pub(crate) spec_fp: Fingerprint,
+    pub(crate) embed_fp: Fingerprint,
+    pub(crate) embedder: Box<dyn Embedder>,
+    pub(crate) splitter: Splitter,
+    pub(crate) memo: RunMemo,
+    pub(crate) collection: Arc<SqliteCollection>,
+    pub(crate) tally: Mutex<Tally>,
+    pub(crate) progress: &'a dyn Progress,
+    /// The lease holder the batches process for (fenced before every write).
+    pub(crate) owner: Option<String>,
+}
+
+/// A batch after looking and embedding, ready for the diff and the write.
+struct Prepared {
+    outcomes: Vec<Outcome>,
+    vectors: FpMap<Vec<f32>>,
+    new_memo: Vec<(Fingerprint, Vec<u8>)>,
+    reused: u64,
+    embed_error: Option<String>,
+}
+
+/// Decodes a cached vector, checking its dimension.
+fn decode_memo(bytes: &[u8], dimension: usize) -> Result<Vec<f32>, EngineError> {
+    decode_vector(bytes)
+        .filter(|v| v.len() == dimension)
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "memo entry of {} bytes for dimension {dimension}",
+                bytes.len()
+            ))
+            .into()
+        })
+}
+
+impl Ctx<'_> {
+    pub(crate) fn tally(&self) -> MutexGuard<'_, Tally> {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Processes a batch: prepares it (no lock), then writes it under the writer lock. Returns
+    /// the fence refusals (items another holder or a newer version owns; nothing was written
+    /// for them).
+    pub(crate) fn process(&self, batch: Vec<Work>) -> Result<Vec<FenceError>, EngineError> {
+        let prepared = self.prepare(batch)?;
+        self.apply(prepared)
+    }
+
+    fn record(&self, entry: &ItemRecord, status: ItemStatus) -> ItemRecord {
+        let mut r = ItemRecord::new(&entry.key, status);
+        r.queue = entry.queue.clone();
+        r.version = entry.version.clone();
+        r
+    }
+
+    fn look(&self, work: Work) -> Outcome {
+        match work {
+            Work::Gone {
+                key,
+                existed,
+                if_queue,
+                version,
+                warning,
+            } => Outcome::Gone {
+                key,
+                existed,
+                if_queue,
+                version,
+                warning,
+            },
+            Work::Text {
+                record,
+                text,
+                metadata,
+                is_new,
+            } => match text {
+                None => Outcome::Unchanged { record },
+                Some(text) => {
+                    let chunks = self.chunks(&record.key, &text, 0);
+                    Outcome::Indexed {
+                        record,
+                        chunks,
+                        metadata,
+                        is_new,
+                    }
+                }
+            },
+            Work::File {
+                entry,
+                file,
+                has_pending,
+            } => self.look_file(entry, file, has_pending),
+        }
+    }
+
+    fn chunks(&self, key: &str, text: &str, offset: usize) -> Vec<PreparedChunk> {
+        self.splitter
+            .split(key, text)
+            .into_iter()
+            .map(|c| {
+                let text_fp = Fingerprint::of(c.text.as_bytes());
+                let start = offset + c.start;
+                PreparedChunk {
+                    text: c.text.to_string(),
+                    range: [start, start + c.text.len()],
+                    memo_key: Fingerprint::builder("freshindex/memo")
+                        .fp(&self.embed_fp)
+                        .fp(&text_fp)
+                        .finish(),
+                    text_fp,
+                }
+            })
+            .collect()
+    }
+
+    fn look_file(
+        &self,
+        entry: ItemRecord,
+        file: Option<ScannedFile>,
+        has_pending: bool,
+    ) -> Outcome {
+        let key = entry.key.clone();
+        let Some(file) = file else {
+            let mut r = self.record(&entry, ItemStatus::Error);
+            let w = "its folder could not be listed by this scan; retried later".to_string();
+            r.message = Some(w.clone());
+            return Outcome::Postponed {
+                record: r,
+                warning: w,
+            };
+        };
+        let Some(max) = self.spec.files().map(|f| f.max_file_size) else {
+            return Outcome::Failed {
+                record: self.record(&entry, ItemStatus::Error),
+                error: "not a files flow".into(),
+            };
+        };
+        let skipped = |w: String, size: u64, mtime_ns: i64| {
+            let mut r = self.record(&entry, ItemStatus::Skipped);
+            r.metadata_hash = Some(metadata_hash(&self.spec_fp, size, mtime_ns, false));
+            r.message = Some(w.clone());
+            Outcome::Skipped {
+                record: r,
+                warning: w,
+            }
+        };
+        let not_regular = |size, mtime| {
+            skipped(
+                "not a regular file (FIFO, socket or device); skipped".to_string(),
+                size,
+                mtime,
+            )
+        };
+        if !file.regular {
+            return not_regular(file.size, file.mtime_ns);
+        }
+        let too_large = |size: u64| {
+            skipped(
+                format!(
+                    "file is {}, over max_file_size {}; skipped",
+                    freshindex_core::spec::ByteSize(size),
+                    max
+                ),
+                size,
+                file.mtime_ns,
+            )
+        };
+        if file.size > max.0 {
+            return too_large(file.size);
+        }
+        let read = match files::read(&file, max.0) {
+            Ok(r) => r,
+            Err(ReadError::TooLarge(size)) => return too_large(size),
+            Err(ReadError::NotRegular) => return not_regular(file.size, file.mtime_ns),
+            Err(ReadError::Vanished(e)) => {
+                return Outcome::Gone {
+                    key,
+                    existed: true,
+                    if_queue: None,
+                    version: None,
+                    warning: Some(format!("vanished during the scan: {e}")),
+                };
+            }
+            Err(ReadError::Io(e)) => {
+                let error = format!("cannot read: {e}");
+                let mut r = self.record(&entry, ItemStatus::Error);
+                r.message = Some(error.clone());
+                return Outcome::Failed { record: r, error };
+            }
+        };
+        let hash = content_hash(&self.spec_fp, &read.bytes);
+        let mut record = self.record(&entry, ItemStatus::Accepted);
+        record.metadata_hash = Some(metadata_hash(
+            &self.spec_fp,
+            read.size,
+            read.mtime_ns,
+            read.racy,
+        ));
+        if !has_pending
+            && entry.status != ItemStatus::Error
+            && entry.content_hash.as_deref() == Some(hash.as_str())
+        {
+            record.content_hash = Some(hash);
+            return Outcome::Unchanged { record };
+        }
+        let parsed = match parse(&read.bytes) {
+            Ok(p) => p,
+            Err(w) => {
+                record.status = ItemStatus::Skipped;
+                record.message = Some(w.clone());
+                return Outcome::Skipped { record, warning: w };
+            }
+        };
+        record.content_hash = Some(hash);
+        let chunks = self.chunks(&key, parsed.text, parsed.offset);
+        if read.changed_during_read {
+            record.message = Some(
+                "changed while being read; indexed the content as read, it is checked again on the next run"
+                    .to_string(),
+            );
+        } else if read.changed_since_scan {
+            record.message =
+                Some("changed while the scan ran; indexed its content as of reading".to_string());
+        }
+        Outcome::Indexed {
+            record,
+            chunks,
+            metadata: None,
+            is_new: entry.status == ItemStatus::NewItem,
+        }
+    }
+
+    /// Looks at a batch of items and finds a vector for every chunk: from this run's memory,
+    /// from the cache, or computed (each missing text once, even across concurrent batches).
+    fn prepare(&self, batch: Vec<Work>) -> Result<Prepared, EngineError> {
+        let outcomes: Vec<Outcome> = batch.into_iter().map(|w| self.look(w)).collect();
+        let mut needed: Vec<(Fingerprint, &str)> = Vec::new();
+        // Every chunk counts: one computed or reused embedding each.
+        let mut n_needed = 0u64;
+        {
+            let mut seen: FpMap<()> = FpMap::default();
+            for o in &outcomes {
+                if let Outcome::Indexed { chunks, .. } = o {
+                    n_needed += chunks.len() as u64;
+                    for c in chunks {
+                        if seen.insert(c.memo_key, ()).is_none() {
+                            needed.push((c.memo_key, c.text.as_str()));
+                        }
+                    }
+                }
+            }
+        }
+        let dimension = self.embedder.dimension();
+        let mut vectors: FpMap<Vec<f32>> =
+            FpMap::with_capacity_and_hasher(needed.len(), Default::default());
+        let mut new_memo: Vec<(Fingerprint, Vec<u8>)> = Vec::new();
+        let mut embed_error: Option<String> = None;
+        let mut looked_up: FpMap<u8> = FpMap::default();
+        let mut pending = needed;
+        while !pending.is_empty() {
+            let (mut mine, mut lookup, mut wait) = (Vec::new(), Vec::new(), Vec::new());
+            {
+                let mut st = self.memo.lock();
+                for (k, t) in pending.drain(..) {
+                    match st.inflight.get(&k) {
+                        Some(Slot::Done(v)) => {
+                            vectors.insert(k, v.as_ref().clone());
+                        }
+                        Some(Slot::Computing) => wait.push((k, t)),
+                        None => {
+                            let tries = looked_up.get(&k).copied().unwrap_or(0);
+                            let may_be_cached =
+                                !self.memo.cache_was_empty || st.computed.contains_key(&k);
+                            // A key another batch computed is committed once it leaves the
+                            // in-flight set; one retry covers a commit racing this lookup.
+                            let worth_lookup = if st.computed.contains_key(&k) {
+                                tries < 2
+                            } else {
+                                tries < 1
+                            };
+                            if may_be_cached && worth_lookup {
+                                lookup.push((k, t));
+                            } else {
+                                st.inflight.insert(k, Slot::Computing);
+                                st.computed.insert(k, ());
+                                mine.push((k, t));
+                            }
+                        }
+                    }
+                }
+            }
+            if !lookup.is_empty() {
+                let keys: Vec<Fingerprint> = lookup.iter().map(|(k, _)| *k).collect();
+                for (k, bytes) in self.engine.store().memo_get(self.flow, &keys)? {
+                    vectors.insert(k, decode_memo(&bytes, dimension)?);
+                }
+                for (k, t) in lookup {
+                    if !vectors.contains_key(&k) {
+                        *looked_up.entry(k).or_insert(0) += 1;
+                        pending.push((k, t));
+                    }
+                }
+            }
+            for part in mine.chunks(self.spec.embed().batch_size.max(1)) {
+                let texts: Vec<&str> = part.iter().map(|(_, t)| *t).collect();
+                let result = match self.embedder.embed(&texts) {
+                    Ok(vs) if vs.len() == texts.len() => Ok(vs),
+                    Ok(vs) => Err(format!(
+                        "embedder returned {} vectors for {} texts",
+                        vs.len(),
+                        texts.len()
+                    )),
+                    Err(e) => Err(format!("embedding failed: {e}")),
+                };
+                let mut st = self.memo.lock();
+                match result {
+                    Ok(vs) => {
+                        for ((k, _), v) in part.iter().zip(vs) {
+                            new_memo.push((*k, encode_vector(&v)));
+                            st.inflight.insert(*k, Slot::Done(Arc::new(v.clone())));
+                            vectors.insert(*k, v);
+                        }
+                    }
+                    Err(e) => {
+                        for (k, _) in part {
+                            st.inflight.remove(k);
+                            st.computed.remove(k);
+                        }
+                        embed_error = Some(e);
+                    }
+                }
+                drop(st);
+                self.memo.done.notify_all();
+            }
+            if !wait.is_empty() {
+                let mut st = self.memo.lock();
+                while wait
+                    .iter()
+                    .any(|(k, _)| matches!(st.inflight.get(k), Some(Slot::Computing)))
+                {
+                    st = self.memo.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                drop(st);
+                // Resolved on the next round: taken from memory, the cache, or computed here
+                // when the other batch failed.
+                pending.extend(wait);
+            }
+            if embed_error.is_some() {
+                break;
+            }
+        }
+        let reused = n_needed - new_memo.len() as u64;
+        Ok(Prepared {
+            outcomes,
+            vectors,
+            new_memo,
+            reused,
+            embed_error,
+        })
+    }
+
+    /// Fences, diffs against lineage and writes a prepared batch: pending keys, then the
+    /// target, then the commit.
+    fn apply(&self, prepared: Prepared) -> Result<Vec<FenceError>, EngineError> {
+        let Prepared {
+            outcomes,
+            mut vectors,
+            new_memo,
+            reused,
+            embed_error,
+        } = prepared;
+        let store = self.engine.store();
+        let _writer = self.engine.writer();
+        let now = now_ms();
+
+        // Fence: items another holder took over, or with a version not newer than the indexed
+        // one, are not written.
+        let checks: Vec<(usize, FenceCheck)> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| self.owner.is_some() || o.version().is_some())
+            .filter(|(_, o)| {
+                !matches!(
+                    o,
+                    Outcome::Gone {
+                        if_queue: Some(_),
+                        ..
+                    }
+                )
+            })
+            .map(|(i, o)| {
+                (
+                    i,
+                    FenceCheck {
+                        key: o.key().to_string(),
+                        version: o.version().cloned(),
+                        owner: self.owner.clone(),
+                    },
+                )
+            })
+            .collect();
+        let mut refused: Vec<FenceError> = Vec::new();
+        let mut blocked: HashSet<usize> = HashSet::new();
+        if !checks.is_empty() {
+            let list: Vec<FenceCheck> = checks.iter().map(|(_, c)| c.clone()).collect();
+            for ((i, _), answer) in checks.iter().zip(store.fence(self.flow, &list, now)?) {
+                if let Err(e) = answer {
+                    blocked.insert(*i);
+                    refused.push(e);
+                }
+            }
+        }
+
+        let keys: Vec<&str> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !blocked.contains(i))
+            .filter_map(|(_, o)| match o {
+                Outcome::Indexed { record, .. } | Outcome::Skipped { record, .. } => {
+                    Some(record.key.as_str())
+                }
+                Outcome::Gone { key, .. } => Some(key.as_str()),
+                Outcome::Unchanged { .. } | Outcome::Failed { .. } | Outcome::Postponed { .. } => {
+                    None
+                }
+            })
+            .collect();
+        let lineage = store.lineage(self.flow, &keys)?;
+        let empty = ItemLineage::default();
+        let mut upserts: Vec<Row> = Vec::new();
+        let mut upsert_vectors: Vec<Option<Fingerprint>> = Vec::new();
+        let mut deletes: Vec<String> = Vec::new();
+        let mut pending: Vec<(String, Vec<String>)> = Vec::new();
+        let mut changes: Vec<ItemChange> = Vec::with_capacity(outcomes.len());
+        let mut issues: Vec<Issue> = Vec::new();
+        let mut tally = self.tally();
+        tally.summary.embeddings.computed += new_memo.len() as u64;
+        tally.summary.embeddings.reused += reused;
+        for (i, o) in outcomes.into_iter().enumerate() {
+            if blocked.contains(&i) {
+                continue;
+            }
+            let (key, record, rows): (String, Option<ItemRecord>, Vec<(Row, TrackedRow)>) = match o
+            {
+                Outcome::Unchanged { record } => {
+                    tally.summary.items.unchanged += 1;
+                    changes.push(ItemChange::Upsert { record, rows: None });
+                    continue;
+                }
+                Outcome::Failed { record, error } => {
+                    if tally.failed.insert(record.key.clone()) {
+                        tally.summary.items.failed += 1;
+                    }
+                    issues.push(Issue::error(record.key.clone(), error));
+                    changes.push(ItemChange::Upsert { record, rows: None });
+                    continue;
+                }
+                Outcome::Postponed { record, warning } => {
+                    issues.push(Issue::warning(record.key.clone(), warning));
+                    changes.push(ItemChange::Upsert { record, rows: None });
+                    continue;
+                }
+                Outcome::Skipped { record, warning } => {
+                    tally.summary.items.skipped += 1;
+                    issues.push(Issue::warning(record.key.clone(), warning));
+                    (record.key.clone(), Some(record), Vec::new())
+                }
+                Outcome::Gone {
+                    key,
+                    existed,
+                    if_queue,
+                    version: _,
+                    warning,
+                } => {
+                    if existed {
+                        tally.summary.items.deleted += 1;
+                    }
+                    if let Some(w) = warning {
+                        issues.push(Issue::warning(key.clone(), w));
+                    }
+                    let old = lineage.get(&key).unwrap_or(&empty);
+                    let plan = plan_item(old, &[]);
+                    tally.summary.rows.deleted += plan.deleted;
+                    if !plan.pending.is_empty() {
+                        pending.push((key.clone(), plan.pending));
+                    }
+                    deletes.extend(plan.delete);
+                    changes.push(ItemChange::Delete { key, if_queue });
+                    continue;
+                }
+                Outcome::Indexed {
+                    mut record,
+                    chunks,
+                    metadata,
+                    is_new,
+                } => {
+                    if let Some(e) = &embed_error
+                        && chunks.iter().any(|c| !vectors.contains_key(&c.memo_key))
+                    {
+                        if tally.failed.insert(record.key.clone()) {
+                            tally.summary.items.failed += 1;
+                        }
+                        issues.push(Issue::error(record.key.clone(), e.clone()));
+                        record.status = ItemStatus::Error;
+                        record.message = Some(e.clone());
+                        changes.push(ItemChange::Upsert { record, rows: None });
+                        continue;
+                    }
+                    if is_new {
+                        tally.summary.items.new += 1;
+                    } else {
+                        tally.summary.items.modified += 1;
+                    }
+                    if let Some(w) = &record.message {
+                        issues.push(Issue::warning(record.key.clone(), w.clone()));
+                    }
+                    let rows = self.rows(&record.key, chunks, metadata);
+                    (record.key.clone(), Some(record), rows)
+                }
+            };
+            let old = lineage.get(&key).unwrap_or(&empty);
+            let new_keys: Vec<(String, Fingerprint)> = rows
+                .iter()
+                .map(|(_, t)| (t.row_key.clone(), t.row_fp))
+                .collect();
+            let plan = plan_item(old, &new_keys);
+            tally.summary.rows.added += plan.added;
+            tally.summary.rows.updated += plan.updated;
+            tally.summary.rows.deleted += plan.deleted;
+            tally.summary.rows.unchanged += plan.unchanged;
+            if !plan.pending.is_empty() {
+                pending.push((key.clone(), plan.pending));
+            }
+            deletes.extend(plan.delete);
+            let mut tracked = Vec::with_capacity(rows.len());
+            let mut rows: Vec<Option<Row>> = rows
+                .into_iter()
+                .map(|(row, t)| {
+                    tracked.push(t);
+                    Some(row)
+                })
+                .collect();
+            for i in plan.upsert {
+                if let Some(row) = rows[i].take() {
+                    upserts.push(row);
+                    upsert_vectors.push(tracked[i].memo_key);
+                }
+            }
+            if let Some(record) = record {
+                changes.push(ItemChange::Upsert {
+                    record,
+                    rows: Some(tracked),
+                });
+            }
+        }
+        tally.issues(&issues);
+        drop(tally);
+        // Vectors go to the rows that are written: moved on their last use, copied before.
+        let mut uses: FpMap<u32> = FpMap::default();
+        for k in upsert_vectors.iter().flatten() {
+            *uses.entry(*k).or_insert(0) += 1;
+        }
+        for (row, k) in upserts.iter_mut().zip(&upsert_vectors) {
+            let Some(k) = k else { continue };
+            let last = uses.get_mut(k).is_some_and(|n| {
+                *n -= 1;
+                *n == 0
+            });
+            row.vector = if last {
+                vectors.remove(k)
+            } else {
+                vectors.get(k).cloned()
+            }
+            .unwrap_or_default();
+        }
+
+        // Two-phase write: pending keys, then the target, then the commit.
+        if !upserts.is_empty() || !deletes.is_empty() {
+            store.record_pending(self.flow, &pending)?;
+            failpoint::hit("pending-recorded");
+            self.collection.apply(&upserts, &deletes)?;
+            self.progress
+                .inc(Phase::Writing, (upserts.len() + deletes.len()) as u64);
+            failpoint::hit("target-written");
+        }
+        if !changes.is_empty() || !new_memo.is_empty() {
+            let computed: Vec<Fingerprint> = new_memo.iter().map(|(k, _)| *k).collect();
+            store.commit(
+                self.flow,
+                BatchCommit {
+                    items: changes,
+                    // After a partial embedding failure some new entries may serve no row.
+                    gc_candidates: if embed_error.is_some() || !refused.is_empty() {
+                        computed.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    memo: new_memo,
+                    now_ms: now,
+                },
+            )?;
+            self.memo.committed(&computed);
+            failpoint::hit("batch-committed");
+        }
+        Ok(refused)
+    }
+
+    /// Target rows of an indexed item, with their lineage records.
+    fn rows(
+        &self,
+        key: &str,
+        chunks: Vec<PreparedChunk>,
+        metadata: Option<serde_json::Value>,
+    ) -> Vec<(Row, TrackedRow)> {
+        let meta_fp = metadata.as_ref().map(|m| {
+            Fingerprint::builder("freshindex/row-metadata")
+                .str(&m.to_string())
+                .finish()
+        });
+        let mut dups: FpMap<u32> = FpMap::default();
+        let mut out = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let dup = dups.entry(c.text_fp).or_insert(0);
+            let rk = row_key(key, &c.text_fp, *dup);
+            *dup += 1;
+            // Metadata is part of what the row holds: a metadata change rewrites the row.
+            let content_fp = match &meta_fp {
+                Some(m) => Fingerprint::builder("freshindex/row-content")
+                    .fp(&c.text_fp)
+                    .fp(m)
+                    .finish(),
+                None => c.text_fp,
+            };
+            let fp = row_fp(
+                self.spec.target.collection(),
+                &rk,
+                key,
+                c.range,
+                &content_fp,
+                &c.memo_key,
+            );
+            out.push((
+                Row {
+                    key: rk.clone(),
+                    // Filled in for the rows that are written (see `apply`).
+                    vector: Vec::new(),
+                    payload: RowPayload {
+                        source: key.to_string(),
+                        range: c.range,
+                        text: c.text,
+                        metadata: metadata.clone(),
+                    },
+                },
+                TrackedRow {
+                    row_key: rk,
+                    row_fp: fp,
+                    memo_key: Some(c.memo_key),
+                },
+            ));
+        }
+        out
+    }
+}
+
+/// The embedding fingerprint of a flow: model identity and behaviour version.
+pub(crate) fn embed_fingerprint(spec: &FlowSpec) -> Fingerprint {
+    Fingerprint::builder("freshindex/memo/embed")
+        .str(&spec.embed().identity())
+        .u64(behavior_version(&spec.embed().model))
+        .finish()
+}

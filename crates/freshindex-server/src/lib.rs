@@ -1,0 +1,322 @@
+//! The freshindex HTTP API: the indexing-queue verbs (`items:push`, `items:poll`,
+//! `items/{key}:index`, `items:unreserve`, delete, `deleteQueueItems`), listing, search,
+//! `/metrics` and `/healthz`, shaped after Google Cloud Search's indexing REST API.
+//!
+//! Tasks and threads: [`run`] builds a multi-threaded tokio runtime; axum serves each
+//! connection on it. Every engine or store call is blocking (SQLite) and runs on tokio's
+//! blocking pool, bounded to [`MAX_BLOCKING_THREADS`]; the store serializes writes itself. A
+//! signal task waits for SIGTERM or Ctrl-C: the listener stops accepting, in-flight requests
+//! finish, then the leases this server handed out are released (`unreserve` by owner) so that
+//! other workers get those items at once instead of after the lease expires.
+//!
+//! Modules: [`error`] (the one table of error codes), [`wire`] (JSON shapes and their
+//! checks), [`extract`] (extractors that answer rejections in the error shape), [`metrics`],
+//! `routes` (the handlers).
+
+pub mod error;
+pub mod extract;
+pub mod metrics;
+mod routes;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use freshindex_core::FlowSpec;
+use freshindex_engine::{Engine, EngineError};
+use freshindex_store::{FlowId, StoreError};
+
+pub use error::{ApiError, Code};
+
+/// Blocking threads (engine and store calls) at most.
+pub const MAX_BLOCKING_THREADS: usize = 16;
+
+/// What `freshindex serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Flows of the config file, registered at start.
+    pub flows: Vec<FlowSpec>,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Bearer token every request but `/healthz` must carry.
+    pub token: Option<String>,
+    /// Lease of polled entries.
+    pub lease: Duration,
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A non-loopback address without a token.
+    #[error(
+        "refusing to listen on {0} without a token: anyone who can reach it could read and change the index; pass --token (or set FRESHINDEX_TOKEN), or listen on a loopback address such as 127.0.0.1"
+    )]
+    NoToken(SocketAddr),
+    /// An empty token.
+    #[error("--token: must not be empty")]
+    EmptyToken,
+    /// The data directory or a flow could not be opened.
+    #[error("{context}: {source}")]
+    Engine {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: EngineError,
+    },
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Binding, the runtime or serving failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a server run ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServeReport {
+    /// Leases released at shutdown.
+    pub leases_released: u64,
+}
+
+/// Milliseconds since the epoch (the queue's clock).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Checks the listen address against the token: a server reachable from other machines must
+/// require one.
+pub fn check_listen(listen: SocketAddr, token: Option<&str>) -> Result<(), ServeError> {
+    match token {
+        Some("") => Err(ServeError::EmptyToken),
+        Some(_) => Ok(()),
+        None if listen.ip().is_loopback() => Ok(()),
+        None => Err(ServeError::NoToken(listen)),
+    }
+}
+
+// Handlers share the engine across tasks and blocking threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Engine>();
+};
+
+/// State shared by the handlers.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) engine: Arc<Engine>,
+    /// Flows known to be served, by name (more are looked up on first use: a flow defined by
+    /// another process after start).
+    flows: Mutex<BTreeMap<String, FlowId>>,
+    /// Lease holders this server polled for: released at shutdown.
+    owners: Mutex<BTreeSet<String>>,
+    /// Lease holder of polls that name none.
+    pub(crate) default_owner: String,
+    pub(crate) lease_ms: i64,
+    /// BLAKE3 of the token: comparing hashes (in constant time) hides the token's length too.
+    token: Option<blake3::Hash>,
+    pub(crate) metrics: metrics::Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AppState {
+    /// Runs a blocking engine or store call on the blocking pool.
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Engine) -> Result<T, ApiError> + Send + 'static,
+    {
+        let engine = Arc::clone(&self.engine);
+        tokio::task::spawn_blocking(move || f(&engine))
+            .await
+            .map_err(|e| ApiError::internal(format!("request worker failed: {e}")))?
+    }
+
+    /// The id of a served flow, or `flow_not_found`.
+    pub(crate) async fn flow_id(&self, name: &str) -> Result<FlowId, ApiError> {
+        if let Some(id) = lock(&self.flows).get(name) {
+            return Ok(*id);
+        }
+        let n = name.to_string();
+        let found = self
+            .blocking(move |e| Ok(e.store().flow(&n)?.map(|r| r.id)))
+            .await?;
+        match found {
+            Some(id) => {
+                lock(&self.flows).insert(name.to_string(), id);
+                Ok(id)
+            }
+            None => Err(ApiError::new(
+                Code::FlowNotFound,
+                format!(
+                    "flow `{name}` is not defined: neither the server's config nor its data directory has it"
+                ),
+            )),
+        }
+    }
+
+    /// Flows served so far, by name.
+    pub(crate) fn flows(&self) -> Vec<(String, FlowId)> {
+        lock(&self.flows)
+            .iter()
+            .map(|(n, id)| (n.clone(), *id))
+            .collect()
+    }
+
+    /// Remembers a lease holder to release at shutdown.
+    pub(crate) fn saw_owner(&self, owner: &str) {
+        lock(&self.owners).insert(owner.to_string());
+    }
+
+    /// Whether `given` is the configured token (true when there is none).
+    pub(crate) fn token_ok(&self, given: Option<&str>) -> bool {
+        match &self.token {
+            None => true,
+            Some(expected) => given.is_some_and(|g| blake3::hash(g.as_bytes()) == *expected),
+        }
+    }
+
+    pub(crate) fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Ends every live lease this server handed out; returns how many.
+    fn release_leases(&self) -> Result<u64, StoreError> {
+        let owners: Vec<String> = lock(&self.owners).iter().cloned().collect();
+        let store = self.engine.store();
+        let now = now_ms();
+        let mut released = 0;
+        for (_, flow) in self.flows() {
+            for owner in &owners {
+                released += store.unreserve(flow, None, Some(owner), now)?;
+            }
+        }
+        Ok(released)
+    }
+}
+
+/// Opens the data directory, registers the config's flows and builds the shared state.
+fn prepare(opts: &ServeOptions) -> Result<Arc<AppState>, ServeError> {
+    let engine = Engine::open(&opts.data_dir).map_err(|source| ServeError::Engine {
+        context: format!("data dir {}", opts.data_dir.display()),
+        source,
+    })?;
+    let mut flows = BTreeMap::new();
+    for spec in &opts.flows {
+        let id = engine
+            .define_flow(spec)
+            .map_err(|source| ServeError::Engine {
+                context: format!("flow `{}`", spec.name),
+                source,
+            })?;
+        flows.insert(spec.name.clone(), id);
+    }
+    for rec in engine.store().flows()? {
+        flows.entry(rec.name).or_insert(rec.id);
+    }
+    let default_owner = format!("http-{}", std::process::id());
+    Ok(Arc::new(AppState {
+        engine: Arc::new(engine),
+        flows: Mutex::new(flows),
+        owners: Mutex::new(BTreeSet::from([default_owner.clone()])),
+        default_owner,
+        lease_ms: i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX),
+        token: opts.token.as_deref().map(|t| blake3::hash(t.as_bytes())),
+        metrics: metrics::Metrics::default(),
+    }))
+}
+
+/// Serves until SIGTERM or Ctrl-C, then releases this server's leases. `on_listening` gets
+/// the bound address once the server accepts connections (and the signal handlers are in
+/// place). Blocks the calling thread.
+pub fn run(
+    opts: ServeOptions,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<ServeReport, ServeError> {
+    check_listen(opts.listen, opts.token.as_deref())?;
+    let state = prepare(&opts)?;
+    let io = |context: &str| {
+        let context = context.to_string();
+        move |source| ServeError::Io { context, source }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_name("freshindex-http")
+        .build()
+        .map_err(io("starting the runtime"))?;
+    runtime.block_on(async move {
+        // Installed before the address is announced, so that a signal sent as soon as the
+        // caller knows the port takes the graceful path.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?;
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(io(&format!("cannot listen on {}", opts.listen)))?;
+        let addr = listener.local_addr().map_err(io("reading the bound address"))?;
+        tracing::info!(%addr, flows = ?state.flows().iter().map(|f| f.0.clone()).collect::<Vec<_>>(), auth = state.has_token(), "serving");
+        on_listening(addr);
+        let app = routes::router(Arc::clone(&state));
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+                    _ = int.recv() => tracing::info!("interrupted: finishing in-flight requests"),
+                }
+            })
+            .await
+            .map_err(io("serving"))?;
+        let st = Arc::clone(&state);
+        let released = tokio::task::spawn_blocking(move || st.release_leases())
+            .await
+            .map_err(|e| ServeError::Io {
+                context: "releasing leases".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        tracing::info!(released, "leases released; stopped");
+        Ok(ServeReport {
+            leases_released: released,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_needs_a_token() {
+        let public: SocketAddr = "0.0.0.0:7700".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        let local6: SocketAddr = "[::1]:7700".parse().unwrap();
+        assert!(matches!(
+            check_listen(public, None),
+            Err(ServeError::NoToken(_))
+        ));
+        assert!(check_listen(public, Some("s3cret")).is_ok());
+        assert!(check_listen(local, None).is_ok());
+        assert!(check_listen(local6, None).is_ok());
+        assert!(matches!(
+            check_listen(local, Some("")),
+            Err(ServeError::EmptyToken)
+        ));
+    }
+}
