@@ -43,12 +43,12 @@ impl Bars {
         let process = multi.add(ProgressBar::hidden());
         process.set_style(
             ProgressStyle::with_template(
-                "  {prefix:>10} [{bar:30}] {pos}/{len} items {per_sec} eta {eta}",
+                "  {prefix:>10} [{bar:30}] {pos}/{len} queue items {per_sec} eta {eta}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
-        process.set_prefix("processing");
+        process.set_prefix("indexing");
         let write = spinner("writing");
         write.set_message("rows");
         Bars {
@@ -112,7 +112,7 @@ impl Progress for Lines {
                 s.started = Some(Instant::now());
                 s.total = total;
                 eprintln!(
-                    "[{}] processing {} changed items",
+                    "[{}] queue: {} items to index",
                     self.flow,
                     total.unwrap_or(0)
                 );
@@ -134,7 +134,7 @@ impl Progress for Lines {
                 if due {
                     s.last_report = Some(Instant::now());
                     eprintln!(
-                        "[{}] processed {}/{} items",
+                        "[{}] indexed {}/{} queue items",
                         self.flow,
                         s.done,
                         s.total.unwrap_or(0)
