@@ -196,6 +196,29 @@ name = "docs"
 # A run fails (non-zero exit) when more items than this fail. -1 = no limit.
 max_failed_items = -1
 
+# How the flow is kept fresh: "batch" (runs on its schedule or on demand) or "live"
+# (`freshindex serve` indexes changes as the source pushes them).
+mode = "batch"
+
+# Batch mode: `freshindex serve` runs the flow by itself every `interval`, an ISO 8601
+# duration P(nD)(T(nH)(nM)(nS)) in upper case, whole numbers, such as PT15M, PT2H, P1DT12H:
+# at least 5 minutes (the server setting min_schedule_interval) and at most 24 hours (P1D).
+# Runs happen at start_time + k * interval. `start_time` (optional, RFC 3339 with Z or an
+# offset) defaults to when the server takes up the schedule; a start time in the past
+# schedules as if the flow had run since then (no catch-up runs). A run still going at an
+# occurrence skips it (recorded in the history); runs that keep failing back off (twice the
+# interval per failure, up to 24 hours) until a run, scheduled or manual, succeeds.
+# Without `schedule` the flow runs only on demand (`freshindex index`, the API).
+# schedule = { interval = "PT15M", start_time = "2026-01-01T00:00:00Z" }
+
+# Pause the flow's schedule (and a live flow's updates) without removing it; manual runs
+# still work.
+disabled = false
+
+# Live mode only: also scan the whole source this often (ISO 8601 duration, as `interval`),
+# for changes that were not pushed. Not allowed with mode = "batch".
+# refresh_interval = "PT1H"
+
 # The source: a folder scanned in full on every run. Unchanged files (same size and
 # modification time) are not read; changed ones are fingerprinted with BLAKE3, and only
 # files whose content changed are processed again. Deleted files lose their rows.
@@ -244,6 +267,7 @@ name = "docs"
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FlowMode;
 
     #[test]
     fn reference_config_parses() {
@@ -251,6 +275,89 @@ mod tests {
         assert_eq!(c.flows.len(), 1);
         assert_eq!(c.flows[0].split().chunk_size, 1000);
         assert_eq!(c.flows[0].files().unwrap().exclude.len(), 2);
+        assert_eq!(c.flows[0].mode(), FlowMode::Batch);
+        assert!(c.flows[0].schedule().is_none());
+        assert!(!c.flows[0].disabled);
+    }
+
+    /// The commented-out examples of the reference config are valid too.
+    #[test]
+    fn reference_config_examples_parse() {
+        let text = REFERENCE_CONFIG.replace("# schedule = ", "schedule = ");
+        let c = Config::parse(&text, None).expect("reference config with a schedule");
+        let s = c.flows[0].schedule().expect("schedule");
+        assert_eq!(s.interval().as_secs(), 15 * 60);
+        assert_eq!(s.start_time_ms(), Some(1_767_225_600_000));
+
+        let text = REFERENCE_CONFIG
+            .replace("mode = \"batch\"", "mode = \"live\"")
+            .replace("# refresh_interval = ", "refresh_interval = ");
+        let c = Config::parse(&text, None).expect("reference config in live mode");
+        assert_eq!(
+            c.flows[0].mode().refresh_interval().map(|r| r.as_secs()),
+            Some(3600)
+        );
+    }
+
+    #[test]
+    fn schedule_fields_parse_and_name_their_key() {
+        let base = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \"x\" }\n";
+        // A TOML date-time works as well as a string.
+        let c = Config::parse(
+            &format!(
+                "{base}schedule = {{ interval = \"PT2H\", start_time = 2026-01-01T00:00:00Z }}\n"
+            ),
+            None,
+        )
+        .expect("toml datetime");
+        assert_eq!(
+            c.flows[0].schedule().and_then(|s| s.start_time_ms()),
+            Some(1_767_225_600_000)
+        );
+
+        let cases: [(&str, &[&str]); 9] = [
+            (
+                "schedule = { interval = \"PT1.5H\" }\n",
+                &["interval", "PT1.5H", "fraction"],
+            ),
+            (
+                "schedule = { interval = \"P1M\" }\n",
+                &["interval", "P1M", "months"],
+            ),
+            ("schedule = { interval = 15 }\n", &["interval", "ISO 8601"]),
+            (
+                "schedule = { start_time = \"2026-01-01T00:00:00Z\" }\n",
+                &["schedule", "interval"],
+            ),
+            (
+                "schedule = { interval = \"PT15M\", startTime = \"x\" }\n",
+                &["startTime"],
+            ),
+            (
+                "schedule = { interval = \"PT15M\", start_time = \"2026-01-01T00:00:00\" }\n",
+                &["start_time", "2026-01-01T00:00:00", "offset"],
+            ),
+            ("mode = \"stream\"\n", &["mode", "stream", "live"]),
+            (
+                "refresh_interval = \"PT1H\"\n",
+                &["refresh_interval", "live", "batch"],
+            ),
+            (
+                "mode = \"live\"\nschedule = { interval = \"PT15M\" }\n",
+                &["schedule", "live", "refresh_interval"],
+            ),
+        ];
+        for (extra, words) in cases {
+            let e = Config::parse(&format!("{base}{extra}"), None).expect_err(extra);
+            for w in words {
+                assert!(e.message.contains(w), "{extra}: `{w}` missing from: {e}");
+            }
+            // The offending key is on the last line of the case.
+            let line = 3 + extra.lines().count();
+            assert_eq!(e.position.map(|p| p.0), Some(line), "{extra}: {e}");
+        }
+        let e = Config::parse(&format!("{base}disabled = \"yes\"\n"), None).expect_err("bool");
+        assert!(e.message.contains("disabled"), "{e}");
     }
 
     #[test]

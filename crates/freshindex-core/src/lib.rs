@@ -1,12 +1,15 @@
 //! Domain types shared by every freshindex crate: fingerprints, item statuses, the flow
-//! specification and its configuration file, and target rows.
+//! specification and its configuration file, schedules and the scheduler's state machine, and
+//! target rows.
 //!
-//! This crate does no I/O beyond parsing text it is handed; it has no threads.
+//! This crate does no I/O beyond parsing text it is handed; it has no threads and reads no
+//! clock (the scheduler is handed the time).
 
 pub mod config;
 pub mod fingerprint;
 pub mod queue;
 pub mod row;
+pub mod schedule;
 pub mod spec;
 pub mod status;
 
@@ -14,5 +17,11 @@ pub use config::{Config, ConfigError};
 pub use fingerprint::{Fingerprint, FpMap};
 pub use queue::PushType;
 pub use row::{Row, RowPayload};
-pub use spec::{EmbedSpec, FlowSpec, ParseSpec, SourceSpec, SplitSpec, StepSpec, TargetSpec};
+pub use schedule::{
+    Action, DEFAULT_MIN_SCHEDULE_INTERVAL, FlowScheduleStatus, Interval, Outcome, RunInProgress,
+    Schedule, Scheduler, Trigger,
+};
+pub use spec::{
+    EmbedSpec, FlowMode, FlowSpec, ParseSpec, SourceSpec, SplitSpec, StepSpec, TargetSpec,
+};
 pub use status::ItemStatus;

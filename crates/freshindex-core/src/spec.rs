@@ -8,12 +8,15 @@ use std::fmt;
 use std::path::PathBuf;
 
 use serde::de::{DeserializeOwned, Error as _};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::schedule::{Interval, Schedule, check_min};
 
 /// Deserializes `T` from a JSON value, prefixing errors with the path of the offending field
 /// (`steps[1]: chunk_size: invalid type ...`). Tagged tables are read through this, since
 /// serde's internally tagged enums lose field names in their errors.
-fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
+pub(crate) fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
@@ -61,6 +64,88 @@ pub struct FlowSpec {
     pub target: TargetSpec,
     /// A run fails when more items than this fail; -1 means no limit.
     pub max_failed_items: i64,
+    /// When the flow runs by itself; `None` = on demand only. Batch mode only (checked when
+    /// the spec is built; read it with [`FlowSpec::schedule`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schedule: Option<Schedule>,
+    /// Paused: no scheduled runs (and, in live mode, no live updates or periodic refresh);
+    /// manual runs still work.
+    #[serde(skip_serializing_if = "is_false")]
+    pub disabled: bool,
+    /// Batch or live, with live mode's settings (written as the keys `mode` and
+    /// `refresh_interval`; read it with [`FlowSpec::mode`]).
+    #[serde(flatten)]
+    mode: FlowMode,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// How a flow is kept fresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowMode {
+    /// Runs start on a schedule or on demand; each run brings the target up to date.
+    Batch,
+    /// Continuous: changes are indexed as the source reports (pushes) them.
+    Live {
+        /// A periodic full scan besides the live updates, for changes the source did not
+        /// report; `None` = none.
+        refresh_interval: Option<Interval>,
+    },
+}
+
+impl FlowMode {
+    /// The name written in `mode`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FlowMode::Batch => "batch",
+            FlowMode::Live { .. } => "live",
+        }
+    }
+
+    /// Whether the flow is live.
+    pub fn is_live(&self) -> bool {
+        match self {
+            FlowMode::Batch => false,
+            FlowMode::Live { .. } => true,
+        }
+    }
+
+    /// Live mode's periodic full scan.
+    pub fn refresh_interval(&self) -> Option<Interval> {
+        match self {
+            FlowMode::Batch => None,
+            FlowMode::Live { refresh_interval } => *refresh_interval,
+        }
+    }
+}
+
+impl fmt::Display for FlowMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Written flattened into the flow: `mode = "live"`, `refresh_interval = "PT1H"`.
+impl Serialize for FlowMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("mode", self.as_str())?;
+        if let Some(r) = self.refresh_interval() {
+            map.serialize_entry("refresh_interval", &r)?;
+        }
+        map.end()
+    }
+}
+
+/// The values of `mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ModeName {
+    #[default]
+    Batch,
+    Live,
 }
 
 impl FlowSpec {
@@ -72,7 +157,48 @@ impl FlowSpec {
             steps: None,
             target: None,
             max_failed_items: -1,
+            schedule: None,
+            disabled: false,
+            mode: ModeName::Batch,
+            refresh_interval: None,
         })
+    }
+
+    /// The schedule, if the flow runs by itself.
+    pub fn schedule(&self) -> Option<&Schedule> {
+        self.schedule.as_ref()
+    }
+
+    /// Gives the flow a schedule (or none); refused for a live flow.
+    pub fn set_schedule(&mut self, schedule: Option<Schedule>) -> Result<(), String> {
+        check_mode(self.mode, schedule.as_ref())?;
+        self.schedule = schedule;
+        Ok(())
+    }
+
+    /// Batch or live.
+    pub fn mode(&self) -> FlowMode {
+        self.mode
+    }
+
+    /// Changes the mode; refused to live while the flow has a schedule.
+    pub fn set_mode(&mut self, mode: FlowMode) -> Result<(), String> {
+        check_mode(mode, self.schedule.as_ref())?;
+        self.mode = mode;
+        Ok(())
+    }
+
+    /// Checks the deployment's lower bound on intervals (`min_schedule_interval`) for
+    /// `schedule.interval` and `refresh_interval`; the error names the field, the value and the
+    /// minimum.
+    pub fn check_min_interval(&self, min: Interval) -> Result<(), String> {
+        if let Some(s) = &self.schedule {
+            s.validate(min)?;
+        }
+        if let Some(r) = self.mode.refresh_interval() {
+            check_min("refresh_interval", r, min)?;
+        }
+        Ok(())
     }
 
     /// The steps, in order.
@@ -124,6 +250,24 @@ struct RawFlowSpec {
     target: Option<TargetSpec>,
     #[serde(default = "no_limit")]
     max_failed_items: i64,
+    #[serde(default)]
+    schedule: Option<Schedule>,
+    #[serde(default)]
+    disabled: bool,
+    #[serde(default)]
+    mode: ModeName,
+    #[serde(default)]
+    refresh_interval: Option<Interval>,
+}
+
+/// A live flow is kept fresh by live updates and `refresh_interval`, not by a schedule.
+fn check_mode(mode: FlowMode, schedule: Option<&Schedule>) -> Result<(), String> {
+    match (mode, schedule) {
+        (FlowMode::Live { .. }, Some(_)) => Err(
+            "schedule: a live flow has no schedule; use refresh_interval for its periodic full scan, or mode = \"batch\"".into(),
+        ),
+        (FlowMode::Live { .. } | FlowMode::Batch, _) => Ok(()),
+    }
 }
 
 fn no_limit() -> i64 {
@@ -170,12 +314,25 @@ impl TryFrom<RawFlowSpec> for FlowSpec {
                 name: raw.name.clone(),
             }),
         };
+        let mode = match (raw.mode, raw.refresh_interval) {
+            (ModeName::Batch, Some(r)) => {
+                return Err(format!(
+                    "refresh_interval: `{r}` is only allowed with mode = \"live\" (this flow's mode is \"batch\"); a batch flow runs on its schedule"
+                ));
+            }
+            (ModeName::Batch, None) => FlowMode::Batch,
+            (ModeName::Live, refresh_interval) => FlowMode::Live { refresh_interval },
+        };
+        check_mode(mode, raw.schedule.as_ref())?;
         Ok(FlowSpec {
             name: raw.name,
             source: raw.source,
             steps,
             target,
             max_failed_items: raw.max_failed_items,
+            schedule: raw.schedule,
+            disabled: raw.disabled,
+            mode,
         })
     }
 }
@@ -602,6 +759,137 @@ mod tests {
         assert_eq!(ByteSize::parse("1024"), Ok(ByteSize(1024)));
         assert!(ByteSize::parse("ten").is_err());
         assert!(ByteSize::parse("5 parsecs").is_err());
+    }
+
+    fn flow(json: serde_json::Value) -> Result<FlowSpec, String> {
+        serde_json::from_value(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn specs_without_the_schedule_fields_get_the_defaults() {
+        let f = flow(serde_json::json!({
+            "name": "a",
+            "source": { "type": "files", "path": "x" },
+        }))
+        .expect("old spec");
+        assert_eq!(f.schedule(), None);
+        assert!(!f.disabled);
+        assert_eq!(f.mode(), FlowMode::Batch);
+        assert_eq!(f.mode().refresh_interval(), None);
+        // What the engine stores (serde_json::to_string) reads back the same.
+        let back: FlowSpec =
+            serde_json::from_str(&serde_json::to_string(&f).expect("json")).expect("round trip");
+        assert_eq!(back, f);
+        let q = FlowSpec::quick_start("q", PathBuf::from("/x")).expect("quick start");
+        assert_eq!(q.mode(), FlowMode::Batch);
+        assert_eq!(q.schedule(), None);
+    }
+
+    #[test]
+    fn schedule_fields_round_trip_through_json() {
+        let f = flow(serde_json::json!({
+            "name": "a",
+            "source": { "type": "files", "path": "x" },
+            "schedule": { "interval": "PT90M", "start_time": "2026-01-01T01:00:00+01:00" },
+            "disabled": true,
+            "mode": "batch",
+        }))
+        .expect("scheduled spec");
+        let s = f.schedule().expect("schedule");
+        assert_eq!(s.interval().as_secs(), 5400);
+        assert_eq!(s.start_time_ms(), Some(1_767_225_600_000));
+        assert!(f.disabled);
+        let json = serde_json::to_value(&f).expect("json");
+        assert_eq!(
+            json["schedule"],
+            serde_json::json!({ "interval": "PT1H30M", "start_time": "2026-01-01T00:00:00Z" })
+        );
+        assert_eq!(json["mode"], "batch");
+        assert_eq!(json["disabled"], true);
+        assert_eq!(flow(json).expect("round trip"), f);
+
+        let live = flow(serde_json::json!({
+            "name": "b",
+            "source": { "type": "push" },
+            "mode": "live",
+            "refresh_interval": "PT1H",
+        }))
+        .expect("live spec");
+        assert_eq!(
+            live.mode(),
+            FlowMode::Live {
+                refresh_interval: Some(Interval::parse("PT1H").expect("interval"))
+            }
+        );
+        let json = serde_json::to_value(&live).expect("json");
+        assert_eq!(json["mode"], "live");
+        assert_eq!(json["refresh_interval"], "PT1H");
+        assert!(json.get("schedule").is_none() && json.get("disabled").is_none());
+        assert_eq!(flow(json).expect("round trip"), live);
+    }
+
+    #[test]
+    fn schedule_field_errors_name_the_key() {
+        let base = serde_json::json!({ "name": "a", "source": { "type": "push" } });
+        let with = |k: &str, v: serde_json::Value| {
+            let mut j = base.clone();
+            j[k] = v;
+            flow(j).expect_err(k)
+        };
+        let e = with("schedule", serde_json::json!({ "interval": "P1W" }));
+        assert!(
+            e.contains("schedule: interval: `P1W`") && e.contains("weeks"),
+            "{e}"
+        );
+        let e = with("refresh_interval", serde_json::json!("PT1H"));
+        assert!(e.contains("refresh_interval") && e.contains("live"), "{e}");
+        let e = with("mode", serde_json::json!("Live"));
+        assert!(e.contains("mode") && e.contains("`Live`"), "{e}");
+        let mut j = base.clone();
+        j["mode"] = "live".into();
+        j["refresh_interval"] = "PT0S".into();
+        let e = flow(j).expect_err("zero");
+        assert!(
+            e.contains("refresh_interval: `PT0S`") && e.contains("zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mode_and_schedule_stay_consistent_and_the_minimum_is_checked() {
+        let mut f = FlowSpec::quick_start("q", PathBuf::from("/x")).expect("quick start");
+        let every = |t: &str| Schedule::new(Interval::parse(t).expect("interval"), None);
+        f.set_schedule(Some(every("PT1M").expect("schedule")))
+            .expect("batch flows take a schedule");
+        let e = f
+            .check_min_interval(crate::schedule::DEFAULT_MIN_SCHEDULE_INTERVAL)
+            .expect_err("below the minimum");
+        assert!(
+            e.contains("schedule.interval") && e.contains("`PT1M`") && e.contains("`PT5M`"),
+            "{e}"
+        );
+        let live = FlowMode::Live {
+            refresh_interval: Some(Interval::parse("PT2M").expect("interval")),
+        };
+        let e = f.set_mode(live).expect_err("live with a schedule");
+        assert!(e.contains("schedule"), "{e}");
+        f.set_schedule(None).expect("no schedule");
+        f.set_mode(live).expect("live");
+        let e = f
+            .check_min_interval(crate::schedule::DEFAULT_MIN_SCHEDULE_INTERVAL)
+            .expect_err("below the minimum");
+        assert!(
+            e.contains("refresh_interval") && e.contains("`PT2M`"),
+            "{e}"
+        );
+        assert_eq!(
+            f.check_min_interval(Interval::parse("PT1M").expect("interval")),
+            Ok(())
+        );
+        assert!(
+            f.set_schedule(Some(every("PT5M").expect("schedule")))
+                .is_err()
+        );
     }
 
     #[test]

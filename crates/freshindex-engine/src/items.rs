@@ -69,9 +69,9 @@ impl Engine {
         if let Some(q) = &req.queue {
             check_label("queue", q).map_err(EngineError::Invalid)?;
         }
-        if req.text.is_some() && spec.files().is_some() {
+        if spec.files().is_some() {
             return Err(EngineError::Invalid(format!(
-                "content: flow `{flow}` reads a folder, so runs read its items; only push flows take content through index"
+                "flow `{flow}` reads a folder: its runs read and index its items; index applies to push flows"
             )));
         }
         let existing = self.store().get(id, &req.key)?.map(|e| e.item);

@@ -19,7 +19,7 @@ pub mod steps;
 pub mod summary;
 
 pub use items::{IndexOutcome, IndexRequest};
-pub use run::{Engine, Phase, Progress, RunOptions, default_workers};
+pub use run::{Engine, Phase, Progress, RUN_OWNER, RunOptions, default_workers};
 pub use summary::{Issue, IssueLevel, RunStatus, RunSummary};
 
 /// Errors that stop a run (per-item problems are [`Issue`]s instead).

@@ -179,6 +179,32 @@ impl RunMemo {
     }
 }
 
+/// The keys a batch claimed for computing. Dropped at the end of the batch's preparation —
+/// normally, on an error, or while unwinding from a panic — it releases every claim still
+/// `Computing`, so batches waiting for those keys wake up and compute them themselves instead
+/// of waiting forever.
+struct Claims<'m> {
+    memo: &'m RunMemo,
+    keys: Vec<Fingerprint>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut st = self.memo.lock();
+        for k in &self.keys {
+            if matches!(st.inflight.get(k), Some(Slot::Computing)) {
+                st.inflight.remove(k);
+                st.computed.remove(k);
+            }
+        }
+        drop(st);
+        self.memo.done.notify_all();
+    }
+}
+
 /// Counts and issues of the items processed so far.
 pub(crate) struct Tally {
     pub(crate) summary: RunSummary,
@@ -293,10 +319,10 @@ impl Ctx<'_> {
         self.apply(prepared)
     }
 
+    /// The outcome record of a files item: unversioned (runs fence by lease, not version).
     fn record(&self, entry: &ItemRecord, status: ItemStatus) -> ItemRecord {
         let mut r = ItemRecord::new(&entry.key, status);
         r.queue = entry.queue.clone();
-        r.version = entry.version.clone();
         r
     }
 
@@ -503,6 +529,10 @@ impl Ctx<'_> {
         let mut new_memo: Vec<(Fingerprint, Vec<u8>)> = Vec::new();
         let mut embed_error: Option<String> = None;
         let mut looked_up: FpMap<u8> = FpMap::default();
+        let mut claims = Claims {
+            memo: &self.memo,
+            keys: Vec::new(),
+        };
         let mut pending = needed;
         while !pending.is_empty() {
             let (mut mine, mut lookup, mut wait) = (Vec::new(), Vec::new(), Vec::new());
@@ -530,6 +560,7 @@ impl Ctx<'_> {
                             } else {
                                 st.inflight.insert(k, Slot::Computing);
                                 st.computed.insert(k, ());
+                                claims.keys.push(k);
                                 mine.push((k, t));
                             }
                         }
@@ -596,7 +627,8 @@ impl Ctx<'_> {
                 break;
             }
         }
-        let reused = n_needed - new_memo.len() as u64;
+        drop(claims);
+        let reused = n_needed.saturating_sub(new_memo.len() as u64);
         Ok(Prepared {
             outcomes,
             vectors,
@@ -716,7 +748,7 @@ impl Ctx<'_> {
                     key,
                     existed,
                     if_queue,
-                    version: _,
+                    version,
                     warning,
                 } => {
                     if existed {
@@ -732,7 +764,11 @@ impl Ctx<'_> {
                         pending.push((key.clone(), plan.pending));
                     }
                     deletes.extend(plan.delete);
-                    changes.push(ItemChange::Delete { key, if_queue });
+                    changes.push(ItemChange::Delete {
+                        key,
+                        if_queue,
+                        version,
+                    });
                     continue;
                 }
                 Outcome::Indexed {

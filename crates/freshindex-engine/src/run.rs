@@ -28,7 +28,7 @@ use crate::source::files::{self, ScannedFile};
 use crate::steps::embed::embedder_for;
 use crate::steps::processing_fingerprint;
 use crate::steps::split::Splitter;
-use crate::summary::{RunStatus, RunSummary};
+use crate::summary::{Issue, RunStatus, RunSummary};
 
 /// Milliseconds since the epoch: the queue's clock.
 pub fn now_ms() -> i64 {
@@ -100,7 +100,7 @@ pub fn default_workers() -> usize {
 
 /// The lease holder of a run's workers. One run at a time holds a data directory, so a lease
 /// of this holder found at the start of a run is left over from a run that died.
-const RUN_OWNER: &str = "engine";
+pub const RUN_OWNER: &str = "engine";
 
 /// The label after `label` in the alternation of full traversals.
 fn next_label(label: &str) -> &'static str {
@@ -470,9 +470,14 @@ impl Engine {
                             let result = ctx.process(work);
                             match result {
                                 Ok(refused) => {
-                                    for r in refused {
-                                        tracing::warn!("{r}");
-                                    }
+                                    // Another holder owns these now; it writes them.
+                                    let issues: Vec<Issue> = refused
+                                        .iter()
+                                        .map(|r| {
+                                            Issue::warning(r.key(), format!("not written: {r}"))
+                                        })
+                                        .collect();
+                                    ctx.tally().issues(&issues);
                                 }
                                 Err(e) => {
                                     stop.store(true, Ordering::Relaxed);
@@ -568,6 +573,7 @@ impl Engine {
                         .map(|k| ItemChange::Delete {
                             key: k.to_string(),
                             if_queue: None,
+                            version: None,
                         })
                         .collect(),
                     memo: Vec::new(),

@@ -31,6 +31,9 @@ use freshindex_store::{FlowId, StoreError};
 
 pub use error::{ApiError, Code};
 
+/// Lease holders remembered for release at shutdown, at most.
+const MAX_TRACKED_OWNERS: usize = 1024;
+
 /// Blocking threads (engine and store calls) at most.
 pub const MAX_BLOCKING_THREADS: usize = 16;
 
@@ -182,7 +185,11 @@ impl AppState {
 
     /// Remembers a lease holder to release at shutdown.
     pub(crate) fn saw_owner(&self, owner: &str) {
-        lock(&self.owners).insert(owner.to_string());
+        let mut owners = lock(&self.owners);
+        // Bounded: leases of owners past the cap still expire on their own.
+        if owners.len() < MAX_TRACKED_OWNERS {
+            owners.insert(owner.to_string());
+        }
     }
 
     /// Whether `given` is the configured token (true when there is none).

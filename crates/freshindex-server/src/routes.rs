@@ -284,10 +284,11 @@ async fn unreserve(
 ) -> ApiResult {
     let r = async {
         let body = body?.0;
-        for (field, v) in [("queue", &body.queue), ("owner", &body.owner)] {
-            if let Some(v) = v {
-                freshindex_core::queue::check_label(field, v).map_err(ApiError::invalid)?;
-            }
+        if let Some(q) = &body.queue {
+            freshindex_core::queue::check_label("queue", q).map_err(ApiError::invalid)?;
+        }
+        if let Some(o) = &body.owner {
+            wire::owner("owner", o)?;
         }
         let flow_id = st.flow_id(&flow).await?;
         let n = st

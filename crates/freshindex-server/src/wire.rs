@@ -100,6 +100,18 @@ fn label(field: &str, value: &str) -> Result<(), ApiError> {
     check_label(field, value).map_err(ApiError::invalid)
 }
 
+/// A lease holder named by a client: a label, and not the holder name of the data
+/// directory's own runs (whose leases a client must not be able to release or take over).
+pub(crate) fn owner(field: &str, value: &str) -> Result<(), ApiError> {
+    label(field, value)?;
+    if value == freshindex_engine::RUN_OWNER {
+        return Err(ApiError::invalid(format!(
+            "{field}: `{value}` is reserved for the runs of this data directory"
+        )));
+    }
+    Ok(())
+}
+
 /// An item as the API shows it: its queue entry and payload.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -332,7 +344,7 @@ pub fn poll_request(
         .collect::<Result<Vec<_>, _>>()?;
     let owner = match body.owner {
         Some(o) => {
-            label("owner", &o)?;
+            owner("owner", &o)?;
             o
         }
         None => default_owner.to_string(),
@@ -439,11 +451,13 @@ pub fn index_request(key: &str, body: IndexBody) -> Result<IndexRequest, ApiErro
         ("item.contentHash", &it.content_hash),
         ("item.metadataHash", &it.metadata_hash),
         ("item.queue", &it.queue),
-        ("owner", &body.owner),
     ] {
         if let Some(v) = v {
             label(f, v)?;
         }
+    }
+    if let Some(o) = &body.owner {
+        owner("owner", o)?;
     }
     Ok(IndexRequest {
         key: key.to_string(),

@@ -132,8 +132,9 @@ pub trait ItemStore {
     fn queue_keys(&self, flow: FlowId, queue: &str) -> Result<Vec<String>>;
 
     /// Checks, before a target write, that an index or delete of each item may proceed: the
-    /// version (if any) is newer than the indexed one, and no other holder's live lease holds
-    /// the entry. One answer per check, in order.
+    /// version (if any) is newer than the indexed one, and a caller that names itself as a lease
+    /// holder still is the entry's holder (its lease may have run out, but nobody polled,
+    /// indexed or unreserved the entry since). One answer per check, in order.
     fn fence(
         &self,
         flow: FlowId,
@@ -153,7 +154,8 @@ pub trait LineageStore {
         flow: FlowId,
         items: &[&str],
     ) -> Result<std::collections::HashMap<String, ItemLineage>>;
-    /// Phase one: durably records row keys that a target write is about to touch, per item.
+    /// Phase one: durably records row keys that a target write is about to touch, per item, and
+    /// makes accepted entries among them `MODIFIED` (an interrupted write leaves them pollable).
     fn record_pending(&self, flow: FlowId, pending: &[(String, Vec<String>)]) -> Result<()>;
     /// Phase two, after the target write: in one transaction, stores the items' new state and
     /// tracked rows, clears their pending keys, adds new memo entries and queues the memo keys

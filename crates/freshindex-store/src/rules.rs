@@ -177,10 +177,21 @@ pub fn index(existing: Option<ItemRecord>, outcome: &ItemRecord, now_ms: i64) ->
 /// [`ItemStore::fence`](crate::ItemStore::fence)).
 pub fn fence(
     existing: Option<&ItemRecord>,
+    deleted_version: Option<&[u8]>,
     check: &crate::FenceCheck,
     now_ms: i64,
 ) -> Result<(), crate::FenceError> {
-    let Some(e) = existing else { return Ok(()) };
+    let Some(e) = existing else {
+        // A deleted item: only a version newer than its deletion brings it back.
+        if let (Some(v), Some(deleted)) = (&check.version, deleted_version)
+            && v.as_slice() <= deleted
+        {
+            return Err(crate::FenceError::StaleVersion {
+                key: check.key.clone(),
+            });
+        }
+        return Ok(());
+    };
     if let (Some(v), Some(indexed)) = (&check.version, &e.version)
         && v <= indexed
     {
@@ -188,8 +199,10 @@ pub fn fence(
             key: check.key.clone(),
         });
     }
+    // A caller that names itself must still be the entry's lease holder: its lease may have
+    // run out, but nobody may have polled, indexed or unreserved the entry since.
+    let _ = now_ms;
     if let Some(owner) = &check.owner
-        && e.is_leased(now_ms)
         && e.lease_owner.as_ref() != Some(owner)
     {
         return Err(crate::FenceError::LeaseLost {

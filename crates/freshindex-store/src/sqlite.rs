@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::{
     BatchCommit, FlowId, FlowRecord, FlowStore, ItemChange, ItemLineage, ItemStatus, LineageStore,
@@ -66,6 +66,14 @@ CREATE TABLE IF NOT EXISTS items (
   PRIMARY KEY (flow_id, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_poll ON items (flow_id, prio, enqueued_at, key);
+-- The newest version of each deleted versioned item: an index or delete with a version not
+-- newer is refused, so a stale connector cannot bring a deleted item back.
+CREATE TABLE IF NOT EXISTS tombstones (
+  flow_id INTEGER NOT NULL,
+  key TEXT NOT NULL,
+  version BLOB NOT NULL,
+  PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
 -- Lineage: the rows each item produced, one record per item (see `encode_rows`). One write per
 -- item instead of one per row; garbage collection scans these records instead of keeping an
 -- index of memo keys, which every row insert would pay for.
@@ -452,17 +460,35 @@ impl LineageStore for SqliteStore {
 
     fn record_pending(&self, flow: FlowId, pending: &[(String, Vec<String>)]) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(backend)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
         {
             let mut ins = tx
                 .prepare_cached(
                     "INSERT INTO pending (flow_id, item_key, row_keys) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(backend)?;
+            // An accepted entry whose rows are about to change is no longer settled: if the
+            // write is cut short, the entry stays pollable and the next run finishes it, even
+            // when the item comes back with the metadata the scan remembers.
+            let mut unsettle = tx
+                .prepare_cached(
+                    "UPDATE items SET status = 'MODIFIED', prio = ?3
+                     WHERE flow_id = ?1 AND key = ?2 AND status IN ('ACCEPTED', 'SKIPPED')",
+                )
+                .map_err(backend)?;
             for (item, keys) in pending {
                 let json = serde_json::to_string(keys)
                     .map_err(|e| StoreError::Backend(format!("encoding pending keys: {e}")))?;
                 ins.execute(params![flow.0, item, json]).map_err(backend)?;
+                unsettle
+                    .execute(params![
+                        flow.0,
+                        item,
+                        freshindex_core::queue::priority(ItemStatus::Modified)
+                    ])
+                    .map_err(backend)?;
             }
         }
         tx.commit().map_err(backend)
@@ -470,7 +496,9 @@ impl LineageStore for SqliteStore {
 
     fn commit(&self, flow: FlowId, batch: BatchCommit) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(backend)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
         {
             let mut old_rows = tx
                 .prepare_cached("SELECT rows FROM tracked WHERE flow_id = ?1 AND item_key = ?2")
@@ -517,7 +545,9 @@ impl LineageStore for SqliteStore {
             for change in &batch.items {
                 let key = change.key();
                 let new_rows = match change {
-                    ItemChange::Delete { if_queue, .. } => {
+                    ItemChange::Delete {
+                        if_queue, version, ..
+                    } => {
                         let before = crate::sqlite_items::entry(&tx, flow, key)?;
                         match (before, if_queue) {
                             // Seen again since the deletion was decided: its rows are gone
@@ -530,7 +560,15 @@ impl LineageStore for SqliteStore {
                                 e.content_hash = None;
                                 crate::sqlite_items::write_entry(&tx, flow, &e, None)?;
                             }
-                            _ => {
+                            (before, _) => {
+                                let indexed = before.and_then(|e| e.version);
+                                let newest = match (indexed, version.clone()) {
+                                    (Some(a), Some(b)) => Some(a.max(b)),
+                                    (a, b) => a.or(b),
+                                };
+                                if let Some(v) = newest {
+                                    crate::sqlite_items::raise_tombstone(&tx, flow, key, &v)?;
+                                }
                                 del_item.execute(params![flow.0, key]).map_err(backend)?;
                             }
                         }
@@ -630,7 +668,9 @@ impl MemoStore for SqliteStore {
         if !any {
             return Ok(0);
         }
-        let tx = conn.transaction().map_err(backend)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
         let mut unused: FpMap<()> = FpMap::default();
         {
             let mut stmt = tx
@@ -701,7 +741,9 @@ impl RunStore for SqliteStore {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(backend)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
         tx.execute(
             "INSERT INTO runs (flow_id, finished_at_ms, status, summary_json) VALUES (?1, ?2, ?3, ?4)",
             params![flow.0, now_ms, status, summary_json],

@@ -53,6 +53,35 @@ pub(crate) fn entry(conn: &Connection, flow: FlowId, key: &str) -> Result<Option
     }
 }
 
+/// The tombstone version of a deleted item.
+pub(crate) fn tombstone(conn: &Connection, flow: FlowId, key: &str) -> Result<Option<Vec<u8>>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT version FROM tombstones WHERE flow_id = ?1 AND key = ?2")
+        .map_err(backend)?;
+    let mut rows = stmt.query(params![flow.0, key]).map_err(backend)?;
+    match rows.next().map_err(backend)? {
+        Some(r) => Ok(Some(r.get(0).map_err(backend)?)),
+        None => Ok(None),
+    }
+}
+
+/// Records that `key` was deleted at `version`, keeping the newest version.
+pub(crate) fn raise_tombstone(
+    conn: &Connection,
+    flow: FlowId,
+    key: &str,
+    version: &[u8],
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO tombstones (flow_id, key, version) VALUES (?1, ?2, ?3)
+         ON CONFLICT (flow_id, key) DO UPDATE SET version = MAX(version, excluded.version)",
+    )
+    .map_err(backend)?
+    .execute(params![flow.0, key, version])
+    .map_err(backend)?;
+    Ok(())
+}
+
 /// Writes an entry (every column; the payload only when `payload` is given).
 pub(crate) fn write_entry(
     conn: &Connection,
@@ -176,8 +205,7 @@ impl ItemStore for SqliteStore {
             let before = entry(&tx, flow, &item.key)?;
             match rules::push(before.clone(), item, now_ms) {
                 Ok(after) => {
-                    // A push that changes nothing but is repeated (every unchanged file of
-                    // every full scan) writes nothing.
+                    // A push that changes nothing (the same push repeated) writes nothing.
                     let same = before.as_ref() == Some(&after) && item.payload.is_none();
                     if !same {
                         write_entry(&tx, flow, &after, item.payload.as_deref())?;
@@ -308,9 +336,16 @@ impl ItemStore for SqliteStore {
         } else {
             format!("AND status IN ({})", status_list(&req.statuses))
         };
+        // `key > ?` only when paging, so that SQLite seeks to the page instead of scanning the
+        // flow from its first key (`?2 IS NULL OR …` would defeat the seek).
+        let after = if req.after.is_some() {
+            "AND key > ?2"
+        } else {
+            "AND ?2 IS NULL"
+        };
         let sql = format!(
             "SELECT {ENTRY_COLS}, payload FROM items
-             WHERE flow_id = ?1 AND (?2 IS NULL OR key > ?2) AND (?3 IS NULL OR queue = ?3)
+             WHERE flow_id = ?1 {after} AND (?3 IS NULL OR queue = ?3)
              {status_filter} ORDER BY key LIMIT ?4"
         );
         let mut stmt = conn.prepare_cached(&sql).map_err(backend)?;
@@ -344,7 +379,7 @@ impl ItemStore for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(backend)?;
-        // Rows already in that state are not rewritten (a repeated traversal writes nothing).
+        // Rows already in that state are not rewritten (a traversal repeated after a crash).
         let mut n = tx
             .execute(
                 "UPDATE items SET queue = ?2, available_at = MIN(available_at, ?3)
@@ -387,11 +422,12 @@ impl ItemStore for SqliteStore {
         checks
             .iter()
             .map(|c| {
-                Ok(rules::fence(
-                    entry(&conn, flow, &c.key)?.as_ref(),
-                    c,
-                    now_ms,
-                ))
+                let e = entry(&conn, flow, &c.key)?;
+                let deleted = match &e {
+                    Some(_) => None,
+                    None => tombstone(&conn, flow, &c.key)?,
+                };
+                Ok(rules::fence(e.as_ref(), deleted.as_deref(), c, now_ms))
             })
             .collect()
     }

@@ -180,14 +180,32 @@ pub enum FenceError {
         /// Item key.
         key: String,
     },
-    /// Another holder's live lease holds the entry (this caller's lease expired and was taken).
-    #[error("item `{key}`: the lease is held by `{holder}`")]
+    /// The caller no longer holds the entry's lease: its lease expired and another poller
+    /// took the entry, or an index or unreserve ended the lease.
+    #[error("item `{key}`: the caller no longer holds its lease ({})", holder_text(.holder))]
     LeaseLost {
         /// Item key.
         key: String,
-        /// Current holder.
+        /// Current holder (empty: nobody).
         holder: String,
     },
+}
+
+impl FenceError {
+    /// The item refused.
+    pub fn key(&self) -> &str {
+        match self {
+            FenceError::StaleVersion { key } | FenceError::LeaseLost { key, .. } => key,
+        }
+    }
+}
+
+fn holder_text(holder: &str) -> String {
+    if holder.is_empty() {
+        "no lease is held on it now".into()
+    } else {
+        format!("now held by `{holder}`")
+    }
 }
 
 /// A fence check before an index or delete.
@@ -197,7 +215,8 @@ pub struct FenceCheck {
     pub key: String,
     /// The version about to be written, if versioned.
     pub version: Option<Vec<u8>>,
-    /// The lease holder the caller is, if it polled the item.
+    /// The lease holder the caller is, if it polled the item: then it must still be the
+    /// entry's lease holder.
     pub owner: Option<String>,
 }
 
@@ -263,6 +282,9 @@ pub enum ItemChange {
         key: String,
         /// Delete only if the entry still carries this label.
         if_queue: Option<String>,
+        /// The delete's version. The deleted entry leaves a tombstone with the newest of this
+        /// and its indexed version, so that a stale index cannot bring the item back.
+        version: Option<Vec<u8>>,
     },
 }
 

@@ -35,6 +35,7 @@ fn delete(key: &str) -> ItemChange {
     ItemChange::Delete {
         key: key.into(),
         if_queue: None,
+        version: None,
     }
 }
 
@@ -305,6 +306,70 @@ fn fence_check(key: &str, version: Option<&[u8]>, owner: Option<&str>) -> FenceC
     }
 }
 
+/// A deleted versioned item leaves a tombstone: only a newer version brings it back.
+fn tombstones(s: &dyn StateStore) {
+    let f = s.register_flow("t", "{}").expect("register");
+    let mut r = record("x", ItemStatus::Accepted, 1);
+    r.version = Some(vec![2]);
+    s.commit(
+        f,
+        batch(vec![ItemChange::Upsert {
+            record: r,
+            rows: Some(vec![]),
+        }]),
+    )
+    .expect("index v2");
+    // Deleted at version 5 (newer than the indexed 2).
+    s.commit(
+        f,
+        batch(vec![ItemChange::Delete {
+            key: "x".into(),
+            if_queue: None,
+            version: Some(vec![5]),
+        }]),
+    )
+    .expect("delete v5");
+    assert!(s.get(f, "x").expect("get").is_none());
+    let fenced = s
+        .fence(
+            f,
+            &[
+                fence_check("x", Some(&[3]), None),
+                fence_check("x", Some(&[5]), None),
+                fence_check("x", Some(&[6]), None),
+                fence_check("x", None, None),
+            ],
+            NOW_MS,
+        )
+        .expect("fence");
+    assert_eq!(
+        fenced,
+        [
+            Err(FenceError::StaleVersion { key: "x".into() }),
+            Err(FenceError::StaleVersion { key: "x".into() }),
+            Ok(()),
+            Ok(()),
+        ]
+    );
+    // An unversioned delete of an indexed item keeps its indexed version as the tombstone.
+    let mut r = record("y", ItemStatus::Accepted, 1);
+    r.version = Some(vec![7]);
+    s.commit(
+        f,
+        batch(vec![ItemChange::Upsert {
+            record: r,
+            rows: Some(vec![]),
+        }]),
+    )
+    .expect("index y");
+    s.commit(f, batch(vec![delete("y")])).expect("delete y");
+    assert_eq!(
+        s.fence(f, &[fence_check("y", Some(&[7]), None)], NOW_MS)
+            .expect("fence y"),
+        [Err(FenceError::StaleVersion { key: "y".into() })]
+    );
+}
+
 /// The indexing queue in one walk: push, poll and leases, fence, index, labels, deletes. (The
 /// model-based test in `queue_model.rs` checks the rules in depth.)
 fn queue(s: &dyn StateStore) {
@@ -422,6 +487,7 @@ fn queue(s: &dyn StateStore) {
             ItemChange::Delete {
                 key: "b".into(),
                 if_queue: Some("A".into()),
+                version: None,
             },
             delete("a"),
         ]),
@@ -447,7 +513,8 @@ fn queue(s: &dyn StateStore) {
 
 type Check = fn(&dyn StateStore);
 
-const CHECKS: [(&str, Check); 5] = [
+const CHECKS: [(&str, Check); 6] = [
+    ("tombstones", tombstones),
     ("flows_and_items", flows_and_items),
     ("two_phase", two_phase),
     ("memo_gc", memo_gc),

@@ -248,11 +248,19 @@ fn an_expired_lease_passes_to_another_worker_and_a_heartbeat_keeps_one() {
         assert_eq!(e.item.status, ItemStatus::Accepted, "{k}");
         assert_eq!(e.item.lease_owner, None, "{k}");
     }
-    // After W2's index, W1's fence no longer conflicts with a holder (nobody holds it).
+    // After W2's index, W1 still may not index: its lease ended and W2's newer work stands.
     let fenced = s
         .fence(f, &owner_checks("w1", &w1), now + 8_000)
         .expect("w1 fence 2");
-    assert!(fenced.iter().all(Result::is_ok));
+    for (k, r) in w1.iter().zip(&fenced) {
+        assert_eq!(
+            r,
+            &Err(FenceError::LeaseLost {
+                key: k.clone(),
+                holder: String::new()
+            })
+        );
+    }
 }
 
 /// Pollers released together at one instant (same `now_ms`) split the queue without overlap.

@@ -120,6 +120,8 @@ impl Entry {
 #[derive(Clone, Debug, Default)]
 struct Model {
     entries: BTreeMap<String, Entry>,
+    /// Newest indexed version of each deleted item.
+    tombstones: BTreeMap<String, Vec<u8>>,
 }
 
 /// What an index commits (the parts of `ItemRecord` the doc says the store reads).
@@ -293,6 +295,13 @@ impl Model {
         now: i64,
     ) -> Result<(), FenceError> {
         let Some(e) = self.entries.get(key) else {
+            if let (Some(v), Some(deleted)) = (version, self.tombstones.get(key))
+                && v <= deleted
+            {
+                return Err(FenceError::StaleVersion {
+                    key: key.to_string(),
+                });
+            }
             return Ok(());
         };
         if let (Some(v), Some(indexed)) = (version, &e.version)
@@ -302,9 +311,11 @@ impl Model {
                 key: key.to_string(),
             });
         }
-        // Reading: a caller without an owner did not poll, so there is no lease to lose.
+        // A caller without an owner did not poll, so there is no lease to lose; one that names
+        // itself must still be the holder (its lease may have run out, but nobody may have
+        // polled, indexed or unreserved the entry since).
+        let _ = now;
         if let Some(o) = owner
-            && e.live(now)
             && e.owner.as_deref() != Some(o)
         {
             return Err(FenceError::LeaseLost {
@@ -368,7 +379,12 @@ impl Model {
             e.content = None;
             return;
         }
-        self.entries.remove(key);
+        if let Some(v) = self.entries.remove(key).and_then(|e| e.version) {
+            let t = self.tombstones.entry(key.to_string()).or_default();
+            if v > *t {
+                *t = v;
+            }
+        }
     }
 
     fn stats(&self, now: i64) -> QueueStats {
@@ -849,6 +865,7 @@ impl<'a> Harness<'a> {
                     vec![ItemChange::Delete {
                         key: KEYS[*key].to_string(),
                         if_queue: if_queue.map(str::to_string),
+                        version: None,
                     }],
                     now,
                 );
@@ -862,6 +879,7 @@ impl<'a> Harness<'a> {
                     .map(|k| ItemChange::Delete {
                         key: k.clone(),
                         if_queue: Some(label.to_string()),
+                        version: None,
                     })
                     .collect();
                 commit(s, f, deletes, now);

@@ -301,3 +301,52 @@ fn sigkill_at_failpoints_and_random_moments_never_corrupts_the_index() {
     assert_eq!(tree.ws.export(), export, "no-op run changed the export");
     println!("{}", log.join("\n"));
 }
+
+/// A run killed while it deletes the rows of a vanished file, after the target write: when the
+/// file comes back exactly as it was (same size and mtime — `mv` keeps them), the next run
+/// still restores its rows, although the scan's metadata says nothing changed.
+#[test]
+fn a_deletion_cut_short_is_finished_when_the_file_returns_unchanged() {
+    let ws = Workspace::new(FlowConfig::default());
+    for i in 0..3 {
+        ws.write(
+            format!("d{i}.md"),
+            format!("# Doc {i}\n\nDocument {i} talks about topic {i} in plain words.\n"),
+        );
+    }
+    // Old enough that size and mtime are trusted.
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for i in 0..3 {
+        let f = fs::File::options()
+            .write(true)
+            .open(ws.src().join(format!("d{i}.md")))
+            .expect("open");
+        f.set_modified(old).expect("set mtime");
+    }
+    let first = ws.index();
+    assert_eq!(first.n("items.new"), 3, "{}", first.0);
+    let full = ws.export();
+
+    let aside = ws.root().join("d1.aside");
+    fs::rename(ws.src().join("d1.md"), &aside).expect("move out");
+    let mut child = ws
+        .fi()
+        .args(["index", "--json"])
+        .env("FRESHINDEX_FAILPOINT", "target-written:1")
+        .spawn();
+    assert!(
+        child.wait_stderr("failpoint target-written reached", TIMEOUT),
+        "the deletion never reached its target write"
+    );
+    assert!(child.kill(), "the run ended before the kill");
+    fs::rename(&aside, ws.src().join("d1.md")).expect("move back");
+
+    let after = ws.index();
+    assert!(after.errors().is_empty(), "{}", after.0);
+    assert_eq!(
+        ws.export(),
+        full,
+        "the returned file's rows were not restored"
+    );
+    assert_eq!(ws.export(), ws.fresh_export());
+}
