@@ -1,12 +1,13 @@
 //! Domain types shared by every freshindex crate: fingerprints, item statuses, the flow
-//! specification and its configuration file, schedules and the scheduler's state machine, and
-//! target rows.
+//! specification and its configuration file, schedules and the scheduler's state machine, the
+//! execution history's run states, and target rows.
 //!
 //! This crate does no I/O beyond parsing text it is handed; it has no threads and reads no
 //! clock (the scheduler is handed the time).
 
 pub mod config;
 pub mod fingerprint;
+pub mod history;
 pub mod queue;
 pub mod row;
 pub mod schedule;
@@ -15,6 +16,7 @@ pub mod status;
 
 pub use config::{Config, ConfigError};
 pub use fingerprint::{Fingerprint, FpMap};
+pub use history::RunState;
 pub use queue::PushType;
 pub use row::{Row, RowPayload};
 pub use schedule::{

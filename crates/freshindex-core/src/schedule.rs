@@ -460,24 +460,36 @@ impl From<Schedule> for RawSchedule {
     }
 }
 
-/// How a run was started.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// How a run was started; every entry of a flow's execution history carries one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Trigger {
     /// By the scheduler, at an occurrence of the flow's schedule.
     Scheduled,
     /// On demand (CLI, API).
     Manual,
+    /// A batch of live mode (changes pushed by a watcher or a connector).
+    Live,
+    /// A reset of the flow or of some of its items (forgetting state, not indexing).
+    Reset,
 }
 
 impl Trigger {
     /// Every trigger.
-    pub const ALL: [Trigger; 2] = [Trigger::Scheduled, Trigger::Manual];
+    pub const ALL: [Trigger; 4] = [
+        Trigger::Scheduled,
+        Trigger::Manual,
+        Trigger::Live,
+        Trigger::Reset,
+    ];
 
     /// The stored and displayed name.
     pub fn as_str(self) -> &'static str {
         match self {
             Trigger::Scheduled => "scheduled",
             Trigger::Manual => "manual",
+            Trigger::Live => "live",
+            Trigger::Reset => "reset",
         }
     }
 }
@@ -495,7 +507,9 @@ impl FromStr for Trigger {
         Trigger::ALL
             .into_iter()
             .find(|t| t.as_str() == s)
-            .ok_or_else(|| format!("unknown trigger `{s}`; expected scheduled or manual"))
+            .ok_or_else(|| {
+                format!("unknown trigger `{s}`; expected scheduled, manual, live or reset")
+            })
     }
 }
 

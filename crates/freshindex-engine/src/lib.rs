@@ -10,7 +10,9 @@
 //! one-slot channel connects them, so CPU work overlaps SQLite writes and memory stays flat.
 
 pub mod failpoint;
+pub mod history;
 pub mod items;
+pub mod live;
 pub mod plan;
 pub(crate) mod process;
 pub mod run;
@@ -18,7 +20,10 @@ pub mod source;
 pub mod steps;
 pub mod summary;
 
+pub use freshindex_core::{RunState, Trigger};
+pub use history::{HistoryItems, ResetItemsReport, ResetReport, RunEntry};
 pub use items::{IndexOutcome, IndexRequest};
+pub use live::{LiveEvent, LiveOptions};
 pub use run::{Engine, Phase, Progress, RUN_OWNER, RunOptions, default_workers};
 pub use summary::{Issue, IssueLevel, RunStatus, RunSummary};
 
@@ -66,6 +71,20 @@ impl EngineError {
             | EngineError::Conflict(_)
             | EngineError::Invalid(_) => true,
             EngineError::Store(_) | EngineError::Target(_) | EngineError::Internal(_) => false,
+        }
+    }
+
+    /// The history status of a run that ended with this error: a
+    /// [`PersistentFailure`](RunState::PersistentFailure) when the user must fix something
+    /// ([`is_user_error`](Self::is_user_error): the flow's config, a missing or unreadable
+    /// source folder, a conflict) — running again unchanged fails again — and a
+    /// [`TransientFailure`](RunState::TransientFailure) when the system failed (state store or
+    /// target I/O, a bug), which the next run may not meet.
+    pub fn run_state(&self) -> RunState {
+        if self.is_user_error() {
+            RunState::PersistentFailure
+        } else {
+            RunState::TransientFailure
         }
     }
 }

@@ -83,6 +83,9 @@ enum Outcome {
         if_queue: Option<String>,
         version: Option<Vec<u8>>,
         warning: Option<String>,
+        /// Found gone while processing a polled entry (fenced by the lease); deletions
+        /// decided without a poll are fenced by their version only.
+        polled: bool,
     },
 }
 
@@ -282,6 +285,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) progress: &'a dyn Progress,
     /// The lease holder the batches process for (fenced before every write).
     pub(crate) owner: Option<String>,
+    /// Live batches only list the changed files: a polled entry outside the listing (one
+    /// whose retry came due) is stat-ed by its key instead of being taken as unlisted.
+    pub(crate) stat_unlisted: bool,
 }
 
 /// A batch after looking and embedding, ready for the diff and the write.
@@ -307,6 +313,30 @@ fn decode_memo(bytes: &[u8], dimension: usize) -> Result<Vec<f32>, EngineError> 
 }
 
 impl Ctx<'_> {
+    /// The file of an entry the run's listing does not hold, when this context stats such
+    /// entries (live batches): `None` for a key that does not map back to a path (escaped
+    /// bytes) or a file that cannot be stat-ed — the entry is then postponed.
+    pub(crate) fn stat_unlisted(&self, key: &str) -> Option<ScannedFile> {
+        if !self.stat_unlisted || key.contains('\\') {
+            return None;
+        }
+        let src = self.spec.files()?;
+        let path = src.path.join(key);
+        let meta = if src.follow_symlinks {
+            std::fs::metadata(&path)
+        } else {
+            std::fs::symlink_metadata(&path)
+        }
+        .ok()?;
+        Some(ScannedFile {
+            key: key.to_string(),
+            size: meta.len(),
+            mtime_ns: files::mtime_ns(&meta),
+            regular: meta.is_file(),
+            path,
+        })
+    }
+
     pub(crate) fn tally(&self) -> MutexGuard<'_, Tally> {
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -340,6 +370,7 @@ impl Ctx<'_> {
                 if_queue,
                 version,
                 warning,
+                polled: false,
             },
             Work::Text {
                 record,
@@ -452,6 +483,7 @@ impl Ctx<'_> {
                     if_queue: None,
                     version: None,
                     warning: Some(format!("vanished during the scan: {e}")),
+                    polled: true,
                 };
             }
             Err(ReadError::Io(e)) => {
@@ -657,26 +689,21 @@ impl Ctx<'_> {
         let checks: Vec<(usize, FenceCheck)> = outcomes
             .iter()
             .enumerate()
-            .filter(|(_, o)| self.owner.is_some() || o.version().is_some())
-            .filter(|(_, o)| {
-                !matches!(
-                    o,
-                    Outcome::Gone {
-                        if_queue: Some(_),
-                        ..
-                    }
-                )
-            })
             .map(|(i, o)| {
+                let owner = match o {
+                    Outcome::Gone { polled: false, .. } => None,
+                    _ => self.owner.clone(),
+                };
                 (
                     i,
                     FenceCheck {
                         key: o.key().to_string(),
                         version: o.version().cloned(),
-                        owner: self.owner.clone(),
+                        owner,
                     },
                 )
             })
+            .filter(|(_, c)| c.owner.is_some() || c.version.is_some())
             .collect();
         let mut refused: Vec<FenceError> = Vec::new();
         let mut blocked: HashSet<usize> = HashSet::new();
@@ -750,6 +777,7 @@ impl Ctx<'_> {
                     if_queue,
                     version,
                     warning,
+                    polled: _,
                 } => {
                     if existed {
                         tally.summary.items.deleted += 1;

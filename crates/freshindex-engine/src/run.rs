@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use freshindex_core::queue::DEFAULT_LEASE_MS;
-use freshindex_core::{FlowSpec, Row};
+use freshindex_core::spec::FilesSource;
+use freshindex_core::{FlowSpec, Row, RunState, Trigger};
 use freshindex_store::{
-    BatchCommit, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind, SqliteStore,
-    StateStore, StoreError,
+    BatchCommit, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind, RunEnd, RunId,
+    SqliteStore, StateStore, StoreError,
 };
 use freshindex_vector::{Collections, Filter, SearchHit, SqliteCollection, VectorCollection};
 
@@ -28,7 +29,7 @@ use crate::source::files::{self, ScannedFile};
 use crate::steps::embed::embedder_for;
 use crate::steps::processing_fingerprint;
 use crate::steps::split::Splitter;
-use crate::summary::{Issue, RunStatus, RunSummary};
+use crate::summary::{Issue, RunSummary};
 
 /// Milliseconds since the epoch: the queue's clock.
 pub fn now_ms() -> i64 {
@@ -80,6 +81,8 @@ pub struct RunOptions<'a> {
     pub lease_ms: i64,
     /// Progress receiver.
     pub progress: &'a dyn Progress,
+    /// How the run was started, as its history entry records it.
+    pub trigger: Trigger,
 }
 
 impl Default for RunOptions<'_> {
@@ -89,6 +92,7 @@ impl Default for RunOptions<'_> {
             workers: default_workers(),
             lease_ms: DEFAULT_LEASE_MS,
             progress: &NoProgress,
+            trigger: Trigger::Manual,
         }
     }
 }
@@ -101,6 +105,10 @@ pub fn default_workers() -> usize {
 /// The lease holder of a run's workers. One run at a time holds a data directory, so a lease
 /// of this holder found at the start of a run is left over from a run that died.
 pub const RUN_OWNER: &str = "engine";
+
+/// The message of a history entry a dead process left `inProgress`, as the next run of the
+/// flow records it.
+pub const INTERRUPTED: &str = "interrupted: the process running it stopped before it finished (killed, crashed or the machine went down); found by the next run of the flow";
 
 /// The label after `label` in the alternation of full traversals.
 fn next_label(label: &str) -> &'static str {
@@ -144,7 +152,7 @@ pub struct FlowStatus {
     pub cache_entries: u64,
     /// Memo-cache value bytes.
     pub cache_bytes: u64,
-    /// The last run's summary.
+    /// The summary of the last run that completed (see [`Engine::history`] for every run).
     pub last_run: Option<serde_json::Value>,
 }
 
@@ -173,6 +181,11 @@ impl Engine {
             open: Mutex::new(HashMap::new()),
             writer: Mutex::new(()),
         }
+    }
+
+    /// The data directory, for an engine opened on one.
+    pub(crate) fn data_dir(&self) -> Option<&Path> {
+        self.lock_path.as_deref().and_then(Path::parent)
     }
 
     /// The state store.
@@ -287,10 +300,18 @@ impl Engine {
             tally: Mutex::new(Tally::new(&spec.name)),
             progress,
             owner,
+            stat_unlisted: false,
         })
     }
 
     /// Runs a flow once: brings its target in line with its source.
+    ///
+    /// The run is recorded in the flow's execution history: `inProgress` once it holds the
+    /// data directory (entries a dead process left `inProgress` are marked interrupted first),
+    /// then how it ended — with its summary when it completed ([`RunStatus::run_state`](crate::RunStatus::run_state)), with
+    /// the error when it could not ([`EngineError::run_state`]). A spec refused before the run
+    /// takes the data directory (a push source, an unknown model) and a data directory held
+    /// by another run ([`EngineError::Busy`]) leave no entry.
     pub fn run(&self, spec: &FlowSpec, opts: &RunOptions<'_>) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
         let Some(source) = spec.files() else {
@@ -303,7 +324,90 @@ impl Engine {
         embedder_for(spec.embed()).map_err(EngineError::Config)?;
         Splitter::new(spec.split()).map_err(EngineError::Config)?;
         let _lock = self.lock()?;
-        let flow = self.register(spec)?;
+        let started_ms = now_ms();
+        let flow = match self.register(spec) {
+            Ok(flow) => flow,
+            Err(e) => {
+                // A flow the data directory knows keeps the failed attempt in its history.
+                if let Ok(Some(rec)) = self.store.flow(&spec.name)
+                    && let Ok(run) = self.begin_run(rec.id, opts.trigger, started_ms)
+                {
+                    self.finish_failed_run(run, &e);
+                }
+                return Err(e);
+            }
+        };
+        let run = self.begin_run(flow, opts.trigger, started_ms)?;
+        match self.run_locked(spec, source, flow, opts, started) {
+            Ok(summary) => {
+                let json = serde_json::to_string(&summary)
+                    .map_err(|e| EngineError::Internal(format!("encoding the run summary: {e}")));
+                let recorded = json.and_then(|json| {
+                    self.finish_run(run, summary.status.run_state(), Some(json), None)
+                });
+                recorded.map(|()| summary)
+            }
+            Err(e) => {
+                self.finish_failed_run(run, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Records the start of a run (or a reset) of `flow` in its history, once this process
+    /// holds the data directory's run lock: entries of the flow still `inProgress` belong to a
+    /// process that died, and are marked interrupted first.
+    pub(crate) fn begin_run(
+        &self,
+        flow: FlowId,
+        trigger: Trigger,
+        started_at_ms: i64,
+    ) -> Result<RunId, EngineError> {
+        let interrupted = self
+            .store
+            .interrupt_runs(Some(flow), started_at_ms, INTERRUPTED)?;
+        if interrupted > 0 {
+            tracing::warn!("{interrupted} run(s) of this flow were interrupted earlier");
+        }
+        Ok(self.store.begin_run(flow, trigger, started_at_ms)?)
+    }
+
+    /// Records how a run (or a reset) ended: its final status, its summary (JSON) when it
+    /// completed, and why it failed or a note.
+    pub(crate) fn finish_run(
+        &self,
+        run: RunId,
+        status: RunState,
+        summary_json: Option<String>,
+        message: Option<String>,
+    ) -> Result<(), EngineError> {
+        let end = RunEnd {
+            status,
+            summary_json,
+            message: message.map(|m| m.replace('\n', " ")),
+            finished_at_ms: now_ms(),
+        };
+        self.store.finish_run(run, &end)?;
+        Ok(())
+    }
+
+    /// Records that a run (or a reset) failed with `e`. A failure to record it is only
+    /// logged: the caller returns `e`, which says more.
+    pub(crate) fn finish_failed_run(&self, run: RunId, e: &EngineError) {
+        if let Err(fe) = self.finish_run(run, e.run_state(), None, Some(e.to_string())) {
+            tracing::warn!("recording the failure of run {}: {fe}", run.0);
+        }
+    }
+
+    /// The run itself, under the run lock, with the flow registered.
+    fn run_locked(
+        &self,
+        spec: &FlowSpec,
+        source: &FilesSource,
+        flow: FlowId,
+        opts: &RunOptions<'_>,
+        started: Instant,
+    ) -> Result<RunSummary, EngineError> {
         let store = self.store.as_ref();
         let progress = opts.progress;
 
@@ -402,18 +506,11 @@ impl Engine {
         let mut summary = tally.finish(spec.max_failed_items);
         summary.rows.total = rows_total;
         summary.elapsed_ms = started.elapsed().as_millis() as u64;
-        let status = match summary.status {
-            RunStatus::Success => "success",
-            RunStatus::Failed => "failed",
-        };
-        let json = serde_json::to_string(&summary)
-            .map_err(|e| EngineError::Config(format!("summary: {e}")))?;
-        store.record_run(flow, status, &json)?;
         Ok(summary)
     }
 
     /// The workers of a run, and the heartbeat that keeps their leases.
-    fn work(
+    pub(crate) fn work(
         &self,
         ctx: &Ctx<'_>,
         files: &HashMap<String, ScannedFile>,
@@ -462,7 +559,10 @@ impl Engine {
                             let work = entries
                                 .into_iter()
                                 .map(|e| Work::File {
-                                    file: files.get(&e.item.key).cloned(),
+                                    file: files
+                                        .get(&e.item.key)
+                                        .cloned()
+                                        .or_else(|| ctx.stat_unlisted(&e.item.key)),
                                     has_pending: pending_keys.contains(&e.item.key),
                                     entry: e.item,
                                 })
@@ -515,7 +615,7 @@ impl Engine {
     }
 
     /// Takes the data directory's run lock, or says who holds it.
-    fn lock(&self) -> Result<Option<std::fs::File>, EngineError> {
+    pub(crate) fn lock(&self) -> Result<Option<std::fs::File>, EngineError> {
         let Some(path) = &self.lock_path else {
             return Ok(None);
         };
@@ -542,17 +642,24 @@ impl Engine {
     /// the old collection and forgets its items, so that the run rebuilds the new target from
     /// scratch while the memo cache keeps every embedding. Crash-safe: the lineage is
     /// forgotten only after its rows are deleted, and the old target stays the registered one
-    /// until this completes, so an interrupted switch is redone.
-    fn leave_target(&self, flow: FlowId, old: &str) -> Result<(), EngineError> {
+    /// until this completes, so an interrupted switch is redone. A reset of the flow does the
+    /// same with its current target. Returns how many items were forgotten and how many
+    /// tracked rows deleted.
+    pub(crate) fn leave_target(&self, flow: FlowId, old: &str) -> Result<(u64, u64), EngineError> {
         let old = match self.collections.open(old) {
             Ok(c) => Some(c),
             Err(freshindex_vector::VectorError::NotFound(_)) => None,
             Err(e) => return Err(e.into()),
         };
         let items = self.store.items(flow)?;
+        let mut rows = 0u64;
         for part in items.chunks(1024) {
             let keys: Vec<&str> = part.iter().map(|i| i.key.as_str()).collect();
             let lineage = self.store.lineage(flow, &keys)?;
+            rows += lineage
+                .values()
+                .map(|l| l.tracked.len() as u64)
+                .sum::<u64>();
             if let Some(old) = &old {
                 let deletes: Vec<String> = lineage
                     .values()
@@ -582,7 +689,7 @@ impl Engine {
                 },
             )?;
         }
-        Ok(())
+        Ok((items.len() as u64, rows))
     }
 
     fn collection_of(&self, spec: &FlowSpec) -> Result<SqliteCollection, EngineError> {

@@ -1,5 +1,6 @@
 //! The summary of a run, as `freshindex index --json` prints it and the run history stores it.
 
+use freshindex_core::RunState;
 use serde::{Deserialize, Serialize};
 
 /// How a run ended.
@@ -10,6 +11,18 @@ pub enum RunStatus {
     Success,
     /// Completed, but more items failed than `max_failed_items` allows.
     Failed,
+}
+
+impl RunStatus {
+    /// The history status of a run that completed so: more failed items than the flow allows
+    /// is a [`PersistentFailure`](RunState::PersistentFailure) (the items fail again unless
+    /// the source or the flow changes; they are retried first by the next run).
+    pub fn run_state(self) -> RunState {
+        match self {
+            RunStatus::Success => RunState::Success,
+            RunStatus::Failed => RunState::PersistentFailure,
+        }
+    }
 }
 
 /// Warning or error.
@@ -69,6 +82,14 @@ pub struct ItemCounts {
     pub failed: u64,
     /// Deliberately not indexed (binary, empty, too large, ...).
     pub skipped: u64,
+}
+
+impl ItemCounts {
+    /// Items the run had work for: new, modified, deleted, failed and skipped ones — every
+    /// item but those found unchanged.
+    pub fn processed(&self) -> u64 {
+        self.new + self.modified + self.deleted + self.failed + self.skipped
+    }
 }
 
 /// Row counters of a run.

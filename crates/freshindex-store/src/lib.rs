@@ -7,7 +7,7 @@
 //!   the atomic batch commit that moves both forward together with the memo cache.
 //! - [`MemoStore`]: the content-addressed memo cache of expensive step results, with garbage
 //!   collection of entries no tracked row uses.
-//! - [`RunStore`]: run summaries.
+//! - [`RunStore`]: the execution history: every run (and skipped occurrence) of a flow.
 //!
 //! [`SqliteStore`] is the embedded backend (one file, no threads of its own; calls are
 //! serialized by a mutex). Nothing above this crate sees SQL: a PostgreSQL backend implements
@@ -40,6 +40,9 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("state store holds invalid data: {0}")]
     Corrupt(String),
+    /// The caller passed a value the store refuses (a bug of the caller).
+    #[error("state store: invalid request: {0}")]
+    Invalid(String),
 }
 
 /// Result alias of this crate.
@@ -57,6 +60,14 @@ pub trait FlowStore {
     fn traversal_label(&self, flow: FlowId) -> Result<Option<String>>;
     /// Records the label of a completed full traversal (after its `deleteQueueItems`).
     fn set_traversal_label(&self, flow: FlowId, label: &str) -> Result<()>;
+    /// The last step of a reset of the flow, after the caller deleted every item (and so,
+    /// through [`LineageStore::commit`], every tracked row, after deleting those rows from the
+    /// target): forgets the tombstones of deleted items (so that re-indexing an item at any
+    /// version works again) and the traversal label, and with `drop_cache` the memo cache
+    /// (entries, totals, collection candidates). One transaction. Items, lineage and pending
+    /// keys are not touched here: forgetting lineage before its rows leave the target would
+    /// orphan them.
+    fn reset_flow(&self, flow: FlowId, drop_cache: bool) -> Result<()>;
 }
 
 /// Per-item state.
@@ -144,6 +155,17 @@ pub trait ItemStore {
 
     /// Queue depth by status and lease counts.
     fn queue_stats(&self, flow: FlowId, now_ms: i64) -> Result<QueueStats>;
+
+    /// A reset of chosen items: each entry of `keys` is to be processed again from scratch
+    /// ([`rules::requeue`]) — it becomes `MODIFIED` (a `NEW_ITEM` stays new) and forgets its
+    /// content hash and indexed version; its retry backoff ends and its attempts restart. Its
+    /// label, metadata hash, payload and rows stay, so a full traversal that finds the same
+    /// metadata still polls it (it has work) and looking at it finds no content hash to
+    /// match: the next run reads and reprocesses exactly these items. An entry under a live
+    /// lease is marked re-pushed (the index that ends the lease leaves it `MODIFIED`). One
+    /// transaction; the enqueue time of a changed status is `now_ms`. Returns the keys the
+    /// queue does not hold, in the order given (not an error).
+    fn requeue_items(&self, flow: FlowId, keys: &[String], now_ms: i64) -> Result<Vec<String>>;
 }
 
 /// Lineage and the two-phase commit of target mutations.
@@ -180,12 +202,40 @@ pub trait MemoStore {
     fn memo_stats(&self, flow: FlowId) -> Result<(u64, u64)>;
 }
 
-/// Run history.
+/// The execution history (seed 004): one entry per run of a flow — scheduled, manual, live,
+/// reset — and per skipped occurrence, newest kept.
+///
+/// A run is recorded when it starts ([`begin_run`](RunStore::begin_run), `inProgress`) and
+/// again when it ends ([`finish_run`](RunStore::finish_run)). An entry left `inProgress` by a
+/// process that died stays so until the next process that runs the flow marks it
+/// interrupted ([`interrupt_runs`](RunStore::interrupt_runs)). Every write keeps the newest
+/// [`RUNS_KEPT`] entries of the flow and deletes older ones — except entries still
+/// `inProgress`, which are never deleted.
 pub trait RunStore {
-    /// Stores a finished run's summary (JSON); keeps the last [`RUNS_KEPT`] per flow.
-    fn record_run(&self, flow: FlowId, status: &str, summary_json: &str) -> Result<()>;
-    /// The last run's summary (JSON).
+    /// Records that a run of `flow` started: a new `inProgress` entry.
+    fn begin_run(&self, flow: FlowId, trigger: Trigger, started_at_ms: i64) -> Result<RunId>;
+    /// Records how the run `run` ended. Refuses ([`StoreError::Invalid`]) a status that is not
+    /// final. Returns `false` when the history holds no such entry.
+    fn finish_run(&self, run: RunId, end: &RunEnd) -> Result<bool>;
+    /// Records an entry that is no run and is final when recorded (a skipped occurrence, with
+    /// why in `message`). Refuses `inProgress` ([`StoreError::Invalid`]).
+    fn record_run_event(
+        &self,
+        flow: FlowId,
+        trigger: Trigger,
+        status: RunState,
+        at_ms: i64,
+        message: Option<&str>,
+    ) -> Result<RunId>;
+    /// The flow's newest `limit` entries, newest (last recorded) first.
+    fn runs(&self, flow: FlowId, limit: usize) -> Result<Vec<RunRecord>>;
+    /// The summary (JSON) of the flow's last run that completed (the newest entry with one).
     fn last_run(&self, flow: FlowId) -> Result<Option<String>>;
+    /// Marks the entries of `flow` (of every flow when `None`) still `inProgress` as
+    /// `transientFailure`, finished at `at_ms`, with `message`; returns how many. For runs
+    /// left so by a process that died: call it only where no live process can be running
+    /// them (the engine calls it for a flow once it holds the data directory's run lock).
+    fn interrupt_runs(&self, flow: Option<FlowId>, at_ms: i64, message: &str) -> Result<u64>;
 }
 
 /// Runs kept per flow.

@@ -125,6 +125,28 @@ fn mark_modified(e: &mut ItemRecord, leased: bool, content_given: bool, now_ms: 
     }
 }
 
+/// The entry after a reset of the item (see
+/// [`ItemStore::requeue_items`](crate::ItemStore::requeue_items)): processed again from
+/// scratch, whatever its content.
+pub fn requeue(mut e: ItemRecord, now_ms: i64) -> ItemRecord {
+    let status = match e.status {
+        ItemStatus::NewItem => ItemStatus::NewItem,
+        ItemStatus::Modified | ItemStatus::Accepted | ItemStatus::Skipped | ItemStatus::Error => {
+            ItemStatus::Modified
+        }
+    };
+    set_status(&mut e, status, now_ms);
+    if e.is_leased(now_ms) {
+        // The lease holder's index carries content read before the reset.
+        e.repushed = true;
+    }
+    e.content_hash = None;
+    e.version = None;
+    e.attempts = 0;
+    e.available_at_ms = e.available_at_ms.min(now_ms);
+    e
+}
+
 /// The entry after processing ended with `outcome` (see
 /// [`ItemChange::Upsert`](crate::ItemChange::Upsert)).
 pub fn index(existing: Option<ItemRecord>, outcome: &ItemRecord, now_ms: i64) -> ItemRecord {

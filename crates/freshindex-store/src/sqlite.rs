@@ -4,18 +4,18 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::{
     BatchCommit, FlowId, FlowRecord, FlowStore, ItemChange, ItemLineage, ItemStatus, LineageStore,
-    MemoStore, Result, RunStore, StoreError, TrackedRow,
+    MemoStore, Result, RunEnd, RunId, RunRecord, RunState, RunStore, StoreError, TrackedRow,
+    Trigger,
 };
 use freshindex_core::{Fingerprint, FpMap};
 
 /// Schema version this build writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1 kept file metadata per item; version 2 turns items into queue entries. Items
 /// become `MODIFIED` (or stay `NEW_ITEM`) under label `B`, so the next run re-reads each once
@@ -34,6 +34,28 @@ SELECT flow_id, key,
   'B', 0, 0, 0, message, 0
 FROM items_v1;
 DROP TABLE items_v1;
+";
+
+/// Version 3 turns the run summaries into the execution history: a trigger, a start, an
+/// end that is empty while in progress, the seed's statuses, an optional summary and a
+/// message. Kept summaries become finished manual runs (`failed` → `persistentFailure`: too
+/// many failed items was the only failure v2 recorded), started `elapsed_ms` before they
+/// finished. The index moves to the new table (index names are global: renaming the table
+/// keeps its index under the old name).
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE runs RENAME TO runs_v2;
+DROP INDEX IF EXISTS runs_flow;
+";
+const MIGRATE_2_TO_3_COPY: &str = "
+INSERT INTO runs (id, flow_id, trigger, status, started_at_ms, finished_at_ms, summary_json,
+  message)
+SELECT id, flow_id, 'manual',
+  CASE status WHEN 'success' THEN 'success' ELSE 'persistentFailure' END,
+  finished_at_ms - CASE WHEN json_valid(summary_json)
+    THEN COALESCE(json_extract(summary_json, '$.elapsed_ms'), 0) ELSE 0 END,
+  finished_at_ms, summary_json, NULL
+FROM runs_v2;
+DROP TABLE runs_v2;
 ";
 
 const SCHEMA: &str = "
@@ -111,12 +133,19 @@ CREATE TABLE IF NOT EXISTS memo_gc (
   key BLOB NOT NULL,
   PRIMARY KEY (flow_id, key)
 ) WITHOUT ROWID;
+-- The execution history: one entry per run (or skipped occurrence), ids in recording order.
+-- `finished_at_ms` is NULL while the run is in progress; `summary_json` is the engine's run
+-- summary of a run that completed; `message` says why a run could not run or was
+-- interrupted, or annotates an event.
 CREATE TABLE IF NOT EXISTS runs (
   id INTEGER PRIMARY KEY,
   flow_id INTEGER NOT NULL,
-  finished_at_ms INTEGER NOT NULL,
+  trigger TEXT NOT NULL,
   status TEXT NOT NULL,
-  summary_json TEXT NOT NULL
+  started_at_ms INTEGER NOT NULL,
+  finished_at_ms INTEGER,
+  summary_json TEXT,
+  message TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_flow ON runs (flow_id, id);
 ";
@@ -301,12 +330,20 @@ impl SqliteStore {
         if found != Some(SCHEMA_VERSION) {
             conn.execute_batch("BEGIN IMMEDIATE").map_err(backend)?;
             let migrated = (|| {
+                // Tables whose shape changed are renamed first, the schema creates the new
+                // ones, then the old rows are copied over.
                 if found == Some(1) {
                     conn.execute_batch(MIGRATE_1_TO_2)?;
-                    conn.execute_batch(SCHEMA)?;
+                }
+                if matches!(found, Some(1 | 2)) {
+                    conn.execute_batch(MIGRATE_2_TO_3)?;
+                }
+                conn.execute_batch(SCHEMA)?;
+                if found == Some(1) {
                     conn.execute_batch(MIGRATE_1_TO_2_COPY)?;
-                } else {
-                    conn.execute_batch(SCHEMA)?;
+                }
+                if matches!(found, Some(1 | 2)) {
+                    conn.execute_batch(MIGRATE_2_TO_3_COPY)?;
                 }
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
@@ -417,6 +454,27 @@ impl FlowStore for SqliteStore {
             )
             .map_err(backend)?;
         Ok(())
+    }
+
+    fn reset_flow(&self, flow: FlowId, drop_cache: bool) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        tx.execute(
+            "UPDATE flows SET traversal_label = NULL WHERE id = ?1",
+            [flow.0],
+        )
+        .map_err(backend)?;
+        tx.execute("DELETE FROM tombstones WHERE flow_id = ?1", [flow.0])
+            .map_err(backend)?;
+        if drop_cache {
+            for table in ["memo", "memo_totals", "memo_gc"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE flow_id = ?1"), [flow.0])
+                    .map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
     }
 }
 
@@ -735,37 +793,186 @@ impl MemoStore for SqliteStore {
     }
 }
 
+/// Deletes the flow's entries older than the newest [`crate::RUNS_KEPT`], except those still
+/// in progress.
+fn prune_runs(tx: &rusqlite::Transaction<'_>, flow: i64) -> Result<()> {
+    tx.prepare_cached(
+        "DELETE FROM runs WHERE flow_id = ?1 AND status != 'inProgress' AND id NOT IN
+           (SELECT id FROM runs WHERE flow_id = ?1 ORDER BY id DESC LIMIT ?2)",
+    )
+    .map_err(backend)?
+    .execute(params![flow, crate::RUNS_KEPT])
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn read_run(r: &rusqlite::Row<'_>) -> Result<RunRecord> {
+    let trigger: String = r.get(2).map_err(backend)?;
+    let status: String = r.get(3).map_err(backend)?;
+    Ok(RunRecord {
+        id: RunId(r.get(0).map_err(backend)?),
+        flow: FlowId(r.get(1).map_err(backend)?),
+        trigger: trigger.parse().map_err(StoreError::Corrupt)?,
+        status: status.parse().map_err(StoreError::Corrupt)?,
+        started_at_ms: r.get(4).map_err(backend)?,
+        finished_at_ms: r.get(5).map_err(backend)?,
+        summary_json: r.get(6).map_err(backend)?,
+        message: r.get(7).map_err(backend)?,
+    })
+}
+
+fn final_status(status: RunState, what: &str) -> Result<()> {
+    if status.is_finished() {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "{what} needs a final status, not `{status}`"
+        )))
+    }
+}
+
 impl RunStore for SqliteStore {
-    fn record_run(&self, flow: FlowId, status: &str, summary_json: &str) -> Result<()> {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+    fn begin_run(&self, flow: FlowId, trigger: Trigger, started_at_ms: i64) -> Result<RunId> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(backend)?;
         tx.execute(
-            "INSERT INTO runs (flow_id, finished_at_ms, status, summary_json) VALUES (?1, ?2, ?3, ?4)",
-            params![flow.0, now_ms, status, summary_json],
+            "INSERT INTO runs (flow_id, trigger, status, started_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                flow.0,
+                trigger.as_str(),
+                RunState::InProgress.as_str(),
+                started_at_ms
+            ],
         )
         .map_err(backend)?;
+        let id = RunId(tx.last_insert_rowid());
+        prune_runs(&tx, flow.0)?;
+        tx.commit().map_err(backend)?;
+        Ok(id)
+    }
+
+    fn finish_run(&self, run: RunId, end: &RunEnd) -> Result<bool> {
+        final_status(end.status, "finishing a run")?;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let flow: Option<i64> = tx
+            .query_row(
+                "UPDATE runs SET status = ?2, finished_at_ms = ?3, summary_json = ?4, message = ?5
+                 WHERE id = ?1 RETURNING flow_id",
+                params![
+                    run.0,
+                    end.status.as_str(),
+                    end.finished_at_ms,
+                    end.summary_json,
+                    end.message
+                ],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        if let Some(flow) = flow {
+            // An old entry kept only because it was in progress may go now.
+            prune_runs(&tx, flow)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(flow.is_some())
+    }
+
+    fn record_run_event(
+        &self,
+        flow: FlowId,
+        trigger: Trigger,
+        status: RunState,
+        at_ms: i64,
+        message: Option<&str>,
+    ) -> Result<RunId> {
+        final_status(status, "a history event")?;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
         tx.execute(
-            "DELETE FROM runs WHERE flow_id = ?1 AND id NOT IN
-               (SELECT id FROM runs WHERE flow_id = ?1 ORDER BY id DESC LIMIT ?2)",
-            params![flow.0, crate::RUNS_KEPT],
+            "INSERT INTO runs (flow_id, trigger, status, started_at_ms, finished_at_ms, message)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+            params![flow.0, trigger.as_str(), status.as_str(), at_ms, message],
         )
         .map_err(backend)?;
-        tx.commit().map_err(backend)
+        let id = RunId(tx.last_insert_rowid());
+        prune_runs(&tx, flow.0)?;
+        tx.commit().map_err(backend)?;
+        Ok(id)
+    }
+
+    fn runs(&self, flow: FlowId, limit: usize) -> Result<Vec<RunRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, flow_id, trigger, status, started_at_ms, finished_at_ms, summary_json,
+                   message
+                 FROM runs WHERE flow_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(backend)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(params![flow.0, limit]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(backend)? {
+            out.push(read_run(r)?);
+        }
+        Ok(out)
     }
 
     fn last_run(&self, flow: FlowId) -> Result<Option<String>> {
         self.conn()
             .query_row(
-                "SELECT summary_json FROM runs WHERE flow_id = ?1 ORDER BY id DESC LIMIT 1",
+                "SELECT summary_json FROM runs WHERE flow_id = ?1 AND summary_json IS NOT NULL
+                 ORDER BY id DESC LIMIT 1",
                 [flow.0],
                 |r| r.get(0),
             )
             .optional()
             .map_err(backend)
+    }
+
+    fn interrupt_runs(&self, flow: Option<FlowId>, at_ms: i64, message: &str) -> Result<u64> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let flows: Vec<i64> = {
+            let mut stmt = tx
+                .prepare(
+                    "UPDATE runs SET status = ?2, finished_at_ms = MAX(started_at_ms, ?3),
+                       message = ?4
+                     WHERE status = ?1 AND (?5 IS NULL OR flow_id = ?5)
+                     RETURNING flow_id",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        RunState::InProgress.as_str(),
+                        RunState::TransientFailure.as_str(),
+                        at_ms,
+                        message,
+                        flow.map(|f| f.0)
+                    ],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(backend)?
+        };
+        let mut pruned: Vec<i64> = flows.clone();
+        pruned.sort_unstable();
+        pruned.dedup();
+        for f in pruned {
+            prune_runs(&tx, f)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(flows.len() as u64)
     }
 }

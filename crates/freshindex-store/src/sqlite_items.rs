@@ -462,4 +462,20 @@ impl ItemStore for SqliteStore {
             .collect();
         Ok(stats)
     }
+
+    fn requeue_items(&self, flow: FlowId, keys: &[String], now_ms: i64) -> Result<Vec<String>> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let mut unknown = Vec::new();
+        for key in keys {
+            match entry(&tx, flow, key)? {
+                Some(before) => write_entry(&tx, flow, &rules::requeue(before, now_ms), None)?,
+                None => unknown.push(key.clone()),
+            }
+        }
+        tx.commit().map_err(backend)?;
+        Ok(unknown)
+    }
 }

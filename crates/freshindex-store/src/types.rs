@@ -1,6 +1,6 @@
 //! Records exchanged with the state store.
 
-pub use freshindex_core::{Fingerprint, ItemStatus};
+pub use freshindex_core::{Fingerprint, ItemStatus, RunState, Trigger};
 
 /// Identifies a registered flow inside one store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -311,4 +311,44 @@ pub struct BatchCommit {
     /// The commit's time (ms since the epoch): indexed entries leave their lease and failed
     /// ones wait out a retry backoff from here.
     pub now_ms: i64,
+}
+
+/// Identifies an entry of the execution history (increasing in the order entries are
+/// recorded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunId(pub i64);
+
+/// One entry of a flow's execution history: a run, or an event that is not a run (a skipped
+/// occurrence).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunRecord {
+    /// Entry id.
+    pub id: RunId,
+    /// The flow.
+    pub flow: FlowId,
+    /// How it was started.
+    pub trigger: Trigger,
+    /// Where it stands.
+    pub status: RunState,
+    /// When it started (ms since the epoch); an event's time.
+    pub started_at_ms: i64,
+    /// When it ended; `None` while in progress.
+    pub finished_at_ms: Option<i64>,
+    /// What the run did (the engine's run summary, JSON), when it completed.
+    pub summary_json: Option<String>,
+    /// Why a run could not run or was interrupted; a note on an event.
+    pub message: Option<String>,
+}
+
+/// How a run ended (see [`RunStore::finish_run`](crate::RunStore::finish_run)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunEnd {
+    /// The final status (anything but [`RunState::InProgress`]).
+    pub status: RunState,
+    /// What the run did (JSON), when it completed.
+    pub summary_json: Option<String>,
+    /// Why it could not complete, or a note.
+    pub message: Option<String>,
+    /// When it ended (ms since the epoch).
+    pub finished_at_ms: i64,
 }

@@ -5,7 +5,8 @@ use freshindex_core::PushType;
 use freshindex_store::{
     BatchCommit, FenceCheck, FenceError, Fingerprint, FlowStore, ItemChange, ItemRecord,
     ItemStatus, ItemStore, ListRequest, PollRequest, PushItem, PushKind, PushRejection, RUNS_KEPT,
-    SqliteStore, StateStore, TrackedRow,
+    RunEnd, RunId, RunRecord, RunState, RunStore, SqliteStore, StateStore, StoreError, TrackedRow,
+    Trigger,
 };
 
 fn fp(n: u8) -> Fingerprint {
@@ -259,17 +260,343 @@ fn memo_gc(s: &dyn StateStore) {
     );
 }
 
+fn end(status: RunState, summary: Option<&str>, message: Option<&str>, at: i64) -> RunEnd {
+    RunEnd {
+        status,
+        summary_json: summary.map(str::to_string),
+        message: message.map(str::to_string),
+        finished_at_ms: at,
+    }
+}
+
+/// The execution history: begin and finish, events, newest first, flows apart.
 fn runs(s: &dyn StateStore) {
     let f = s.register_flow("r", "{}").expect("register");
+    let g = s.register_flow("g", "{}").expect("register g");
     assert!(s.last_run(f).expect("none").is_none());
-    for i in 0..(RUNS_KEPT + 5) {
-        s.record_run(f, "success", &format!("{{\"n\":{i}}}"))
-            .expect("record");
+    assert!(s.runs(f, 10).expect("no runs").is_empty());
+
+    let r1 = s.begin_run(f, Trigger::Manual, NOW_MS).expect("begin");
+    assert_eq!(
+        s.runs(f, 10).expect("runs"),
+        [RunRecord {
+            id: r1,
+            flow: f,
+            trigger: Trigger::Manual,
+            status: RunState::InProgress,
+            started_at_ms: NOW_MS,
+            finished_at_ms: None,
+            summary_json: None,
+            message: None,
+        }]
+    );
+    assert!(
+        s.last_run(f).expect("last").is_none(),
+        "a run in progress has no summary yet"
+    );
+    let done = end(RunState::Success, Some("{\"n\":1}"), None, NOW_MS + 5);
+    assert!(s.finish_run(r1, &done).expect("finish"));
+    let got = &s.runs(f, 10).expect("runs")[0];
+    assert_eq!(
+        (got.status, got.finished_at_ms, got.summary_json.as_deref()),
+        (RunState::Success, Some(NOW_MS + 5), Some("{\"n\":1}"))
+    );
+    assert_eq!(s.last_run(f).expect("last").as_deref(), Some("{\"n\":1}"));
+
+    // A run that could not run: a message, no summary; the last summary stays the last one.
+    let r2 = s
+        .begin_run(f, Trigger::Scheduled, NOW_MS + 10)
+        .expect("begin 2");
+    let failed = end(
+        RunState::TransientFailure,
+        None,
+        Some("disk full"),
+        NOW_MS + 11,
+    );
+    assert!(s.finish_run(r2, &failed).expect("finish 2"));
+    assert_eq!(s.last_run(f).expect("last").as_deref(), Some("{\"n\":1}"));
+    // Only final statuses end a run; an unknown run is reported.
+    assert!(matches!(
+        s.finish_run(r2, &end(RunState::InProgress, None, None, NOW_MS)),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(
+        !s.finish_run(RunId(r2.0 + 1000), &failed)
+            .expect("finish unknown")
+    );
+
+    // Events are final when recorded.
+    let e = s
+        .record_run_event(
+            f,
+            Trigger::Scheduled,
+            RunState::Skipped,
+            NOW_MS + 20,
+            Some("the previous run is still going"),
+        )
+        .expect("event");
+    assert!(matches!(
+        s.record_run_event(f, Trigger::Manual, RunState::InProgress, NOW_MS, None),
+        Err(StoreError::Invalid(_))
+    ));
+    let all = s.runs(f, 10).expect("runs");
+    assert_eq!(
+        all.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [e, r2, r1],
+        "newest first"
+    );
+    assert_eq!(
+        (
+            all[0].trigger,
+            all[0].status,
+            all[0].started_at_ms,
+            all[0].finished_at_ms,
+            all[0].message.as_deref()
+        ),
+        (
+            Trigger::Scheduled,
+            RunState::Skipped,
+            NOW_MS + 20,
+            Some(NOW_MS + 20),
+            Some("the previous run is still going")
+        )
+    );
+    assert_eq!(
+        (
+            all[1].status,
+            all[1].message.as_deref(),
+            all[1].summary_json.as_deref()
+        ),
+        (RunState::TransientFailure, Some("disk full"), None)
+    );
+    assert_eq!(
+        s.runs(f, 2)
+            .expect("limit")
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
+        [e, r2]
+    );
+    assert!(s.runs(g, 10).expect("g").is_empty(), "flows are apart");
+    assert!(s.last_run(g).expect("g last").is_none());
+}
+
+/// The newest [`RUNS_KEPT`] entries are kept, and an entry in progress is never deleted.
+fn runs_pruning(s: &dyn StateStore) {
+    let f = s.register_flow("p", "{}").expect("register");
+    let stuck = s.begin_run(f, Trigger::Manual, NOW_MS).expect("begin");
+    let n = i64::from(RUNS_KEPT) + 10;
+    for i in 0..n {
+        let r = s
+            .begin_run(f, Trigger::Manual, NOW_MS + i + 1)
+            .expect("begin");
+        let summary = format!("{{\"n\":{i}}}");
+        let done = end(RunState::Success, Some(&summary), None, NOW_MS + i + 1);
+        s.finish_run(r, &done).expect("finish");
     }
+    // Events count as entries too.
+    s.record_run_event(f, Trigger::Reset, RunState::Reset, NOW_MS + n + 1, None)
+        .expect("event");
+    let all = s.runs(f, 1000).expect("runs");
+    assert_eq!(all.len(), RUNS_KEPT as usize + 1);
+    assert_eq!(all[0].status, RunState::Reset);
+    assert_eq!(
+        all[1].summary_json.as_deref(),
+        Some(format!("{{\"n\":{}}}", n - 1).as_str())
+    );
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+    let last = all.last().expect("oldest");
+    assert_eq!((last.id, last.status), (stuck, RunState::InProgress));
     assert_eq!(
         s.last_run(f).expect("last"),
-        Some(format!("{{\"n\":{}}}", RUNS_KEPT + 4))
+        Some(format!("{{\"n\":{}}}", n - 1))
     );
+    // Once it ends, the old entry goes too.
+    let over = end(
+        RunState::TransientFailure,
+        None,
+        Some("late"),
+        NOW_MS + n + 2,
+    );
+    assert!(s.finish_run(stuck, &over).expect("finish stuck"));
+    let all = s.runs(f, 1000).expect("runs");
+    assert_eq!(all.len(), RUNS_KEPT as usize);
+    assert!(all.iter().all(|r| r.id != stuck));
+}
+
+/// Entries a dead process left in progress are marked interrupted, per flow or all.
+fn runs_interrupted(s: &dyn StateStore) {
+    let f = s.register_flow("i", "{}").expect("register");
+    let g = s.register_flow("j", "{}").expect("register g");
+    let a = s.begin_run(f, Trigger::Manual, NOW_MS).expect("a");
+    let b = s.begin_run(g, Trigger::Live, NOW_MS).expect("b");
+    let done = s.begin_run(f, Trigger::Manual, NOW_MS + 1).expect("done");
+    s.finish_run(done, &end(RunState::Success, Some("{}"), None, NOW_MS + 2))
+        .expect("finish");
+    assert_eq!(
+        s.interrupt_runs(Some(f), NOW_MS + 100, "interrupted")
+            .expect("interrupt f"),
+        1
+    );
+    let by_id = |flow, id| {
+        s.runs(flow, 10)
+            .expect("runs")
+            .into_iter()
+            .find(|r: &RunRecord| r.id == id)
+            .expect("entry")
+    };
+    let ra = by_id(f, a);
+    assert_eq!(
+        (ra.status, ra.finished_at_ms, ra.message.as_deref()),
+        (
+            RunState::TransientFailure,
+            Some(NOW_MS + 100),
+            Some("interrupted")
+        )
+    );
+    assert_eq!(
+        by_id(f, done).status,
+        RunState::Success,
+        "finished runs stay"
+    );
+    assert_eq!(by_id(g, b).status, RunState::InProgress, "other flows stay");
+    assert_eq!(
+        s.interrupt_runs(Some(f), NOW_MS + 100, "again")
+            .expect("again"),
+        0
+    );
+    assert_eq!(s.interrupt_runs(None, NOW_MS + 200, "all").expect("all"), 1);
+    assert_eq!(by_id(g, b).status, RunState::TransientFailure);
+    // An interruption never ends a run before it started (clocks of two processes).
+    let c = s
+        .begin_run(f, Trigger::Scheduled, NOW_MS + 1000)
+        .expect("c");
+    s.interrupt_runs(Some(f), NOW_MS + 500, "early")
+        .expect("interrupt c");
+    assert_eq!(by_id(f, c).finished_at_ms, Some(NOW_MS + 1000));
+}
+
+/// What resets need: re-queueing chosen items, and forgetting a flow's leftovers.
+fn reset_support(s: &dyn StateStore) {
+    let f = s.register_flow("z", "{}").expect("register");
+    let mut x = record("x", ItemStatus::Accepted, 1);
+    x.version = Some(vec![4]);
+    x.queue = "A".into();
+    let mut sk = record("s", ItemStatus::Skipped, 2);
+    sk.queue = "A".into();
+    s.commit(
+        f,
+        BatchCommit {
+            items: vec![
+                ItemChange::Upsert {
+                    record: x,
+                    rows: Some(vec![row("x1", 1)]),
+                },
+                ItemChange::Upsert {
+                    record: sk,
+                    rows: Some(vec![]),
+                },
+            ],
+            memo: vec![(fp(1), vec![1, 2, 3, 4])],
+            gc_candidates: vec![],
+            now_ms: NOW_MS,
+        },
+    )
+    .expect("commit");
+    s.push(f, &[push("n", hashes("n1"), "A")], NOW_MS)
+        .expect("push n");
+    s.push(f, &[push("w", hashes("w1"), "A")], NOW_MS)
+        .expect("push w");
+    let leased = s.poll(f, &poll("p", 10), NOW_MS).expect("poll");
+    assert_eq!(leased.len(), 2, "n and w are leased");
+
+    let t = NOW_MS + 10;
+    let unknown = s
+        .requeue_items(f, &["x".into(), "ghost".into(), "s".into(), "n".into()], t)
+        .expect("requeue");
+    assert_eq!(unknown, ["ghost"]);
+    let x = s.get(f, "x").expect("get x").expect("x").item;
+    assert_eq!(
+        (
+            x.status,
+            x.content_hash.as_deref(),
+            x.version.as_deref(),
+            x.metadata_hash.as_deref(),
+            x.queue.as_str(),
+            x.enqueued_at_ms
+        ),
+        (ItemStatus::Modified, None, None, Some("meta"), "A", t),
+        "processed again from scratch, its label and metadata kept"
+    );
+    assert_eq!(
+        s.lineage(f, &["x"]).expect("lineage")["x"].tracked,
+        [row("x1", 1)],
+        "rows stay"
+    );
+    assert_eq!(
+        s.get(f, "s").expect("get s").expect("s").item.status,
+        ItemStatus::Modified
+    );
+    // A new item stays new; under a live lease it is marked re-pushed, so the holder's index
+    // of what it read before the reset does not settle it.
+    let n = s.get(f, "n").expect("get n").expect("n").item;
+    assert_eq!((n.status, n.repushed), (ItemStatus::NewItem, true));
+    assert!(!s.get(f, "w").expect("get w").expect("w").item.repushed);
+    let mut indexed = record("n", ItemStatus::Accepted, 1);
+    indexed.content_hash = Some("n1".into());
+    s.commit(
+        f,
+        BatchCommit {
+            items: vec![ItemChange::Upsert {
+                record: indexed,
+                rows: Some(vec![]),
+            }],
+            now_ms: t + 1,
+            ..BatchCommit::default()
+        },
+    )
+    .expect("index n");
+    assert_eq!(
+        s.get(f, "n").expect("get n").expect("n").item.status,
+        ItemStatus::Modified
+    );
+    // The requeued entries are polled (modified first, the longest waiting first), then the
+    // new entry whose lease ran out.
+    let polled = s.poll(f, &poll("q", 10), t + 40_000).expect("poll again");
+    let keys: Vec<&str> = polled.iter().map(|e| e.item.key.as_str()).collect();
+    assert_eq!(keys, ["s", "x", "n", "w"]);
+
+    // A reset forgets tombstones and the traversal label; the cache only when asked.
+    s.commit(f, batch(vec![delete("x")])).expect("delete x");
+    let mut v = record("v", ItemStatus::Accepted, 1);
+    v.version = Some(vec![9]);
+    s.commit(
+        f,
+        batch(vec![ItemChange::Upsert {
+            record: v,
+            rows: Some(vec![]),
+        }]),
+    )
+    .expect("index v");
+    s.commit(f, batch(vec![delete("v")])).expect("delete v");
+    s.set_traversal_label(f, "A").expect("label");
+    let stale = s
+        .fence(f, &[fence_check("v", Some(&[3]), None)], t)
+        .expect("fence");
+    assert_eq!(stale, [Err(FenceError::StaleVersion { key: "v".into() })]);
+    s.reset_flow(f, false).expect("reset keeping the cache");
+    assert_eq!(s.traversal_label(f).expect("label"), None);
+    assert_eq!(
+        s.fence(f, &[fence_check("v", Some(&[3]), None)], t)
+            .expect("fence"),
+        [Ok(())],
+        "tombstones are forgotten"
+    );
+    assert_eq!(s.memo_stats(f).expect("memo"), (1, 4));
+    s.reset_flow(f, true).expect("reset dropping the cache");
+    assert_eq!(s.memo_stats(f).expect("memo"), (0, 0));
+    assert!(s.memo_get(f, &[fp(1)]).expect("memo get").is_empty());
+    assert_eq!(s.memo_gc(f).expect("gc"), 0);
 }
 
 fn push(key: &str, kind: PushKind, queue: &str) -> PushItem {
@@ -513,12 +840,15 @@ fn queue(s: &dyn StateStore) {
 
 type Check = fn(&dyn StateStore);
 
-const CHECKS: [(&str, Check); 6] = [
+const CHECKS: [(&str, Check); 9] = [
     ("tombstones", tombstones),
     ("flows_and_items", flows_and_items),
     ("two_phase", two_phase),
     ("memo_gc", memo_gc),
     ("runs", runs),
+    ("runs_pruning", runs_pruning),
+    ("runs_interrupted", runs_interrupted),
+    ("reset_support", reset_support),
     ("queue", queue),
 ];
 
@@ -625,6 +955,8 @@ fn sqlite_migrates_a_version_1_store() {
         .expect("memo");
         c.execute("INSERT INTO memo_totals VALUES (7, 1, 4)", [])
             .expect("totals");
+        c.execute("INSERT INTO runs VALUES (1, 7, 1000, 'failed', '{}')", [])
+            .expect("run");
     }
     let check = |s: &dyn StateStore| {
         let flow = s.flow("docs").expect("flow").expect("docs");
@@ -671,6 +1003,14 @@ fn sqlite_migrates_a_version_1_store() {
             s.memo_get(f, &[fp(1)]).expect("memo get")[&fp(1)],
             [0, 0x11, 0x22, 0x33]
         );
+        // Through version 2 to the execution history of version 3.
+        let runs: Vec<(RunState, i64)> = s
+            .runs(f, 10)
+            .expect("runs")
+            .iter()
+            .map(|r| (r.status, r.started_at_ms))
+            .collect();
+        assert_eq!(runs, [(RunState::PersistentFailure, 1000)]);
     };
     let s = SqliteStore::open(&path).expect("migrate");
     check(&s);
@@ -696,5 +1036,160 @@ fn sqlite_migrates_a_version_1_store() {
             |r| r.get(0),
         )
         .expect("schema version");
-    assert_eq!(version, "2");
+    assert_eq!(version, "3");
+}
+
+/// The schema of version 2 (the indexing queue; runs as plain summaries), as that release
+/// created it.
+const SCHEMA_V2: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE flows (
+  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec_json TEXT NOT NULL,
+  traversal_label TEXT
+);
+CREATE TABLE items (
+  flow_id INTEGER NOT NULL, key TEXT NOT NULL, status TEXT NOT NULL, prio INTEGER NOT NULL,
+  content_hash TEXT, metadata_hash TEXT, payload BLOB, queue TEXT NOT NULL,
+  enqueued_at INTEGER NOT NULL, leased_until INTEGER, lease_owner TEXT,
+  attempts INTEGER NOT NULL, available_at INTEGER NOT NULL, message TEXT, version BLOB,
+  repushed INTEGER NOT NULL, PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
+CREATE INDEX items_poll ON items (flow_id, prio, enqueued_at, key);
+CREATE TABLE tombstones (
+  flow_id INTEGER NOT NULL, key TEXT NOT NULL, version BLOB NOT NULL,
+  PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
+CREATE TABLE tracked (
+  flow_id INTEGER NOT NULL, item_key TEXT NOT NULL, n_rows INTEGER NOT NULL,
+  rows BLOB NOT NULL, PRIMARY KEY (flow_id, item_key)
+) WITHOUT ROWID;
+CREATE TABLE pending (
+  id INTEGER PRIMARY KEY, flow_id INTEGER NOT NULL, item_key TEXT NOT NULL,
+  row_keys TEXT NOT NULL
+);
+CREATE INDEX pending_item ON pending (flow_id, item_key);
+CREATE TABLE memo (
+  flow_id INTEGER NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL, UNIQUE (flow_id, key)
+);
+CREATE TABLE memo_totals (
+  flow_id INTEGER PRIMARY KEY, entries INTEGER NOT NULL, bytes INTEGER NOT NULL
+);
+CREATE TABLE memo_gc (
+  flow_id INTEGER NOT NULL, key BLOB NOT NULL, PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
+CREATE TABLE runs (
+  id INTEGER PRIMARY KEY, flow_id INTEGER NOT NULL, finished_at_ms INTEGER NOT NULL,
+  status TEXT NOT NULL, summary_json TEXT NOT NULL
+);
+CREATE INDEX runs_flow ON runs (flow_id, id);
+INSERT INTO meta (key, value) VALUES ('schema_version', '2');
+";
+
+#[test]
+fn sqlite_migrates_a_version_2_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v2.sqlite");
+    {
+        let c = rusqlite::Connection::open(&path).expect("create v2");
+        c.execute_batch(SCHEMA_V2).expect("v2 schema");
+        c.execute_batch(
+            "INSERT INTO flows VALUES (3, 'docs', '{}', 'A');
+             INSERT INTO items (flow_id, key, status, prio, content_hash, queue, enqueued_at,
+               attempts, available_at, repushed)
+             VALUES (3, 'a.md', 'ACCEPTED', 3, 'h', 'A', 5, 0, 5, 0);
+             INSERT INTO runs VALUES (10, 3, 2000, 'success', '{\"n\":1,\"elapsed_ms\":500}');
+             INSERT INTO runs VALUES (11, 3, 3000, 'failed', '{\"n\":2,\"elapsed_ms\":40}');
+             INSERT INTO runs VALUES (12, 3, 4000, 'success', 'not json');",
+        )
+        .expect("v2 rows");
+    }
+    let s = SqliteStore::open(&path).expect("migrate");
+    let f = s.flow("docs").expect("flow").expect("docs").id;
+    let runs = s.runs(f, 10).expect("runs");
+    /// id, trigger, status, start, end, summary.
+    type Migrated<'a> = (i64, Trigger, RunState, i64, Option<i64>, Option<&'a str>);
+    let got: Vec<Migrated<'_>> = runs
+        .iter()
+        .map(|r| {
+            (
+                r.id.0,
+                r.trigger,
+                r.status,
+                r.started_at_ms,
+                r.finished_at_ms,
+                r.summary_json.as_deref(),
+            )
+        })
+        .collect();
+    // Kept summaries become finished manual runs, started `elapsed_ms` before they ended;
+    // `failed` (too many failed items) is a persistent failure.
+    assert_eq!(
+        got,
+        [
+            (
+                12,
+                Trigger::Manual,
+                RunState::Success,
+                4000,
+                Some(4000),
+                Some("not json")
+            ),
+            (
+                11,
+                Trigger::Manual,
+                RunState::PersistentFailure,
+                2960,
+                Some(3000),
+                Some("{\"n\":2,\"elapsed_ms\":40}")
+            ),
+            (
+                10,
+                Trigger::Manual,
+                RunState::Success,
+                1500,
+                Some(2000),
+                Some("{\"n\":1,\"elapsed_ms\":500}")
+            ),
+        ]
+    );
+    assert!(runs.iter().all(|r| r.message.is_none()));
+    assert_eq!(s.last_run(f).expect("last").as_deref(), Some("not json"));
+    // The rest of the state is untouched.
+    assert_eq!(s.traversal_label(f).expect("label").as_deref(), Some("A"));
+    let a = s.get(f, "a.md").expect("get").expect("a.md").item;
+    assert_eq!(
+        (a.status, a.content_hash.as_deref()),
+        (ItemStatus::Accepted, Some("h"))
+    );
+    // New entries follow the migrated ones.
+    let next = s.begin_run(f, Trigger::Manual, 5000).expect("begin");
+    assert!(next.0 > 12);
+    drop(s);
+    let s = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(s.runs(f, 10).expect("runs").len(), 4);
+    let raw = rusqlite::Connection::open(&path).expect("open raw");
+    let version: String = raw
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("schema version");
+    assert_eq!(version, "3");
+    let index_table: String = raw
+        .query_row(
+            "SELECT tbl_name FROM sqlite_master WHERE type = 'index' AND name = 'runs_flow'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("runs index");
+    assert_eq!(index_table, "runs", "the index moved to the new table");
+    let old: i64 = raw
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'runs_v2'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("old table");
+    assert_eq!(old, 0);
 }

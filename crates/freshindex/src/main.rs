@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use freshindex_core::config::REFERENCE_CONFIG;
 use freshindex_core::spec::sanitize_name;
 use freshindex_core::{Config, FlowSpec};
-use freshindex_engine::{Engine, RunOptions, RunStatus, RunSummary, default_workers};
+use freshindex_engine::{Engine, RunEntry, RunOptions, RunStatus, RunSummary, default_workers};
 
 /// Keep AI and search indexes fresh: detect what changed in a source, recompute only that,
 /// apply the minimal changes to the target index.
@@ -56,6 +56,10 @@ enum Command {
         /// Lease of a polled batch, in seconds (workers extend it while they work).
         #[arg(long, env = "FRESHINDEX_LEASE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=86_400))]
         lease_secs: u32,
+        /// Live mode: after the run, keep watching the folder and index each change as it
+        /// happens, until Ctrl-C or SIGTERM (one flow).
+        #[arg(long)]
+        watch: bool,
     },
     /// Search a flow's target.
     Search {
@@ -85,6 +89,36 @@ enum Command {
         /// The flow (default: every flow of the data directory).
         #[arg(long)]
         flow: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A flow's execution history: its runs and resets, newest first.
+    History {
+        /// The flow (default: every flow of the data directory).
+        #[arg(long)]
+        flow: Option<String>,
+        /// Entries per flow (the newest; at least the last 50 are kept).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// JSON output: one array of entries, newest first per flow.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a flow's state so that the next `index` reprocesses every item (its rows are
+    /// deleted from the target; the embedding cache is kept unless --drop-cache), or with
+    /// --items, only those items.
+    Reset {
+        /// The flow (needed when several flows ran in this data directory).
+        #[arg(long)]
+        flow: Option<String>,
+        /// Also drop the flow's embedding cache: the next run computes every embedding again.
+        #[arg(long, conflicts_with = "items")]
+        drop_cache: bool,
+        /// Reset only these items (keys as `queue list` shows them): the next run reads and
+        /// reprocesses exactly them; nothing is deleted. Unknown keys are reported.
+        #[arg(long, num_args = 1.., value_name = "KEY")]
+        items: Vec<String>,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -189,9 +223,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             workers,
             lease_secs,
+            watch,
         } => {
             let flows = flows_to_run(cli.config.as_deref(), path.as_deref(), flow.as_deref())?;
             let engine = open_engine(&cli.data_dir)?;
+            if watch {
+                let [spec] = flows.as_slice() else {
+                    bail!(
+                        "--watch keeps one flow fresh; the config has {} flows: choose one with --flow",
+                        flows.len()
+                    );
+                };
+                return watch_flow(&engine, spec, json, workers, lease_secs);
+            }
             // Every flow gets its run: one that cannot run is reported and the others go on.
             let mut results: Vec<serde_json::Value> = Vec::new();
             let (mut could_not_run, mut too_many_failures) = (false, false);
@@ -324,6 +368,80 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
+        Command::History { flow, limit, json } => {
+            let engine = open_engine(&cli.data_dir)?;
+            let names = match flow {
+                Some(f) => vec![f],
+                None => engine.stored_flows()?.into_iter().map(|f| f.name).collect(),
+            };
+            let histories = names
+                .iter()
+                .map(|n| engine.history(n, limit as usize).map(|h| (n, h)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let all: Vec<&RunEntry> = histories.iter().flat_map(|(_, h)| h).collect();
+                writeln!(out, "{}", serde_json::to_string(&all)?)?;
+            } else if histories.is_empty() {
+                writeln!(out, "no flow has run in {}", cli.data_dir.display())?;
+            } else {
+                for (name, entries) in &histories {
+                    writeln!(out, "flow {name}")?;
+                    if entries.is_empty() {
+                        writeln!(out, "  no runs yet")?;
+                    } else {
+                        write!(out, "{}", history_table(entries))?;
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reset {
+            flow,
+            drop_cache,
+            items,
+            json,
+        } => {
+            let engine = open_engine(&cli.data_dir)?;
+            let flow = pick_flow(&engine, cli.config.as_deref(), flow)?;
+            if items.is_empty() {
+                let r = engine.reset(&flow, drop_cache)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{}: reset — forgot {} item{}, deleted {} row{}; embedding cache {} ({} entries). The next `index` reprocesses every item.",
+                        r.flow,
+                        r.items,
+                        plural(r.items),
+                        r.rows_deleted,
+                        plural(r.rows_deleted),
+                        if r.cache_dropped { "dropped" } else { "kept" },
+                        r.cache_entries
+                    );
+                }
+            } else {
+                let r = engine.reset_items(&flow, &items)?;
+                for key in &r.unknown {
+                    eprintln!(
+                        "freshindex: warning: flow `{}` has no item `{key}`; nothing to reset",
+                        r.flow
+                    );
+                }
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    let n = r.reset.len() as u64;
+                    println!(
+                        "{}: reset {n} item{}; the next `index` reprocesses {}.",
+                        r.flow,
+                        plural(n),
+                        if n == 1 { "it" } else { "them" }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { flow, json } => {
             let engine = open_engine(&cli.data_dir)?;
             let names = match flow {
@@ -376,6 +494,68 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `freshindex index --watch`: live mode until Ctrl-C or SIGTERM. A line per run or batch on
+/// stderr (and its JSON summary on stdout with `--json`).
+fn watch_flow(
+    engine: &Engine,
+    spec: &freshindex_core::FlowSpec,
+    json: bool,
+    workers: Option<u16>,
+    lease_secs: u32,
+) -> Result<ExitCode> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handlers")?;
+    }
+    let opts = RunOptions {
+        workers: workers.map_or_else(default_workers, usize::from),
+        lease_ms: i64::from(lease_secs) * 1000,
+        ..RunOptions::default()
+    };
+    let live = freshindex_engine::LiveOptions {
+        refresh_interval: spec
+            .mode()
+            .refresh_interval()
+            .map(|i| i.as_std())
+            .or(freshindex_engine::LiveOptions::default().refresh_interval),
+        ..freshindex_engine::LiveOptions::default()
+    };
+    let path = spec
+        .files()
+        .map(|f| f.path.display().to_string())
+        .unwrap_or_default();
+    let mut first = true;
+    let mut report = |event: freshindex_engine::LiveEvent| {
+        let (kind, summary) = match &event {
+            freshindex_engine::LiveEvent::Full(s) => ("full scan", s),
+            freshindex_engine::LiveEvent::Batch(s) => ("changes", s),
+        };
+        let i = &summary.items;
+        eprintln!(
+            "[{}] {kind}: {} new, {} modified, {} deleted, {} failed; {} embeddings computed ({} ms)",
+            spec.name,
+            i.new,
+            i.modified,
+            i.deleted,
+            i.failed,
+            summary.embeddings.computed,
+            summary.elapsed_ms
+        );
+        if first {
+            eprintln!("[{}] watching {path} (Ctrl-C to stop)", spec.name);
+            first = false;
+        }
+        if json && let Ok(line) = serde_json::to_string(summary) {
+            println!("{line}");
+        }
+    };
+    engine
+        .watch(spec, &opts, &live, &stop, &mut report)
+        .with_context(|| format!("flow `{}`", spec.name))?;
+    eprintln!("[{}] stopped", spec.name);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `freshindex serve`: logs on stderr, the bound address as the first line of stdout.
@@ -513,4 +693,84 @@ fn print_summary(s: &RunSummary) {
     for w in &s.warnings {
         let _ = writeln!(err, "  warning  {}: {}", w.item, w.warning);
     }
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// A duration for humans: `340 ms`, `12.3 s`, `4m 05s`, `2h 03m`.
+fn human_duration(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m {:02}s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{}h {:02}m", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+/// The history table of one flow: one line per entry, columns aligned.
+fn history_table(entries: &[RunEntry]) -> String {
+    let header = [
+        "ID",
+        "TRIGGER",
+        "STARTED",
+        "DURATION",
+        "STATUS",
+        "ITEMS DONE/FAILED",
+        "ROWS +/~/-",
+        "EMBEDDINGS NEW/REUSED",
+        "FIRST ERROR / NOTE",
+    ];
+    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for e in entries {
+        let started =
+            freshindex_core::schedule::format_utc_timestamp(e.started_at_ms / 1000 * 1000)
+                .unwrap_or_else(|| e.started_at_ms.to_string());
+        let note = match (&e.message, e.errors.first()) {
+            (Some(m), _) => m.clone(),
+            (None, Some(err)) => format!("{}: {}", err.item, err.error),
+            (None, None) => String::new(),
+        };
+        lines.push(vec![
+            e.id.to_string(),
+            e.trigger.to_string(),
+            started,
+            e.duration_ms.map_or_else(|| "-".into(), human_duration),
+            e.status.to_string(),
+            e.items.as_ref().map_or_else(
+                || "-".into(),
+                |i| format!("{}/{}", i.processed, i.counts.failed),
+            ),
+            e.rows.as_ref().map_or_else(
+                || "-".into(),
+                |r| format!("{}/{}/{}", r.added, r.updated, r.deleted),
+            ),
+            e.embeddings
+                .as_ref()
+                .map_or_else(|| "-".into(), |m| format!("{}/{}", m.computed, m.reused)),
+            snippet(&note, 100),
+        ]);
+    }
+    let mut widths = vec![0usize; header.len()];
+    for line in &lines {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for line in &lines {
+        let mut text = String::from(" ");
+        for (i, (cell, w)) in line.iter().zip(&widths).enumerate() {
+            text.push(' ');
+            if i + 1 == line.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<w$} "));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    out
 }

@@ -8,10 +8,9 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::Path;
 
 use common::{
-    Fi, FlowConfig, Summary, TIMEOUT, Workspace, check_chunks, export_diff, parse_export, sources,
+    FlowConfig, Summary, TIMEOUT, Workspace, check_chunks, export_diff, parse_export, sources,
     write_file,
 };
 
@@ -122,49 +121,11 @@ fn all_skip_kinds_together_are_counted_exactly() {
     assert_eq!(sources(&parse_export(&export)).len(), GOOD.len());
 }
 
-/// Unprivileged uid/gid ("nobody") used when the tests run as root.
-const NOBODY: u32 = 65534;
-
-fn make_world_accessible(path: &Path) {
-    let meta = fs::symlink_metadata(path).expect("stat");
-    if meta.file_type().is_symlink() {
-        return;
-    }
-    let mode = if meta.is_dir() { 0o777 } else { 0o666 };
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
-    if meta.is_dir() {
-        for entry in fs::read_dir(path).expect("read dir") {
-            make_world_accessible(&entry.expect("dir entry").path());
-        }
-    }
-}
-
-/// Runs the binary on `ws` so that file permissions apply. Root bypasses them, so as root the
-/// binary runs as an unprivileged user on a tree (and data dir location) that user can use;
-/// call it before making anything unreadable.
+/// Runs the binary on `ws` so that file permissions apply (see [`common::unprivileged_fi`]);
+/// asserts exit 0.
 fn unprivileged(ws: &Workspace) -> impl Fn(&[&str]) -> common::Outcome + '_ {
-    let program = if common::is_root() {
-        let copy = ws.root().join("freshindex-bin");
-        fs::copy(common::BIN, &copy).expect("copy binary");
-        make_world_accessible(ws.root());
-        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod binary");
-        Some(copy)
-    } else {
-        None
-    };
-    move |args: &[&str]| {
-        let fi = match &program {
-            Some(p) => Fi::with_program(p, ws.root()).run_as_user(NOBODY, NOBODY),
-            None => Fi::new(ws.root()),
-        };
-        fi.arg("--config")
-            .arg(ws.config_path())
-            .arg("--data-dir")
-            .arg(ws.data())
-            .args(args)
-            .run()
-            .ok()
-    }
+    let fi = common::unprivileged_fi(ws);
+    move |args: &[&str]| fi().args(args).run().ok()
 }
 
 #[test]

@@ -45,7 +45,7 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
         .saturating_add(meta.mtime_nsec())
 }
 
-fn globset(field: &str, patterns: &[String]) -> Result<GlobSet, EngineError> {
+pub(crate) fn globset(field: &str, patterns: &[String]) -> Result<GlobSet, EngineError> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
         let g = Glob::new(p).map_err(|e| {

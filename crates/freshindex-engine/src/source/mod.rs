@@ -1,3 +1,4 @@
 //! Sources: where items come from and how changes are detected.
 
 pub mod files;
+pub mod watch;

@@ -338,6 +338,50 @@ pub fn is_root() -> bool {
 // Running the binary
 // ---------------------------------------------------------------------------
 
+/// Unprivileged uid/gid ("nobody") used when the tests run as root.
+pub const NOBODY: u32 = 65534;
+
+fn make_world_accessible(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path).expect("stat");
+    if meta.file_type().is_symlink() {
+        return;
+    }
+    let mode = if meta.is_dir() { 0o777 } else { 0o666 };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).expect("read dir") {
+            make_world_accessible(&entry.expect("dir entry").path());
+        }
+    }
+}
+
+/// Commands (with `--config` and `--data-dir` of `ws`) under which file permissions apply.
+/// Root bypasses them, so as root the binary runs as an unprivileged user on a tree (and data
+/// dir location) that user can use; call it before making anything unreadable.
+pub fn unprivileged_fi(ws: &Workspace) -> impl Fn() -> Fi + '_ {
+    use std::os::unix::fs::PermissionsExt;
+    let program = if is_root() {
+        let copy = ws.root().join("freshindex-bin");
+        fs::copy(BIN, &copy).expect("copy binary");
+        make_world_accessible(ws.root());
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod binary");
+        Some(copy)
+    } else {
+        None
+    };
+    move || {
+        let fi = match &program {
+            Some(p) => Fi::with_program(p, ws.root()).run_as_user(NOBODY, NOBODY),
+            None => Fi::new(ws.root()),
+        };
+        fi.arg("--config")
+            .arg(ws.config_path())
+            .arg("--data-dir")
+            .arg(ws.data())
+    }
+}
+
 /// Builder around `Command` for the binary under test.
 pub struct Fi {
     cmd: Command,

@@ -1,0 +1,237 @@
+//! Live mode for a files flow: a full traversal, then a file-system watcher feeds the queue
+//! with the files that changed, batch by batch, with a periodic full traversal as a safety
+//! net (watchers can drop events) and a full traversal whenever the watcher says events were
+//! lost.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use freshindex_core::spec::FilesSource;
+use freshindex_core::{FlowSpec, Trigger};
+use freshindex_store::{FlowId, PushItem, PushKind};
+
+use crate::process::{Work, metadata_hash};
+use crate::run::{RUN_OWNER, RunOptions, now_ms};
+use crate::source::files::{self, ScannedFile};
+use crate::source::watch::SourceWatcher;
+use crate::summary::{Issue, RunSummary};
+use crate::{Engine, EngineError};
+
+/// Timing of live mode.
+#[derive(Clone, Debug)]
+pub struct LiveOptions {
+    /// A batch closes once no change came for this long...
+    pub quiet: Duration,
+    /// ...or this long after its first change.
+    pub max_delay: Duration,
+    /// Full traversal this often (`None`: only when the watcher lost events).
+    pub refresh_interval: Option<Duration>,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            quiet: Duration::from_millis(30),
+            max_delay: Duration::from_millis(300),
+            refresh_interval: Some(Duration::from_secs(3600)),
+        }
+    }
+}
+
+/// What live mode did.
+#[derive(Debug)]
+pub enum LiveEvent {
+    /// A full traversal (the first one, a periodic one, or after lost events).
+    Full(RunSummary),
+    /// A batch of changed files.
+    Batch(RunSummary),
+}
+
+impl Engine {
+    /// Keeps a files flow's target fresh until `stop` is set: a full run, then the changes a
+    /// watcher reports, in debounced batches. `report` hears about every run and batch.
+    pub fn watch(
+        &self,
+        spec: &FlowSpec,
+        opts: &RunOptions<'_>,
+        live: &LiveOptions,
+        stop: &AtomicBool,
+        report: &mut dyn FnMut(LiveEvent),
+    ) -> Result<(), EngineError> {
+        let Some(source) = spec.files() else {
+            return Err(EngineError::Config(format!(
+                "flow `{}` has a push source: live mode watches folders",
+                spec.name
+            )));
+        };
+        let ignore: Vec<PathBuf> = self.data_dir().map(PathBuf::from).into_iter().collect();
+        // Started before the first run, so that no change during it is missed.
+        let watcher = SourceWatcher::new(source, &ignore)?;
+        report(LiveEvent::Full(self.run(spec, opts)?));
+        let mut last_full = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if live
+                .refresh_interval
+                .is_some_and(|every| last_full.elapsed() >= every)
+            {
+                report(LiveEvent::Full(self.run(spec, opts)?));
+                last_full = Instant::now();
+                continue;
+            }
+            let Some(batch) =
+                watcher.next_batch(Duration::from_millis(200), live.quiet, live.max_delay)
+            else {
+                continue;
+            };
+            if batch.rescan {
+                report(LiveEvent::Full(self.run(spec, opts)?));
+                last_full = Instant::now();
+            } else {
+                report(LiveEvent::Batch(self.refresh_files(
+                    spec,
+                    &batch.keys,
+                    opts,
+                )?));
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the given files of a files flow up to date: each is stat-ed and pushed with its
+    /// metadata hash under the last traversal's label, or deleted with its rows when it is
+    /// gone; then the workers process the queue.
+    ///
+    /// Recorded in the flow's history as a `live` run.
+    pub fn refresh_files(
+        &self,
+        spec: &FlowSpec,
+        keys: &BTreeMap<String, PathBuf>,
+        opts: &RunOptions<'_>,
+    ) -> Result<RunSummary, EngineError> {
+        let started = Instant::now();
+        let Some(source) = spec.files() else {
+            return Err(EngineError::Config(format!(
+                "flow `{}` has a push source: it has no files to refresh",
+                spec.name
+            )));
+        };
+        let _lock = self.lock()?;
+        let flow = self.register(spec)?;
+        let run = self.begin_run(flow, Trigger::Live, now_ms())?;
+        match self.refresh_locked(spec, source, flow, keys, opts, started) {
+            Ok(summary) => {
+                let json = serde_json::to_string(&summary)
+                    .map_err(|e| EngineError::Internal(format!("encoding the run summary: {e}")))?;
+                self.finish_run(run, summary.status.run_state(), Some(json), None)?;
+                Ok(summary)
+            }
+            Err(e) => {
+                self.finish_failed_run(run, &e);
+                Err(e)
+            }
+        }
+    }
+
+    fn refresh_locked(
+        &self,
+        spec: &FlowSpec,
+        source: &FilesSource,
+        flow: FlowId,
+        keys: &BTreeMap<String, PathBuf>,
+        opts: &RunOptions<'_>,
+        started: Instant,
+    ) -> Result<RunSummary, EngineError> {
+        let store = self.store().as_ref();
+        let mut ctx = self.ctx(flow, spec, opts.progress, Some(RUN_OWNER.to_string()))?;
+        ctx.stat_unlisted = true;
+        store.unreserve(flow, None, Some(RUN_OWNER), now_ms())?;
+        let label = store
+            .traversal_label(flow)?
+            .unwrap_or_else(|| freshindex_core::queue::DEFAULT_QUEUE.to_string());
+
+        let mut listed: HashMap<String, ScannedFile> = HashMap::new();
+        let mut pushes = Vec::new();
+        let mut gone = Vec::new();
+        let mut issues = Vec::new();
+        for (key, path) in keys {
+            let meta = if source.follow_symlinks {
+                std::fs::metadata(path)
+            } else {
+                std::fs::symlink_metadata(path)
+            };
+            match meta {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) => {
+                    let file = ScannedFile {
+                        key: key.clone(),
+                        path: path.clone(),
+                        size: m.len(),
+                        mtime_ns: files::mtime_ns(&m),
+                        regular: m.is_file(),
+                    };
+                    pushes.push(PushItem {
+                        key: key.clone(),
+                        kind: PushKind::Hashes {
+                            content: None,
+                            metadata: Some(metadata_hash(
+                                &ctx.spec_fp,
+                                file.size,
+                                file.mtime_ns,
+                                false,
+                            )),
+                        },
+                        payload: None,
+                        queue: Some(label.clone()),
+                    });
+                    listed.insert(key.clone(), file);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => gone.push(key.clone()),
+                Err(e) => issues.push(Issue::error(key.clone(), format!("cannot stat: {e}"))),
+            }
+        }
+        ctx.tally().summary.items.seen = listed.len() as u64;
+        ctx.tally().issues(&issues);
+        let mut unchanged = 0;
+        for r in store.push(flow, &pushes, now_ms())?.into_iter().flatten() {
+            if r.is_settled() {
+                unchanged += 1;
+            }
+        }
+        ctx.tally().summary.items.unchanged += unchanged;
+        let known: Vec<String> = gone
+            .into_iter()
+            .filter(|k| matches!(store.get(flow, k), Ok(Some(_))))
+            .collect();
+        if !known.is_empty() {
+            ctx.process(
+                known
+                    .into_iter()
+                    .map(|key| Work::Gone {
+                        key,
+                        existed: true,
+                        if_queue: None,
+                        version: None,
+                        warning: None,
+                    })
+                    .collect(),
+            )?;
+        }
+        // Interrupted writes of these items must be finished, not taken as unchanged.
+        let key_refs: Vec<&str> = listed.keys().map(String::as_str).collect();
+        let pending: HashSet<String> = store
+            .lineage(flow, &key_refs)?
+            .into_iter()
+            .filter(|(_, l)| !l.pending.is_empty())
+            .map(|(k, _)| k)
+            .collect();
+        self.work(&ctx, &listed, &pending, opts)?;
+        let rows_total = freshindex_vector::VectorCollection::count(ctx.collection.as_ref())?;
+        let tally = ctx.tally.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut summary = tally.finish(spec.max_failed_items);
+        summary.rows.total = rows_total;
+        summary.elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(summary)
+    }
+}
