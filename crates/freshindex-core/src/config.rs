@@ -197,10 +197,12 @@ name = "docs"
 max_failed_items = -1
 
 # How the flow is kept fresh: "batch" (runs on its schedule or on demand) or "live"
-# (`freshindex serve` indexes changes as the source pushes them).
+# (changes are indexed as the source reports them: `freshindex index --watch` today; the
+# server's scheduler and live flows are being built).
 mode = "batch"
 
-# Batch mode: `freshindex serve` runs the flow by itself every `interval`, an ISO 8601
+# Batch mode: the schedule (validated now; the server that runs it is being built) runs the
+# flow every `interval`, an ISO 8601
 # duration P(nD)(T(nH)(nM)(nS)) in upper case, whole numbers, such as PT15M, PT2H, P1DT12H:
 # at least 5 minutes (the server setting min_schedule_interval) and at most 24 hours (P1D).
 # Runs happen at start_time + k * interval. `start_time` (optional, RFC 3339 with Z or an
@@ -219,7 +221,9 @@ disabled = false
 # for changes that were not pushed. Not allowed with mode = "batch".
 # refresh_interval = "PT1H"
 
-# The source: a folder scanned in full on every run. Unchanged files (same size and
+# The source: a folder scanned in full on every run — or, for items that external connectors
+# push through the HTTP queue API (`freshindex serve`), `source = { type = "push" }`.
+# Unchanged files (same size and
 # modification time) are not read; changed ones are fingerprinted with BLAKE3, and only
 # files whose content changed are processed again. Deleted files lose their rows.
 [flow.source]

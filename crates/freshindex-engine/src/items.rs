@@ -139,7 +139,7 @@ impl Engine {
     }
 
     /// `deleteQueueItems`: deletes every item of the flow still labelled `queue`, with its
-    /// rows; returns how many. An item pushed under another label meanwhile is kept (and
+    /// rows; returns how many were deleted. An item pushed under another label meanwhile is kept (and
     /// indexed again if its rows were already deleted).
     pub fn delete_queue_items(&self, flow: &str, queue: &str) -> Result<u64, EngineError> {
         let (id, spec) = self.flow(flow)?;
@@ -161,6 +161,13 @@ impl Engine {
         }
         // The end of a traversal: the cache entries of deleted and replaced rows can go.
         self.store().memo_gc(id)?;
-        Ok(keys.len() as u64)
+        // Entries pushed under another label meanwhile were kept: they do not count.
+        let mut deleted = 0;
+        for key in &keys {
+            if self.store().get(id, key)?.is_none() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 }
