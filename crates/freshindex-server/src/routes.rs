@@ -13,7 +13,7 @@ use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use freshindex_engine::EngineError;
+use freshindex_engine::{EngineError, RunOptions, Trigger};
 use freshindex_store::{ListRequest, QueueEntry};
 use freshindex_vector::VectorError;
 use serde_json::{Value, json};
@@ -23,8 +23,8 @@ use crate::extract::{ApiJson, FlowName, MAX_BODY_BYTES, OptionalJson, query_pair
 use crate::metrics::{Metrics, Verb};
 use crate::wire::{
     self, DEFAULT_PAGE_SIZE, DEFAULT_SEARCH_LIMIT, DeleteQueueBody, Hit, IndexBody, Indexed, Item,
-    ItemList, MAX_PAGE_SIZE, MAX_PUSH_BATCH, MAX_SEARCH_LIMIT, PollBody, PushBody, PushResult,
-    SearchBody, UnreserveBody,
+    ItemList, MAX_HISTORY_LIMIT, MAX_PAGE_SIZE, MAX_PUSH_BATCH, MAX_SEARCH_LIMIT, PollBody,
+    PushBody, PushResult, ResetBody, ResetItemsBody, STATUS_HISTORY, SearchBody, UnreserveBody,
 };
 use crate::{AppState, now_ms};
 
@@ -56,6 +56,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/flows/{flow}/queues/{*rest}", post(queue_verb))
         .route("/v1/flows/{flow}/search", post(search))
+        .route("/v1/flows/{flow}", post(flow_verb))
+        .route("/v1/flows/{flow}/status", get(flow_status))
+        .route("/v1/flows/{flow}/history", get(flow_history))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
@@ -568,6 +571,154 @@ async fn search(
     counted(&st.metrics, Verb::Search, r)
 }
 
+/// The flow name and `:verb` of the raw path `/v1/flows/{flow}:{verb}`.
+fn flow_and_verb(raw_path: &str) -> Result<(String, String), ApiError> {
+    let rest = raw_path
+        .strip_prefix("/v1/flows/")
+        .ok_or_else(|| ApiError::internal(format!("unexpected path {raw_path}")))?;
+    let Some((flow, verb)) = rest.rsplit_once(':') else {
+        return Err(ApiError::new(
+            Code::RouteNotFound,
+            "POST on a flow needs a method: `{flow}:run`, `{flow}:reset` or `{flow}:resetItems`",
+        ));
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+    };
+    let flow =
+        decode(flow).map_err(|_| ApiError::invalid("flow: not UTF-8 after percent-decoding"))?;
+    let verb = decode(verb).map_err(|_| ApiError::new(Code::RouteNotFound, "unknown method"))?;
+    Ok((flow, verb))
+}
+
+/// A data directory held by a run is a conflict with the request (409), not a server fault.
+fn run_lock_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::Busy(m) => ApiError::new(
+            Code::Conflict,
+            format!("a run is in progress on this data directory: {m}"),
+        ),
+        e => e.into(),
+    }
+}
+
+/// `POST {flow}:run`, `POST {flow}:reset` and `POST {flow}:resetItems`.
+async fn flow_verb(State(st): St, uri: Uri, req: Request) -> ApiResult {
+    let (flow, verb) = flow_and_verb(uri.path())?;
+    match verb.as_str() {
+        "run" => {
+            OptionalJson::<serde::de::IgnoredAny>::from_request(req, &()).await?;
+            run_flow(&st, flow).await
+        }
+        "reset" => {
+            let body = OptionalJson::<ResetBody>::from_request(req, &()).await?.0;
+            st.flow_id(&flow).await?;
+            let drop_cache = body.drop_cache.unwrap_or(false);
+            let r = st
+                .blocking(move |e| e.reset(&flow, drop_cache).map_err(run_lock_error))
+                .await?;
+            reply(json!({
+                "flow": r.flow,
+                "reset": true,
+                "items": r.items,
+                "rowsDeleted": r.rows_deleted,
+                "cacheEntries": r.cache_entries,
+                "cacheDropped": r.cache_dropped,
+            }))
+        }
+        "resetItems" => {
+            let body = ApiJson::<ResetItemsBody>::from_request(req, &()).await?.0;
+            let names = wire::reset_item_names(body)?;
+            st.flow_id(&flow).await?;
+            let r = st
+                .blocking(move |e| e.reset_items(&flow, &names).map_err(run_lock_error))
+                .await?;
+            reply(json!({
+                "flow": r.flow,
+                "requeued": r.reset.len(),
+                "reset": r.reset,
+                "unknown": r.unknown,
+            }))
+        }
+        other => Err(ApiError::new(
+            Code::RouteNotFound,
+            format!("no method `:{other}` on flows; expected `:run`, `:reset` or `:resetItems`"),
+        )),
+    }
+}
+
+/// Runs a files flow once; answers its summary (also when it ended `failed`).
+async fn run_flow(st: &AppState, flow: String) -> ApiResult {
+    st.flow_id(&flow).await?;
+    let summary = st
+        .blocking(move |e| {
+            let (_, spec) = e.flow(&flow)?;
+            if spec.files().is_none() {
+                return Err(ApiError::invalid(format!(
+                    "flow `{flow}` has a push source: its items arrive through `items:push` and `items/{{key}}:index`, not through runs"
+                )));
+            }
+            let opts = RunOptions {
+                trigger: Trigger::Manual,
+                ..RunOptions::default()
+            };
+            e.run(&spec, &opts).map_err(run_lock_error)
+        })
+        .await?;
+    let m = &st.metrics;
+    Metrics::add(&m.rows_written, summary.rows.added + summary.rows.updated);
+    Metrics::add(&m.rows_deleted, summary.rows.deleted);
+    Metrics::add(&m.embeddings_computed, summary.embeddings.computed);
+    Metrics::add(&m.embeddings_reused, summary.embeddings.reused);
+    reply(summary)
+}
+
+/// `GET {flow}/status`: the flow's state, last run and newest history entries.
+async fn flow_status(State(st): St, FlowName(flow): FlowName, uri: Uri) -> ApiResult {
+    if uri.query().is_some_and(|q| !q.is_empty()) {
+        return Err(ApiError::invalid("query: GET status takes no parameters"));
+    }
+    st.flow_id(&flow).await?;
+    let (s, history) = st
+        .blocking(move |e| Ok((e.status(&flow)?, e.history(&flow, STATUS_HISTORY)?)))
+        .await?;
+    reply(json!({
+        "flow": s.flow,
+        "collection": s.collection,
+        "items": s.items,
+        "rows": s.rows,
+        "cacheEntries": s.cache_entries,
+        "cacheBytes": s.cache_bytes,
+        "lastRun": s.last_run,
+        "history": history,
+    }))
+}
+
+/// `GET {flow}/history?limit=N`: the newest entries of the flow's execution history.
+async fn flow_history(State(st): St, FlowName(flow): FlowName, uri: Uri) -> ApiResult {
+    let mut limit = MAX_HISTORY_LIMIT;
+    for (k, v) in query_pairs(uri.query())? {
+        match k.as_str() {
+            "limit" => {
+                let n = v
+                    .parse::<i64>()
+                    .map_err(|_| ApiError::invalid(format!("limit: `{v}` is not a number")))?;
+                limit = wire::check_limit("limit", Some(n), MAX_HISTORY_LIMIT, MAX_HISTORY_LIMIT)?;
+            }
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "query: unknown parameter `{other}`; expected `limit`"
+                )));
+            }
+        }
+    }
+    st.flow_id(&flow).await?;
+    let runs = st.blocking(move |e| Ok(e.history(&flow, limit)?)).await?;
+    reply(json!({ "runs": runs }))
+}
+
 /// In-process checks of what the process tests cannot send reliably (a body over the limit)
 /// and of the shutdown release, through the real router and a real data directory.
 #[cfg(test)]
@@ -609,6 +760,29 @@ mod tests {
         let status = resp.status();
         let bytes = to_bytes(resp.into_body(), usize::MAX).await.expect("body");
         (status, serde_json::from_slice(&bytes).expect("JSON answer"))
+    }
+
+    #[test]
+    fn a_held_data_directory_is_a_conflict_for_runs_and_resets() {
+        let e = run_lock_error(EngineError::Busy("held".into()));
+        assert_eq!(e.code, Code::Conflict);
+        assert_eq!(e.code.status(), StatusCode::CONFLICT);
+        assert_eq!(
+            run_lock_error(EngineError::NotFound("x".into())).code,
+            Code::FlowNotFound
+        );
+    }
+
+    #[test]
+    fn flow_verbs_split_at_the_last_colon() {
+        assert_eq!(
+            flow_and_verb("/v1/flows/my%20flow:resetItems").unwrap(),
+            ("my flow".to_string(), "resetItems".to_string())
+        );
+        assert_eq!(
+            flow_and_verb("/v1/flows/docs").unwrap_err().code,
+            Code::RouteNotFound
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]

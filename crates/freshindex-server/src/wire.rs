@@ -647,3 +647,45 @@ mod tests {
         assert_eq!(req.text.as_deref(), Some("hello"));
     }
 }
+
+/// Most item names one `:resetItems` takes.
+pub const MAX_RESET_ITEMS: usize = 1000;
+
+/// Most history entries one `GET history` answers (and its default).
+pub const MAX_HISTORY_LIMIT: usize = 50;
+
+/// History entries `GET status` includes.
+pub const STATUS_HISTORY: usize = 10;
+
+/// `{flow}:reset`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResetBody {
+    /// Drop the memo cache too (the next run computes every embedding again).
+    pub drop_cache: Option<bool>,
+}
+
+/// `{flow}:resetItems`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResetItemsBody {
+    /// Item keys to reprocess.
+    pub names: Vec<String>,
+}
+
+/// Checks the names of a `:resetItems`.
+pub fn reset_item_names(body: ResetItemsBody) -> Result<Vec<String>, ApiError> {
+    if body.names.is_empty() {
+        return Err(ApiError::invalid("names: name at least one item"));
+    }
+    if body.names.len() > MAX_RESET_ITEMS {
+        return Err(ApiError::invalid(format!(
+            "names: {} names, over the limit of {MAX_RESET_ITEMS}",
+            body.names.len()
+        )));
+    }
+    for (i, n) in body.names.iter().enumerate() {
+        check_key(n).map_err(|e| ApiError::invalid(format!("names[{i}]: {e}")))?;
+    }
+    Ok(body.names)
+}

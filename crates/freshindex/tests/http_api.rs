@@ -623,3 +623,103 @@ fn concurrent_pollers_never_get_the_same_item() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("released 60 leases"), "{stderr}");
 }
+
+/// `{flow}:run`, `:resetItems`, `:reset`, `status` and `history` of a files flow, beside a
+/// push flow that cannot run.
+#[test]
+fn runs_resets_status_and_history_of_a_files_flow() {
+    let ws = Workspace::new(common::FlowConfig {
+        name: "files".into(),
+        ..common::FlowConfig::default()
+    });
+    let config = std::fs::read_to_string(ws.config_path()).expect("read config");
+    std::fs::write(
+        ws.config_path(),
+        format!("{config}\n{}", common::http::PUSH_FLOW_TOML),
+    )
+    .expect("write config");
+    ws.write("a.md", "# Alpha\n\nThe river runs past the stone garden.\n");
+    ws.write(
+        "b.md",
+        "# Beta\n\nA lantern in the harbor, a beacon on the summit.\n",
+    );
+    ws.write("sub/c.txt", "Copper and cobalt under the glacier.\n");
+    let server = Server::start(&ws);
+
+    let first = server.post("/v1/flows/files:run", &json!({})).ok();
+    assert_eq!(first["flow"], "files", "{first}");
+    assert_eq!(first["status"], "success", "{first}");
+    assert_eq!(first["items"]["seen"], 3, "{first}");
+    assert_eq!(first["items"]["new"], 3, "{first}");
+    assert!(first["rows"]["added"].as_u64().unwrap() >= 3, "{first}");
+    assert!(
+        first["embeddings"]["computed"].as_u64().unwrap() >= 3,
+        "{first}"
+    );
+
+    let status = server.get("/v1/flows/files/status").ok();
+    assert_eq!(status["flow"], "files", "{status}");
+    assert_eq!(status["collection"], "files", "{status}");
+    assert_eq!(status["rows"], first["rows"]["total"], "{status}");
+    assert!(status["cacheEntries"].as_u64().unwrap() >= 3, "{status}");
+    assert_eq!(status["lastRun"]["items"]["new"], 3, "{status}");
+    let hist = status["history"].as_array().expect("history array");
+    assert_eq!(hist.len(), 1, "{status}");
+    assert_eq!(hist[0]["trigger"], "manual", "{status}");
+    assert_eq!(hist[0]["status"], "success", "{status}");
+    let runs = server.get("/v1/flows/files/history?limit=5").ok();
+    assert_eq!(runs["runs"], status["history"], "{runs}");
+    server
+        .get("/v1/flows/files/history?limit=51")
+        .assert_error(422, "invalid_argument");
+
+    // Reprocess exactly one item.
+    let items = server.get("/v1/flows/files/items").ok();
+    let items = items["items"].as_array().expect("items array");
+    assert_eq!(items.len(), 3, "{items:?}");
+    let key = items[0]["name"].as_str().expect("name").to_string();
+    let requeued = server
+        .post(
+            "/v1/flows/files:resetItems",
+            &json!({ "names": [key, "no/such/item"] }),
+        )
+        .ok();
+    assert_eq!(requeued["requeued"], 1, "{requeued}");
+    assert_eq!(requeued["unknown"], json!(["no/such/item"]), "{requeued}");
+    let again = server.post("/v1/flows/files:run", &json!({})).ok();
+    assert_eq!(again["items"]["modified"], 1, "{again}");
+    assert_eq!(again["items"]["new"], 0, "{again}");
+    assert_eq!(again["embeddings"]["computed"], 0, "{again}");
+    server
+        .post("/v1/flows/files:resetItems", &json!({ "names": [] }))
+        .assert_error(422, "invalid_argument");
+
+    // Forget everything: the next run reprocesses every item, embeddings from the cache.
+    let reset = server.post("/v1/flows/files:reset", &json!({})).ok();
+    assert_eq!(reset["flow"], "files", "{reset}");
+    assert_eq!(reset["reset"], true, "{reset}");
+    let all = server.post("/v1/flows/files:run", &json!({})).ok();
+    assert_eq!(all["items"]["new"], 3, "{all}");
+    assert_eq!(all["embeddings"]["computed"], 0, "{all}");
+    assert!(all["embeddings"]["reused"].as_u64().unwrap() >= 3, "{all}");
+    let runs = server.get("/v1/flows/files/history").ok();
+    // Three runs, a reset of items and a reset, newest first.
+    let runs = runs["runs"].as_array().expect("runs array");
+    assert_eq!(runs.len(), 5, "{runs:?}");
+    assert_eq!(runs[1]["trigger"], "reset", "{runs:?}");
+
+    // A push flow takes no runs; unknown flows and methods are 404.
+    let msg = server
+        .post("/v1/flows/docs:run", &json!({}))
+        .assert_error(422, "invalid_argument");
+    assert!(msg.contains("push source"), "{msg}");
+    server
+        .post("/v1/flows/nope:run", &json!({}))
+        .assert_error(404, "flow_not_found");
+    server
+        .get("/v1/flows/nope/status")
+        .assert_error(404, "flow_not_found");
+    server
+        .post("/v1/flows/files:explode", &json!({}))
+        .assert_error(404, "route_not_found");
+}
