@@ -14,7 +14,7 @@ use freshindex_store::{FlowId, PushItem, PushKind};
 
 use crate::process::{Work, metadata_hash};
 use crate::run::{RUN_OWNER, RunOptions, now_ms};
-use crate::source::files::{self, ScannedFile};
+use crate::source::files::ScannedFile;
 use crate::source::watch::SourceWatcher;
 use crate::summary::{Issue, RunSummary};
 use crate::{Engine, EngineError};
@@ -119,19 +119,9 @@ impl Engine {
         };
         let _lock = self.lock()?;
         let flow = self.register(spec)?;
-        let run = self.begin_run(flow, Trigger::Live, now_ms())?;
-        match self.refresh_locked(spec, source, flow, keys, opts, started) {
-            Ok(summary) => {
-                let json = serde_json::to_string(&summary)
-                    .map_err(|e| EngineError::Internal(format!("encoding the run summary: {e}")))?;
-                self.finish_run(run, summary.status.run_state(), Some(json), None)?;
-                Ok(summary)
-            }
-            Err(e) => {
-                self.finish_failed_run(run, &e);
-                Err(e)
-            }
-        }
+        self.recorded(flow, Trigger::Live, now_ms(), || {
+            self.refresh_locked(spec, source, flow, keys, opts, started)
+        })
     }
 
     fn refresh_locked(
@@ -156,21 +146,9 @@ impl Engine {
         let mut gone = Vec::new();
         let mut issues = Vec::new();
         for (key, path) in keys {
-            let meta = if source.follow_symlinks {
-                std::fs::metadata(path)
-            } else {
-                std::fs::symlink_metadata(path)
-            };
-            match meta {
-                Ok(m) if m.is_dir() => {}
-                Ok(m) => {
-                    let file = ScannedFile {
-                        key: key.clone(),
-                        path: path.clone(),
-                        size: m.len(),
-                        mtime_ns: files::mtime_ns(&m),
-                        regular: m.is_file(),
-                    };
+            match ScannedFile::stat(key.clone(), path.clone(), source.follow_symlinks) {
+                Ok((_, true)) => {}
+                Ok((file, false)) => {
                     pushes.push(PushItem {
                         key: key.clone(),
                         kind: PushKind::Hashes {

@@ -321,20 +321,9 @@ impl Ctx<'_> {
             return None;
         }
         let src = self.spec.files()?;
-        let path = src.path.join(key);
-        let meta = if src.follow_symlinks {
-            std::fs::metadata(&path)
-        } else {
-            std::fs::symlink_metadata(&path)
-        }
-        .ok()?;
-        Some(ScannedFile {
-            key: key.to_string(),
-            size: meta.len(),
-            mtime_ns: files::mtime_ns(&meta),
-            regular: meta.is_file(),
-            path,
-        })
+        ScannedFile::stat(key.to_string(), src.path.join(key), src.follow_symlinks)
+            .ok()
+            .map(|(file, _)| file)
     }
 
     pub(crate) fn tally(&self) -> MutexGuard<'_, Tally> {

@@ -337,15 +337,27 @@ impl Engine {
                 return Err(e);
             }
         };
-        let run = self.begin_run(flow, opts.trigger, started_ms)?;
-        match self.run_locked(spec, source, flow, opts, started) {
+        self.recorded(flow, opts.trigger, started_ms, || {
+            self.run_locked(spec, source, flow, opts, started)
+        })
+    }
+
+    /// Runs `body` as one entry of the flow's history: `inProgress` first, then its summary,
+    /// or its error.
+    pub(crate) fn recorded(
+        &self,
+        flow: FlowId,
+        trigger: Trigger,
+        started_ms: i64,
+        body: impl FnOnce() -> Result<RunSummary, EngineError>,
+    ) -> Result<RunSummary, EngineError> {
+        let run = self.begin_run(flow, trigger, started_ms)?;
+        match body() {
             Ok(summary) => {
                 let json = serde_json::to_string(&summary)
-                    .map_err(|e| EngineError::Internal(format!("encoding the run summary: {e}")));
-                let recorded = json.and_then(|json| {
-                    self.finish_run(run, summary.status.run_state(), Some(json), None)
-                });
-                recorded.map(|()| summary)
+                    .map_err(|e| EngineError::Internal(format!("encoding the run summary: {e}")))?;
+                self.finish_run(run, summary.status.run_state(), Some(json), None)?;
+                Ok(summary)
             }
             Err(e) => {
                 self.finish_failed_run(run, &e);

@@ -131,25 +131,10 @@ impl Code {
         }
     }
 
-    /// Whether the same request may succeed later.
+    /// Whether the same request may succeed later: exactly the errors that are not the
+    /// caller's.
     pub fn is_retryable(self) -> bool {
-        match self {
-            Code::Busy | Code::Internal => true,
-            Code::MalformedJson
-            | Code::InvalidBody
-            | Code::UnsupportedMediaType
-            | Code::InvalidArgument
-            | Code::Unauthorized
-            | Code::RouteNotFound
-            | Code::MethodNotAllowed
-            | Code::FlowNotFound
-            | Code::ItemNotFound
-            | Code::Conflict
-            | Code::NotReserved
-            | Code::FailedPrecondition
-            | Code::PayloadTooLarge
-            | Code::BodyTooLarge => false,
-        }
+        !self.is_user_error()
     }
 }
 

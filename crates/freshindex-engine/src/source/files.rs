@@ -26,6 +26,30 @@ pub struct ScannedFile {
     pub regular: bool,
 }
 
+impl ScannedFile {
+    /// A listed file from its `stat`.
+    pub fn from_metadata(key: String, path: PathBuf, m: &std::fs::Metadata) -> ScannedFile {
+        ScannedFile {
+            key,
+            path,
+            size: m.len(),
+            mtime_ns: mtime_ns(m),
+            regular: m.is_file(),
+        }
+    }
+
+    /// Stats `path` (following symbolic links when `follow`).
+    pub fn stat(key: String, path: PathBuf, follow: bool) -> std::io::Result<(ScannedFile, bool)> {
+        let m = if follow {
+            std::fs::metadata(&path)
+        } else {
+            std::fs::symlink_metadata(&path)
+        }?;
+        let is_dir = m.is_dir();
+        Ok((ScannedFile::from_metadata(key, path, &m), is_dir))
+    }
+}
+
 /// What a scan found.
 #[derive(Debug, Default)]
 pub struct Scan {
@@ -274,13 +298,8 @@ pub fn scan(src: &FilesSource, skip_dirs: &[(u64, u64)]) -> Result<Scan, EngineE
                     format!("file name is not valid UTF-8; indexed as `{key}`"),
                 ));
             }
-            out.files.push(ScannedFile {
-                key,
-                path: entry.path(),
-                size: m.len(),
-                mtime_ns: mtime_ns(&m),
-                regular: m.is_file(),
-            });
+            out.files
+                .push(ScannedFile::from_metadata(key, entry.path(), &m));
         }
     }
     out.files.sort_unstable_by(|a, b| a.key.cmp(&b.key));
