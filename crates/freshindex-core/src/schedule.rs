@@ -520,6 +520,10 @@ pub enum Outcome {
     Success,
     /// The run failed (or could not start): the flow backs off.
     Failure,
+    /// The run did not happen because the flow was running elsewhere (another process held
+    /// it): like a skipped occurrence, it changes neither the failure count nor the next
+    /// occurrence.
+    NotRun,
 }
 
 /// What a [`Scheduler::tick`] asks the caller to do or record.
@@ -803,6 +807,7 @@ impl Scheduler {
                     st.next_due = Some(next.max(plan.first_at_or_after(from)));
                 }
             }
+            Outcome::NotRun => {}
         }
         if !st.registered {
             self.flows.remove(name);
@@ -1371,6 +1376,30 @@ mod tests {
         assert_eq!(s.next_due("a"), Some(T0 + 105 * MIN));
         assert_eq!(s.consecutive_failures("a"), 0);
         assert_eq!(s.tick(T0 + 105 * MIN), vec![start("a", T0 + 105 * MIN)]);
+    }
+
+    #[test]
+    fn a_run_that_did_not_happen_changes_neither_backoff_nor_schedule() {
+        let mut s = Scheduler::new(1);
+        s.set_flow("a", Some(&sched("PT15M", Some(T0))), false, T0);
+        s.set_flow("b", Some(&sched("PT15M", Some(T0))), false, T0);
+        assert_eq!(s.tick(T0), vec![start("a", T0), wait("b", T0, 1)]);
+        s.run_finished("a", Outcome::Failure, T0 + MIN);
+        assert_eq!(s.tick(T0 + MIN), vec![start("b", T0)]);
+        s.run_finished("b", Outcome::Success, T0 + 2 * MIN);
+        let before = s.status("a").expect("status");
+        assert_eq!(
+            s.tick(T0 + 30 * MIN),
+            vec![start("a", T0 + 30 * MIN), wait("b", T0 + 30 * MIN, 1)]
+        );
+        // Another process held the flow: the slot is free again, nothing else changed.
+        s.run_finished("a", Outcome::NotRun, T0 + 30 * MIN);
+        assert_eq!(s.in_progress(), 0);
+        assert_eq!(s.tick(T0 + 30 * MIN), vec![start("b", T0 + 30 * MIN)]);
+        let after = s.status("a").expect("status");
+        assert_eq!(after.consecutive_failures, before.consecutive_failures);
+        assert_eq!(after.next_due, Some(T0 + 45 * MIN));
+        assert_eq!(after.effective_interval_ms, before.effective_interval_ms);
     }
 
     #[test]

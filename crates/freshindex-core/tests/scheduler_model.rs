@@ -143,6 +143,7 @@ impl Model {
                     f.blocked = Some(r_grid + eff);
                 }
             }
+            Outcome::NotRun => {}
         }
     }
 

@@ -142,10 +142,12 @@ impl Engine {
     /// forgotten only after its rows are deleted), then its queue entries, lineage, pending
     /// keys, tombstones and traversal label. The memo cache is kept — the next run reuses
     /// every embedding, and the cache entries it does not use again are collected at its end
-    /// as usual — unless `drop_cache`. Takes the data directory's run lock (refused with
+    /// as usual — unless `drop_cache`. Takes the flow's run lock (refused with
     /// [`EngineError::Busy`] while a run holds it) and records a `reset` history entry.
     pub fn reset(&self, flow: &str, drop_cache: bool) -> Result<ResetReport, EngineError> {
-        let _lock = self.lock()?;
+        // A name no flow has names no lock file either.
+        self.flow(flow)?;
+        let _lock = self.lock(flow)?;
         let (id, spec) = self.flow(flow)?;
         let run = self.begin_run(id, Trigger::Reset, now_ms())?;
         let result = (|| {
@@ -186,7 +188,7 @@ impl Engine {
     /// forgotten ([`ItemStore::requeue_items`](freshindex_store::ItemStore::requeue_items)),
     /// so that even an unchanged file is read, split and embedded again (through the memo
     /// cache); rows whose content comes out the same are not rewritten. Keys the queue does
-    /// not hold are reported back, not refused. Takes the data directory's run lock (refused
+    /// not hold are reported back, not refused. Takes the flow's run lock (refused
     /// with [`EngineError::Busy`] while a run holds it) and records a `reset` history entry.
     pub fn reset_items(
         &self,
@@ -204,7 +206,9 @@ impl Engine {
                 unique.push(k.clone());
             }
         }
-        let _lock = self.lock()?;
+        // A name no flow has names no lock file either.
+        self.flow(flow)?;
+        let _lock = self.lock(flow)?;
         let (id, spec) = self.flow(flow)?;
         let run = self.begin_run(id, Trigger::Reset, now_ms())?;
         let result = (|| {

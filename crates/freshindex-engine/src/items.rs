@@ -7,7 +7,7 @@ use freshindex_core::{FlowSpec, ItemStatus};
 use freshindex_store::{FlowId, ItemRecord};
 
 use crate::process::Work;
-use crate::run::NoProgress;
+use crate::run::{NoProgress, check_steps};
 use crate::{Engine, EngineError};
 
 /// An `index` request carrying an item's content.
@@ -53,11 +53,51 @@ pub struct IndexOutcome {
     pub message: Option<String>,
 }
 
+/// What deleting a flow removed.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeleteReport {
+    /// The flow.
+    pub flow: String,
+    /// Its target collection.
+    pub collection: String,
+    /// Rows the collection held (when it was open or could be opened).
+    pub rows: Option<u64>,
+    /// Whether the collection's files existed and were removed.
+    pub collection_dropped: bool,
+}
+
 impl Engine {
     /// Registers a flow definition (or replaces the stored one) without running it, so that
-    /// the queue API can serve it; refuses a target collection another flow owns.
+    /// the queue API can serve it and the next run uses it. Checks the steps (model, splitter)
+    /// and refuses a target collection another flow owns. Takes the flow's run lock: refused
+    /// with [`EngineError::Busy`] while a run of the flow is going (a new target would move
+    /// rows under it).
     pub fn define_flow(&self, spec: &FlowSpec) -> Result<FlowId, EngineError> {
+        check_steps(spec)?;
+        let _lock = self.lock(&spec.name)?;
         self.register(spec)
+    }
+
+    /// Deletes a flow: drops its target collection, then forgets all its state (queue,
+    /// lineage, memo cache, history). Refused with [`EngineError::Busy`] while a run of the
+    /// flow is going. Crash-safe: a deletion cut short leaves the flow defined, and deleting
+    /// it again finishes the job.
+    pub fn delete_flow(&self, flow: &str) -> Result<DeleteReport, EngineError> {
+        // A name no flow has names no lock file either.
+        self.flow(flow)?;
+        let _lock = self.lock(flow)?;
+        let (id, spec) = self.flow(flow)?;
+        let _writer = self.writer();
+        let collection = spec.target.collection();
+        let rows = self.close_collection(collection);
+        let collection_dropped = self.collections().remove(collection)?;
+        self.store().delete_flow(id)?;
+        Ok(DeleteReport {
+            flow: spec.name,
+            collection: collection.to_string(),
+            rows,
+            collection_dropped,
+        })
     }
 
     /// Indexes one item of a flow with the content the request carries: runs the flow's steps

@@ -22,8 +22,8 @@ pub mod summary;
 
 pub use freshindex_core::{RunState, Trigger};
 pub use history::{HistoryItems, ResetItemsReport, ResetReport, RunEntry};
-pub use items::{IndexOutcome, IndexRequest};
-pub use live::{LiveEvent, LiveOptions};
+pub use items::{DeleteReport, IndexOutcome, IndexRequest};
+pub use live::{FullRunReply, LiveControl, LiveEvent, LiveOptions};
 pub use run::{Engine, Phase, Progress, RUN_OWNER, RunOptions, default_workers};
 pub use summary::{Issue, IssueLevel, RunStatus, RunSummary};
 

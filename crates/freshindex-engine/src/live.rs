@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use freshindex_core::spec::FilesSource;
@@ -49,15 +50,63 @@ pub enum LiveEvent {
     Batch(RunSummary),
 }
 
+/// The answer to [`LiveControl::request_full`].
+pub type FullRunReply = mpsc::Receiver<Result<RunSummary, EngineError>>;
+
+/// Steers a live loop ([`Engine::watch`]) from other threads: stop it, or have it run a full
+/// traversal now (an on-demand run of a live flow: the loop runs it between two batches, so
+/// it never overlaps the loop's own work).
+#[derive(Debug, Default)]
+pub struct LiveControl {
+    stop: Arc<AtomicBool>,
+    full: Mutex<Option<mpsc::Sender<Result<RunSummary, EngineError>>>>,
+}
+
+impl LiveControl {
+    /// A control whose stop flag is `stop` (for example one a signal handler sets).
+    pub fn with_stop_flag(stop: Arc<AtomicBool>) -> LiveControl {
+        LiveControl {
+            stop,
+            full: Mutex::new(None),
+        }
+    }
+
+    /// Asks the loop to stop; it does within about 200 ms, or when its current run ends.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Asks the loop for a full traversal, recorded with trigger `manual`; the reply carries
+    /// its summary or error. A request not yet taken is replaced (its receiver sees the
+    /// channel closed). If the loop stops first, the receiver sees the channel closed.
+    pub fn request_full(&self) -> FullRunReply {
+        let (tx, rx) = mpsc::channel();
+        *self.full.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// The pending request of a full traversal, if any.
+    pub fn take_request(&self) -> Option<mpsc::Sender<Result<RunSummary, EngineError>>> {
+        self.full.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 impl Engine {
-    /// Keeps a files flow's target fresh until `stop` is set: a full run, then the changes a
-    /// watcher reports, in debounced batches. `report` hears about every run and batch.
+    /// Keeps a files flow's target fresh until `control` says stop: a full run, then the
+    /// changes a watcher reports, in debounced batches, and the full traversals `control`
+    /// asks for. `report` hears about every run and batch. An error of the loop's own runs
+    /// ends it; the error of a requested run goes to the requester and the loop goes on.
     pub fn watch(
         &self,
         spec: &FlowSpec,
         opts: &RunOptions<'_>,
         live: &LiveOptions,
-        stop: &AtomicBool,
+        control: &LiveControl,
         report: &mut dyn FnMut(LiveEvent),
     ) -> Result<(), EngineError> {
         let Some(source) = spec.files() else {
@@ -71,7 +120,21 @@ impl Engine {
         let watcher = SourceWatcher::new(source, &ignore)?;
         report(LiveEvent::Full(self.run(spec, opts)?));
         let mut last_full = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        let manual = RunOptions {
+            trigger: Trigger::Manual,
+            ..*opts
+        };
+        while !control.is_stopped() {
+            if let Some(reply) = control.take_request() {
+                let result = self.run(spec, &manual);
+                if let Ok(summary) = &result {
+                    report(LiveEvent::Full(summary.clone()));
+                    last_full = Instant::now();
+                }
+                // The requester may have given up waiting.
+                let _ = reply.send(result);
+                continue;
+            }
             if live
                 .refresh_interval
                 .is_some_and(|every| last_full.elapsed() >= every)
@@ -117,7 +180,7 @@ impl Engine {
                 spec.name
             )));
         };
-        let _lock = self.lock()?;
+        let _lock = self.lock(&spec.name)?;
         let flow = self.register(spec)?;
         self.recorded(flow, Trigger::Live, now_ms(), || {
             self.refresh_locked(spec, source, flow, keys, opts, started)

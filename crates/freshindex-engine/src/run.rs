@@ -120,8 +120,9 @@ pub struct Engine {
     store: Arc<dyn StateStore>,
     collections: Collections,
     skip_dirs: Vec<(u64, u64)>,
-    /// Held (flock) for the whole of a run: one run at a time per data directory.
-    lock_path: Option<PathBuf>,
+    /// The data directory (`None` for an engine over a bare store): its `locks/` folder holds
+    /// a lock per flow, held for the whole of a run of that flow.
+    dir: Option<PathBuf>,
     /// Open collections, shared by runs and item operations.
     open: Mutex<HashMap<String, Arc<SqliteCollection>>>,
     /// Serializes two-phase writes, so that a fence check and the write it allows are atomic
@@ -167,7 +168,7 @@ impl Engine {
         let store = SqliteStore::open(&dir.join("state.sqlite"))?;
         let mut engine = Engine::new(Arc::new(store), dir.join("collections"));
         engine.skip_dirs = vec![(meta.dev(), meta.ino())];
-        engine.lock_path = Some(dir.join("run.lock"));
+        engine.dir = Some(dir.to_path_buf());
         Ok(engine)
     }
 
@@ -177,7 +178,7 @@ impl Engine {
             store,
             collections: Collections::new(&collections_dir),
             skip_dirs: Vec::new(),
-            lock_path: None,
+            dir: None,
             open: Mutex::new(HashMap::new()),
             writer: Mutex::new(()),
         }
@@ -185,7 +186,7 @@ impl Engine {
 
     /// The data directory, for an engine opened on one.
     pub(crate) fn data_dir(&self) -> Option<&Path> {
-        self.lock_path.as_deref().and_then(Path::parent)
+        self.dir.as_deref()
     }
 
     /// The state store.
@@ -218,6 +219,26 @@ impl Engine {
         let c = Arc::new(self.collections.open_or_create(name, dimension)?);
         open.insert(name.to_string(), c.clone());
         Ok(c)
+    }
+
+    /// The folder of collections.
+    pub(crate) fn collections(&self) -> &Collections {
+        &self.collections
+    }
+
+    /// Forgets the open handle of collection `name` (before its files are removed); returns
+    /// its row count when it was open or can be opened.
+    pub(crate) fn close_collection(&self, name: &str) -> Option<u64> {
+        let open = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        let count = |c: &SqliteCollection| freshindex_vector::VectorCollection::count(c).ok();
+        match open {
+            Some(c) => count(&c),
+            None => self.collections.open(name).ok().as_ref().and_then(count),
+        }
     }
 
     /// Flows registered in this data directory, with their stored specs.
@@ -255,6 +276,7 @@ impl Engine {
         let spec_json = serde_json::to_string(spec).map_err(|e| {
             EngineError::Config(format!("flow `{}`: cannot store its spec: {e}", spec.name))
         })?;
+        let _registry = self.registry_lock()?;
         let stored = self.stored_flows()?;
         if let Some(other) = stored
             .iter()
@@ -321,9 +343,8 @@ impl Engine {
             )));
         };
         // Checked before taking the lock, so a bad spec fails fast.
-        embedder_for(spec.embed()).map_err(EngineError::Config)?;
-        Splitter::new(spec.split()).map_err(EngineError::Config)?;
-        let _lock = self.lock()?;
+        check_steps(spec)?;
+        let _lock = self.lock(&spec.name)?;
         let started_ms = now_ms();
         let flow = match self.register(spec) {
             Ok(flow) => flow,
@@ -367,7 +388,7 @@ impl Engine {
     }
 
     /// Records the start of a run (or a reset) of `flow` in its history, once this process
-    /// holds the data directory's run lock: entries of the flow still `inProgress` belong to a
+    /// holds the flow's run lock: entries of the flow still `inProgress` belong to a
     /// process that died, and are marked interrupted first.
     pub(crate) fn begin_run(
         &self,
@@ -626,21 +647,19 @@ impl Engine {
         })
     }
 
-    /// Takes the data directory's run lock, or says who holds it.
-    pub(crate) fn lock(&self) -> Result<Option<std::fs::File>, EngineError> {
-        let Some(path) = &self.lock_path else {
+    /// Takes the run lock of flow `flow` (`<data-dir>/locks/flow-<name>.lock`, flow names are
+    /// valid file names), or says that another run of the flow holds it. Runs of different
+    /// flows go on side by side; two runs of one flow never do, in this process or another.
+    pub(crate) fn lock(&self, flow: &str) -> Result<Option<std::fs::File>, EngineError> {
+        let Some(dir) = self.data_dir() else {
             return Ok(None);
         };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| EngineError::Config(format!("lock file {}: {e}", path.display())))?;
+        let path = dir.join("locks").join(format!("flow-{flow}.lock"));
+        let file = open_lock_file(&path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(file)),
             Err(std::fs::TryLockError::WouldBlock) => Err(EngineError::Busy(format!(
-                "another freshindex run is using this data directory (lock {}); wait for it to finish",
+                "another run of flow `{flow}` is going (lock {}); wait for it to finish",
                 path.display()
             ))),
             Err(std::fs::TryLockError::Error(e)) => Err(EngineError::Config(format!(
@@ -648,6 +667,20 @@ impl Engine {
                 path.display()
             ))),
         }
+    }
+
+    /// Waits for the data directory's registry lock (`<data-dir>/locks/registry.lock`), held
+    /// while a flow's spec is checked against the others and stored, so that two processes
+    /// cannot give one collection to two flows.
+    fn registry_lock(&self) -> Result<Option<std::fs::File>, EngineError> {
+        let Some(dir) = self.data_dir() else {
+            return Ok(None);
+        };
+        let path = dir.join("locks").join("registry.lock");
+        let file = open_lock_file(&path)?;
+        file.lock()
+            .map_err(|e| EngineError::Config(format!("lock file {}: {e}", path.display())))?;
+        Ok(Some(file))
     }
 
     /// The flow's target changed: deletes every row it tracked (and any pending key) from
@@ -862,4 +895,25 @@ fn traversal(
         unseen(p, &mut out);
     }
     out
+}
+
+/// Checks that the flow's steps can be built (a known model, a valid splitter).
+pub(crate) fn check_steps(spec: &FlowSpec) -> Result<(), EngineError> {
+    embedder_for(spec.embed()).map_err(EngineError::Config)?;
+    Splitter::new(spec.split()).map_err(EngineError::Config)?;
+    Ok(())
+}
+
+/// Opens (creating it and its folder) a lock file.
+fn open_lock_file(path: &Path) -> Result<std::fs::File, EngineError> {
+    let err = |e: std::io::Error| EngineError::Config(format!("lock file {}: {e}", path.display()));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(err)
 }

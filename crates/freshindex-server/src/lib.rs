@@ -13,6 +13,7 @@
 //! checks), [`extract`] (extractors that answer rejections in the error shape), [`metrics`],
 //! `routes` (the handlers).
 
+pub mod control;
 pub mod error;
 pub mod extract;
 pub mod metrics;
@@ -29,6 +30,7 @@ use freshindex_core::FlowSpec;
 use freshindex_engine::{Engine, EngineError};
 use freshindex_store::{FlowId, StoreError};
 
+pub use control::{Control, ControlOptions};
 pub use error::{ApiError, Code};
 
 /// Lease holders remembered for release at shutdown, at most.
@@ -50,6 +52,8 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// Lease of polled entries.
     pub lease: Duration,
+    /// Schedules, capacity and live flows.
+    pub control: ControlOptions,
 }
 
 /// Why the server could not start or stop cleanly.
@@ -63,6 +67,14 @@ pub enum ServeError {
     /// An empty token.
     #[error("--token: must not be empty")]
     EmptyToken,
+    /// A flow of the config cannot be served as it is.
+    #[error("flow `{flow}`: {message}")]
+    Flow {
+        /// The flow.
+        flow: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The data directory or a flow could not be opened.
     #[error("{context}: {source}")]
     Engine {
@@ -132,7 +144,8 @@ pub(crate) struct AppState {
     pub(crate) lease_ms: i64,
     /// BLAKE3 of the token: comparing hashes (in constant time) hides the token's length too.
     token: Option<blake3::Hash>,
-    pub(crate) metrics: metrics::Metrics,
+    pub(crate) metrics: Arc<metrics::Metrics>,
+    pub(crate) control: Arc<Control>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,6 +186,16 @@ impl AppState {
                 ),
             )),
         }
+    }
+
+    /// Remembers a flow defined over the API.
+    pub(crate) fn add_flow(&self, name: &str, id: FlowId) {
+        lock(&self.flows).insert(name.to_string(), id);
+    }
+
+    /// Forgets a deleted flow.
+    pub(crate) fn remove_flow(&self, name: &str) {
+        lock(&self.flows).remove(name);
     }
 
     /// Flows served so far, by name.
@@ -227,26 +250,52 @@ fn prepare(opts: &ServeOptions) -> Result<Arc<AppState>, ServeError> {
     })?;
     let mut flows = BTreeMap::new();
     for spec in &opts.flows {
-        let id = engine
-            .define_flow(spec)
-            .map_err(|source| ServeError::Engine {
-                context: format!("flow `{}`", spec.name),
-                source,
-            })?;
-        flows.insert(spec.name.clone(), id);
+        control::check_servable(spec, opts.control.min_schedule_interval).map_err(|message| {
+            ServeError::Flow {
+                flow: spec.name.clone(),
+                message,
+            }
+        })?;
+        match engine.define_flow(spec) {
+            Ok(id) => {
+                flows.insert(spec.name.clone(), id);
+            }
+            // Another process is running the flow: it stores its own definition.
+            Err(EngineError::Busy(m)) => {
+                tracing::warn!(flow = spec.name, "definition not stored: {m}");
+            }
+            Err(source) => {
+                return Err(ServeError::Engine {
+                    context: format!("flow `{}`", spec.name),
+                    source,
+                });
+            }
+        }
     }
     for rec in engine.store().flows()? {
         flows.entry(rec.name).or_insert(rec.id);
     }
     let default_owner = format!("http-{}", std::process::id());
+    let engine = Arc::new(engine);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let control = Control::start(
+        Arc::clone(&engine),
+        Arc::clone(&metrics),
+        opts.control.clone(),
+    )
+    .map_err(|source| ServeError::Engine {
+        context: "starting the scheduler".into(),
+        source,
+    })?;
     Ok(Arc::new(AppState {
-        engine: Arc::new(engine),
+        engine,
         flows: Mutex::new(flows),
         owners: Mutex::new(BTreeSet::from([default_owner.clone()])),
         default_owner,
         lease_ms: i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX),
         token: opts.token.as_deref().map(|t| blake3::hash(t.as_bytes())),
-        metrics: metrics::Metrics::default(),
+        metrics,
+        control,
     }))
 }
 
@@ -292,7 +341,10 @@ pub fn run(
             .await
             .map_err(io("serving"))?;
         let st = Arc::clone(&state);
-        let released = tokio::task::spawn_blocking(move || st.release_leases())
+        let released = tokio::task::spawn_blocking(move || {
+            st.control.shutdown();
+            st.release_leases()
+        })
             .await
             .map_err(|e| ServeError::Io {
                 context: "releasing leases".into(),

@@ -92,6 +92,13 @@ pub struct Metrics {
     pub embeddings_computed: AtomicU64,
     /// Embeddings index calls took from the memo cache.
     pub embeddings_reused: AtomicU64,
+    /// Runs (scheduled, on demand, live traversals and batches) that completed within their
+    /// failed-items limit.
+    pub runs_succeeded: AtomicU64,
+    /// Runs that completed with more failed items than their flow allows.
+    pub runs_failed: AtomicU64,
+    /// Scheduled occurrences skipped because the flow's previous run was still going.
+    pub runs_skipped: AtomicU64,
 }
 
 impl Metrics {
@@ -101,6 +108,23 @@ impl Metrics {
         if !ok {
             self.errors[verb.index()].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a run that completed, with its rows and embeddings.
+    pub fn count_run(&self, summary: &freshindex_engine::RunSummary) {
+        let ok = summary.status == freshindex_engine::RunStatus::Success;
+        Metrics::add(
+            if ok {
+                &self.runs_succeeded
+            } else {
+                &self.runs_failed
+            },
+            1,
+        );
+        Metrics::add(&self.rows_written, summary.rows.added + summary.rows.updated);
+        Metrics::add(&self.rows_deleted, summary.rows.deleted);
+        Metrics::add(&self.embeddings_computed, summary.embeddings.computed);
+        Metrics::add(&self.embeddings_reused, summary.embeddings.reused);
     }
 
     /// Adds `n` to a counter.
@@ -191,23 +215,38 @@ impl Metrics {
             ),
             (
                 "freshindex_rows_written_total",
-                "Target rows written by index calls.",
+                "Target rows written by index calls and runs.",
                 &self.rows_written,
             ),
             (
                 "freshindex_rows_deleted_total",
-                "Target rows deleted by index calls (an item whose new content has fewer chunks).",
+                "Target rows deleted by index calls (an item whose new content has fewer chunks) and runs.",
                 &self.rows_deleted,
             ),
             (
                 "freshindex_embeddings_computed_total",
-                "Embeddings computed by index calls.",
+                "Embeddings computed by index calls and runs.",
                 &self.embeddings_computed,
             ),
             (
                 "freshindex_embeddings_reused_total",
-                "Embeddings index calls took from the memo cache.",
+                "Embeddings index calls and runs took from the memo cache.",
                 &self.embeddings_reused,
+            ),
+            (
+                "freshindex_runs_succeeded_total",
+                "Runs (scheduled, on demand, live) completed within their failed-items limit.",
+                &self.runs_succeeded,
+            ),
+            (
+                "freshindex_runs_failed_total",
+                "Runs completed with more failed items than their flow allows.",
+                &self.runs_failed,
+            ),
+            (
+                "freshindex_runs_skipped_total",
+                "Scheduled occurrences skipped because the flow's previous run was still going.",
+                &self.runs_skipped,
             ),
         ] {
             header(&mut out, name, "counter", help);

@@ -13,11 +13,12 @@ use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use freshindex_engine::{EngineError, RunOptions, Trigger};
+use freshindex_engine::EngineError;
 use freshindex_store::{ListRequest, QueueEntry};
 use freshindex_vector::VectorError;
 use serde_json::{Value, json};
 
+use crate::control::ControlError;
 use crate::error::{ApiError, Code};
 use crate::extract::{ApiJson, FlowName, MAX_BODY_BYTES, OptionalJson, query_pairs, resource_path};
 use crate::metrics::{Metrics, Verb};
@@ -56,7 +57,13 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/flows/{flow}/queues/{*rest}", post(queue_verb))
         .route("/v1/flows/{flow}/search", post(search))
-        .route("/v1/flows/{flow}", post(flow_verb))
+        .route(
+            "/v1/flows/{flow}",
+            post(flow_verb)
+                .get(get_flow)
+                .put(put_flow)
+                .delete(delete_flow),
+        )
         .route("/v1/flows/{flow}/status", get(flow_status))
         .route("/v1/flows/{flow}/history", get(flow_history))
         .fallback(route_not_found)
@@ -596,12 +603,68 @@ fn flow_and_verb(raw_path: &str) -> Result<(String, String), ApiError> {
 /// A data directory held by a run is a conflict with the request (409), not a server fault.
 fn run_lock_error(e: EngineError) -> ApiError {
     match e {
-        EngineError::Busy(m) => ApiError::new(
-            Code::Conflict,
-            format!("a run is in progress on this data directory: {m}"),
-        ),
+        EngineError::Busy(m) => ApiError::new(Code::Conflict, m),
         e => e.into(),
     }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        match e {
+            ControlError::Invalid(m) => ApiError::invalid(m),
+            ControlError::Conflict(m) => ApiError::new(Code::Conflict, m),
+            ControlError::Engine(e) => run_lock_error(e),
+        }
+    }
+}
+
+/// `GET /v1/flows/{flow}`: the stored definition, in the shape `PUT` takes.
+async fn get_flow(State(st): St, FlowName(flow): FlowName) -> ApiResult {
+    st.flow_id(&flow).await?;
+    let (_, spec) = st.blocking(move |e| Ok(e.flow(&flow)?)).await?;
+    reply(spec)
+}
+
+/// `PUT /v1/flows/{flow}`: defines or replaces a flow (the JSON shape of a `[[flow]]` table;
+/// `name` may be left out). 201 when the flow is new, 200 when it replaced a definition.
+async fn put_flow(
+    State(st): St,
+    FlowName(flow): FlowName,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> ApiResult {
+    let spec = wire::flow_definition(&flow, body?.0)?;
+    let control = Arc::clone(&st.control);
+    let name = spec.name.clone();
+    let (created, id, stored) = st
+        .blocking(move |e| {
+            let created = control.define(&spec)?;
+            let (id, stored) = e.flow(&spec.name)?;
+            Ok((created, id, stored))
+        })
+        .await?;
+    st.add_flow(&name, id);
+    let status = if created {
+        axum::http::StatusCode::CREATED
+    } else {
+        axum::http::StatusCode::OK
+    };
+    Ok((status, Json(json!({ "created": created, "flow": stored }))).into_response())
+}
+
+/// `DELETE /v1/flows/{flow}`: stops the flow and forgets it, with its target collection.
+async fn delete_flow(State(st): St, FlowName(flow): FlowName) -> ApiResult {
+    st.flow_id(&flow).await?;
+    let control = Arc::clone(&st.control);
+    let name = flow.clone();
+    let report = st.blocking(move |_| Ok(control.delete(&name)?)).await?;
+    st.remove_flow(&flow);
+    reply(json!({
+        "flow": report.flow,
+        "deleted": true,
+        "collection": report.collection,
+        "rowsDeleted": report.rows,
+        "collectionDropped": report.collection_dropped,
+    }))
 }
 
 /// `POST {flow}:run`, `POST {flow}:reset` and `POST {flow}:resetItems`.
@@ -616,8 +679,13 @@ async fn flow_verb(State(st): St, uri: Uri, req: Request) -> ApiResult {
             let body = OptionalJson::<ResetBody>::from_request(req, &()).await?.0;
             st.flow_id(&flow).await?;
             let drop_cache = body.drop_cache.unwrap_or(false);
+            let control = Arc::clone(&st.control);
             let r = st
-                .blocking(move |e| e.reset(&flow, drop_cache).map_err(run_lock_error))
+                .blocking(move |e| {
+                    let r = e.reset(&flow, drop_cache).map_err(run_lock_error)?;
+                    control.after_reset(&flow);
+                    Ok(r)
+                })
                 .await?;
             reply(json!({
                 "flow": r.flow,
@@ -652,26 +720,10 @@ async fn flow_verb(State(st): St, uri: Uri, req: Request) -> ApiResult {
 /// Runs a files flow once; answers its summary (also when it ended `failed`).
 async fn run_flow(st: &AppState, flow: String) -> ApiResult {
     st.flow_id(&flow).await?;
+    let control = Arc::clone(&st.control);
     let summary = st
-        .blocking(move |e| {
-            let (_, spec) = e.flow(&flow)?;
-            if spec.files().is_none() {
-                return Err(ApiError::invalid(format!(
-                    "flow `{flow}` has a push source: its items arrive through `items:push` and `items/{{key}}:index`, not through runs"
-                )));
-            }
-            let opts = RunOptions {
-                trigger: Trigger::Manual,
-                ..RunOptions::default()
-            };
-            e.run(&spec, &opts).map_err(run_lock_error)
-        })
+        .blocking(move |_| Ok(control.run_now(&flow)?))
         .await?;
-    let m = &st.metrics;
-    Metrics::add(&m.rows_written, summary.rows.added + summary.rows.updated);
-    Metrics::add(&m.rows_deleted, summary.rows.deleted);
-    Metrics::add(&m.embeddings_computed, summary.embeddings.computed);
-    Metrics::add(&m.embeddings_reused, summary.embeddings.reused);
     reply(summary)
 }
 
@@ -681,11 +733,25 @@ async fn flow_status(State(st): St, FlowName(flow): FlowName, uri: Uri) -> ApiRe
         return Err(ApiError::invalid("query: GET status takes no parameters"));
     }
     st.flow_id(&flow).await?;
-    let (s, history) = st
-        .blocking(move |e| Ok((e.status(&flow)?, e.history(&flow, STATUS_HISTORY)?)))
+    let name = flow.clone();
+    let (s, spec, history) = st
+        .blocking(move |e| {
+            Ok((
+                e.status(&flow)?,
+                e.flow(&flow)?.1,
+                e.history(&flow, STATUS_HISTORY)?,
+            ))
+        })
         .await?;
+    let (schedule, live) = st.control.status(&name);
     reply(json!({
         "flow": s.flow,
+        "mode": spec.mode().as_str(),
+        "disabled": spec.disabled,
+        "state": wire::flow_state(schedule.as_ref(), live.as_ref()),
+        "schedule": schedule.as_ref().and_then(wire::schedule_status),
+        "running": schedule.as_ref().and_then(|s| s.in_progress).map(wire::running),
+        "live": live,
         "collection": s.collection,
         "items": s.items,
         "rows": s.rows,
@@ -744,6 +810,11 @@ mod tests {
             listen: ([127, 0, 0, 1], 0).into(),
             token: None,
             lease: Duration::from_secs(60),
+            control: crate::ControlOptions {
+                min_schedule_interval: freshindex_core::schedule::DEFAULT_MIN_SCHEDULE_INTERVAL,
+                max_concurrent_runs: 2,
+                scheduler: true,
+            },
         })
         .expect("prepare")
     }

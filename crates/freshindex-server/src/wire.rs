@@ -10,11 +10,13 @@ use base64::engine::{DecodePaddingMode, general_purpose};
 use freshindex_core::queue::{
     DEFAULT_POLL_LIMIT, MAX_PAYLOAD_BYTES, MAX_POLL_LIMIT, check_key, check_label,
 };
-use freshindex_core::{ItemStatus, PushType};
+use freshindex_core::schedule::{FlowScheduleStatus, RunInProgress, format_utc_timestamp};
+use freshindex_core::{FlowSpec, Interval, ItemStatus, PushType};
 use freshindex_engine::IndexRequest;
 use freshindex_store::{PollRequest, PushItem, PushKind, QueueEntry};
 use serde::{Deserialize, Serialize};
 
+use crate::control::LiveState;
 use crate::error::{ApiError, Code};
 
 /// Most items one batch push may carry.
@@ -688,4 +690,139 @@ pub fn reset_item_names(body: ResetItemsBody) -> Result<Vec<String>, ApiError> {
         check_key(n).map_err(|e| ApiError::invalid(format!("names[{i}]: {e}")))?;
     }
     Ok(body.names)
+}
+
+/// Turns the body of `PUT /v1/flows/{flow}` into a flow spec: the JSON shape of a `[[flow]]`
+/// table of `freshindex.toml`. `name` may be left out; when given it must be the path's.
+/// Source paths must be absolute (the server has no config file to resolve them against).
+pub fn flow_definition(path_name: &str, body: serde_json::Value) -> Result<FlowSpec, ApiError> {
+    let serde_json::Value::Object(mut fields) = body else {
+        return Err(ApiError::new(
+            Code::InvalidBody,
+            "body: a flow definition is a JSON object (the shape of a [[flow]] table)",
+        ));
+    };
+    match fields.get("name") {
+        None => {
+            fields.insert("name".into(), path_name.into());
+        }
+        Some(serde_json::Value::String(n)) if n == path_name => {}
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "name: {other} differs from the flow named in the path, `{path_name}`; leave it out or make them equal"
+            )));
+        }
+    }
+    let spec: FlowSpec = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| ApiError::invalid(format!("flow definition: {e}")))?;
+    if let Some(files) = spec.files()
+        && files.path.is_relative()
+    {
+        return Err(ApiError::invalid(format!(
+            "source.path: `{}` is relative; give an absolute path (a flow defined over the API has no config file to resolve it against)",
+            files.path.display()
+        )));
+    }
+    Ok(spec)
+}
+
+/// One word for where a flow stands: `running`, `waiting` (for a slot), `backingOff`,
+/// `scheduled`, `live`, `liveRestarting`, `disabled` or `onDemand`.
+pub fn flow_state(
+    schedule: Option<&FlowScheduleStatus>,
+    live: Option<&LiveState>,
+) -> &'static str {
+    let Some(s) = schedule else {
+        return "onDemand";
+    };
+    if s.in_progress.is_some() {
+        "running"
+    } else if let Some(l) = live {
+        if l.state == "restarting" {
+            "liveRestarting"
+        } else {
+            "live"
+        }
+    } else if s.disabled {
+        "disabled"
+    } else if s.waiting.is_some() {
+        "waiting"
+    } else if s.schedule.is_some() && s.consecutive_failures > 0 {
+        "backingOff"
+    } else if s.schedule.is_some() {
+        "scheduled"
+    } else {
+        "onDemand"
+    }
+}
+
+fn time_json(ms: Option<i64>) -> serde_json::Value {
+    ms.and_then(format_utc_timestamp)
+        .map_or(serde_json::Value::Null, serde_json::Value::String)
+}
+
+/// The `schedule` object of a flow's status; `None` for a flow without a schedule.
+pub fn schedule_status(s: &FlowScheduleStatus) -> Option<serde_json::Value> {
+    let schedule = s.schedule.as_ref()?;
+    let effective = s
+        .effective_interval_ms
+        .and_then(|ms| Interval::from_secs(u64::try_from(ms / 1000).ok()?).ok());
+    Some(serde_json::json!({
+        "interval": schedule.interval().to_string(),
+        "startTime": time_json(schedule.start_time_ms().or(s.anchor)),
+        "nextRunTime": time_json(s.next_due.filter(|_| !s.disabled)),
+        "waitingSince": time_json(s.waiting),
+        "consecutiveFailures": s.consecutive_failures,
+        "backoff": {
+            "active": s.consecutive_failures > 0,
+            "effectiveInterval": effective.map(|i| i.to_string()),
+        },
+    }))
+}
+
+/// The `running` object of a flow's status.
+pub fn running(r: RunInProgress) -> serde_json::Value {
+    serde_json::json!({
+        "trigger": r.trigger.as_str(),
+        "startedAt": time_json(Some(r.started)),
+        "due": time_json(r.due),
+    })
+}
+
+#[cfg(test)]
+mod flow_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_definition_takes_its_name_from_the_path_and_needs_absolute_paths() {
+        let spec = flow_definition(
+            "docs",
+            json!({"source": {"type": "files", "path": "/srv/docs"}, "schedule": {"interval": "PT15M"}}),
+        )
+        .unwrap();
+        assert_eq!(spec.name, "docs");
+        assert_eq!(spec.schedule().unwrap().interval().to_string(), "PT15M");
+        let e = flow_definition(
+            "docs",
+            json!({"name": "other", "source": {"type": "push"}}),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("differs from the flow named in the path"), "{}", e.message);
+        let e = flow_definition("docs", json!({"source": {"type": "files", "path": "docs"}}))
+            .unwrap_err();
+        assert!(e.message.starts_with("source.path: `docs` is relative"), "{}", e.message);
+        let e = flow_definition(
+            "docs",
+            json!({"source": {"type": "push"}, "schedule": {"interval": "PT1M30"}}),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument);
+        assert!(e.message.contains("PT1M30"), "{}", e.message);
+        let e = flow_definition("docs", json!([1])).unwrap_err();
+        assert_eq!(e.code, Code::InvalidBody);
+        let e = flow_definition("docs", json!({"source": {"type": "push"}, "colour": 1}))
+            .unwrap_err();
+        assert!(e.message.contains("colour"), "{}", e.message);
+    }
 }

@@ -68,6 +68,11 @@ pub trait FlowStore {
     /// keys are not touched here: forgetting lineage before its rows leave the target would
     /// orphan them.
     fn reset_flow(&self, flow: FlowId, drop_cache: bool) -> Result<()>;
+    /// Forgets the flow altogether, in one transaction: its registration, queue entries,
+    /// tombstones, lineage, pending keys, memo cache and history. The caller removes the
+    /// flow's target first (rows forgotten here could not be found again). Returns whether
+    /// the flow existed; its name is free for a new flow afterwards.
+    fn delete_flow(&self, flow: FlowId) -> Result<bool>;
 }
 
 /// Per-item state.
@@ -234,7 +239,7 @@ pub trait RunStore {
     /// Marks the entries of `flow` (of every flow when `None`) still `inProgress` as
     /// `transientFailure`, finished at `at_ms`, with `message`; returns how many. For runs
     /// left so by a process that died: call it only where no live process can be running
-    /// them (the engine calls it for a flow once it holds the data directory's run lock).
+    /// them (the engine calls it for a flow once it holds the flow's run lock).
     fn interrupt_runs(&self, flow: Option<FlowId>, at_ms: i64, message: &str) -> Result<u64>;
 }
 

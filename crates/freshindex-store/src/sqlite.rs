@@ -476,6 +476,32 @@ impl FlowStore for SqliteStore {
         }
         tx.commit().map_err(backend)
     }
+
+    fn delete_flow(&self, flow: FlowId) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        for table in [
+            "items",
+            "tombstones",
+            "tracked",
+            "pending",
+            "memo",
+            "memo_totals",
+            "memo_gc",
+            "runs",
+        ] {
+            tx.execute(&format!("DELETE FROM {table} WHERE flow_id = ?1"), [flow.0])
+                .map_err(backend)?;
+        }
+        let existed = tx
+            .execute("DELETE FROM flows WHERE id = ?1", [flow.0])
+            .map_err(backend)?
+            > 0;
+        tx.commit().map_err(backend)?;
+        Ok(existed)
+    }
 }
 
 impl LineageStore for SqliteStore {

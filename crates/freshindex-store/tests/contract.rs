@@ -597,6 +597,50 @@ fn reset_support(s: &dyn StateStore) {
     assert_eq!(s.memo_stats(f).expect("memo"), (0, 0));
     assert!(s.memo_get(f, &[fp(1)]).expect("memo get").is_empty());
     assert_eq!(s.memo_gc(f).expect("gc"), 0);
+
+    // Deleting a flow forgets all of it and leaves other flows alone; the name is free again.
+    let other = s.register_flow("other", "{}").expect("register other");
+    s.push(other, &[push("o", hashes("1"), "q")], t)
+        .expect("push to other");
+    s.commit(
+        other,
+        BatchCommit {
+            memo: vec![(fp(7), vec![1, 2])],
+            now_ms: t,
+            ..BatchCommit::default()
+        },
+    )
+    .expect("memo of other");
+    s.commit(
+        f,
+        BatchCommit {
+            memo: vec![(fp(8), vec![3])],
+            now_ms: t,
+            ..BatchCommit::default()
+        },
+    )
+    .expect("memo of z");
+    let run = s.begin_run(f, Trigger::Manual, t).expect("run");
+    assert!(s.delete_flow(f).expect("delete flow"));
+    assert!(!s.delete_flow(f).expect("delete again"), "gone already");
+    assert!(s.flow("z").expect("flow").is_none());
+    assert!(s.items(f).expect("items").is_empty());
+    assert!(
+        s.lineage(f, &["s", "n"])
+            .expect("lineage")
+            .values()
+            .all(|l| l.tracked.is_empty() && l.pending.is_empty())
+    );
+    assert_eq!(s.memo_stats(f).expect("memo"), (0, 0));
+    assert!(
+        s.runs(f, 10).expect("runs").is_empty(),
+        "history of run {} forgotten",
+        run.0
+    );
+    assert_eq!(s.items(other).expect("other items").len(), 1);
+    assert_eq!(s.memo_stats(other).expect("other memo").0, 1);
+    let again = s.register_flow("z", "{}").expect("register the name again");
+    assert!(s.items(again).expect("items").is_empty());
 }
 
 fn push(key: &str, kind: PushKind, queue: &str) -> PushItem {

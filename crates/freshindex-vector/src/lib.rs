@@ -127,6 +127,28 @@ impl Collections {
         SqliteCollection::open(&self.path(name), name, Some(dimension))
     }
 
+    /// Removes the collection's files (the database and its journal files). The caller makes
+    /// sure nothing has it open. Returns whether it existed.
+    pub fn remove(&self, name: &str) -> Result<bool> {
+        let path = self.path(name);
+        let existed = path.exists();
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(VectorError::Storage {
+                        collection: name.into(),
+                        message: format!("cannot remove {}: {e}", PathBuf::from(p).display()),
+                    });
+                }
+            }
+        }
+        Ok(existed)
+    }
+
     /// Opens an existing collection.
     pub fn open(&self, name: &str) -> Result<SqliteCollection> {
         let path = self.path(name);

@@ -143,6 +143,19 @@ enum Command {
         #[arg(long, env = "FRESHINDEX_LEASE_SECS", default_value_t = 60,
               value_parser = clap::value_parser!(u64).range(1..=86_400))]
         lease_secs: u64,
+        /// Shortest schedule interval a flow may have (ISO 8601 duration such as PT5M;
+        /// lower it for tests, not below PT1S).
+        #[arg(long, env = "FRESHINDEX_MIN_SCHEDULE_INTERVAL", default_value = "PT5M",
+              value_parser = parse_interval)]
+        min_schedule_interval: freshindex_core::Interval,
+        /// Most runs (scheduled and on demand) in progress at once; further due runs wait
+        /// for a slot in order of due time.
+        #[arg(long, env = "FRESHINDEX_MAX_CONCURRENT_RUNS", default_value_t = 2,
+              value_parser = clap::value_parser!(u16).range(1..=256))]
+        max_concurrent_runs: u16,
+        /// Serve the API only: no scheduled runs, no live flows (on-demand runs still work).
+        #[arg(long)]
+        no_scheduler: bool,
     },
     /// The indexing queue of the local data directory (no server): list, show, push, poll,
     /// unreserve, delete-queue-items.
@@ -160,6 +173,11 @@ struct ExportLine<'a> {
     range: [usize; 2],
     text: &'a str,
     vector: &'a [f32],
+}
+
+/// `--min-schedule-interval`: an ISO 8601 duration of at least one second.
+fn parse_interval(text: &str) -> Result<freshindex_core::Interval, String> {
+    freshindex_core::Interval::parse(text)
 }
 
 /// Exit code when a run completed but failed items exceeded `max_failed_items`.
@@ -200,6 +218,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             token,
             lease_secs,
+            min_schedule_interval,
+            max_concurrent_runs,
+            no_scheduler,
         } => {
             let flows = match config_path(cli.config.as_deref()) {
                 Some(p) => Config::load(&p)?.flows,
@@ -211,6 +232,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 listen,
                 token,
                 lease: std::time::Duration::from_secs(lease_secs),
+                control: freshindex_server::ControlOptions {
+                    min_schedule_interval,
+                    max_concurrent_runs: usize::from(max_concurrent_runs),
+                    scheduler: !no_scheduler,
+                },
             })
         }
         Command::Queue { command } => {
@@ -552,7 +578,13 @@ fn watch_flow(
         }
     };
     engine
-        .watch(spec, &opts, &live, &stop, &mut report)
+        .watch(
+            spec,
+            &opts,
+            &live,
+            &freshindex_engine::LiveControl::with_stop_flag(stop),
+            &mut report,
+        )
         .with_context(|| format!("flow `{}`", spec.name))?;
     eprintln!("[{}] stopped", spec.name);
     Ok(ExitCode::SUCCESS)

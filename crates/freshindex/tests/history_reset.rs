@@ -343,7 +343,7 @@ fn reset_items_reprocesses_exactly_those_items() {
 }
 
 #[test]
-fn reset_is_refused_while_a_run_holds_the_data_directory() {
+fn reset_is_refused_while_a_run_of_the_flow_is_going() {
     let ws = Workspace::new(FlowConfig::default());
     write_notes(&ws, 3);
     ws.index();
@@ -355,7 +355,7 @@ fn reset_is_refused_while_a_run_holds_the_data_directory() {
     for args in [vec!["reset"], vec!["reset", "--items", "n1.md"]] {
         let out = ws.fi().args(&args).run().failed();
         assert!(
-            out.stderr.contains("another freshindex run"),
+            out.stderr.contains("another run of flow"),
             "{args:?}: {}",
             out.stderr
         );

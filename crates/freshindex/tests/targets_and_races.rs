@@ -26,13 +26,13 @@ fn assert_matches_fresh(ws: &Workspace) -> String {
 }
 
 #[test]
-fn a_second_run_on_the_same_data_dir_is_refused_while_one_runs() {
+fn a_second_run_of_the_same_flow_is_refused_while_one_runs() {
     let ws = Workspace::new(FlowConfig::default());
     ws.write("a.md", "# A\n\nSome text about otters.\n");
     let (first, resume) = ws.index_paused_after_scan();
     let second = ws.fi().args(["index", "--json"]).run().failed();
     assert!(
-        second.stderr.contains("another freshindex run"),
+        second.stderr.contains("another run of flow `"),
         "{}",
         second.stderr
     );
