@@ -232,7 +232,11 @@ impl Control {
     /// schedule, a live flow's loop restarts with it. Returns whether the flow is new.
     pub fn define(&self, spec: &FlowSpec) -> Result<bool, ControlError> {
         check_servable(spec, self.opts.min_schedule_interval).map_err(ControlError::Invalid)?;
-        let existed = self.engine.store().flow(&spec.name).map_err(EngineError::from)?;
+        let existed = self
+            .engine
+            .store()
+            .flow(&spec.name)
+            .map_err(EngineError::from)?;
         if let Some(run) = lock(&self.state).sched.run_in_progress(&spec.name) {
             return Err(ControlError::Conflict(format!(
                 "a {} run of flow `{}` is in progress (started {}); define the flow again when it has finished",
@@ -249,7 +253,11 @@ impl Control {
             if was_live && let Ok((_, old)) = self.engine.flow(&spec.name) {
                 self.start_live(&old);
             }
-            return Err(e.into());
+            return Err(match e {
+                // An unknown model, a bad splitter, a collection another flow owns.
+                EngineError::Config(m) => ControlError::Invalid(m),
+                e => e.into(),
+            });
         }
         self.set_flow(spec, now_ms());
         self.start_live(spec);
@@ -354,9 +362,7 @@ impl Control {
     /// What the scheduler and the live loop know about a flow.
     pub fn status(&self, name: &str) -> (Option<FlowScheduleStatus>, Option<LiveState>) {
         let sched = lock(&self.state).sched.status(name);
-        let live = lock(&self.live)
-            .get(name)
-            .map(|l| lock(&l.state).clone());
+        let live = lock(&self.live).get(name).map(|l| lock(&l.state).clone());
         (sched, live)
     }
 
@@ -470,7 +476,9 @@ impl Control {
             .and_then(|(_, spec)| self.execute(&spec, Trigger::Scheduled));
         let outcome = outcome_of(&result);
         match &result {
-            Ok(s) => tracing::info!(flow = name, status = ?s.status, elapsed_ms = s.elapsed_ms, "scheduled run ended"),
+            Ok(s) => {
+                tracing::info!(flow = name, status = ?s.status, elapsed_ms = s.elapsed_ms, "scheduled run ended")
+            }
             Err(EngineError::Busy(m)) => {
                 self.record_skip(name, now_ms(), &format!("skipped: {m}"));
             }
@@ -537,9 +545,8 @@ impl Control {
         if let Some(t) = lock(&self.scheduler_thread).take() {
             let _ = t.join();
         }
-        let live: Vec<(String, LiveFlow)> = std::mem::take(&mut *lock(&self.live))
-            .into_iter()
-            .collect();
+        let live: Vec<(String, LiveFlow)> =
+            std::mem::take(&mut *lock(&self.live)).into_iter().collect();
         for (_, l) in &live {
             l.control.stop();
         }
@@ -606,7 +613,10 @@ fn live_loop(
         if healthy {
             pause = LIVE_RESTART_MIN;
         }
-        tracing::warn!(flow = spec.name, "live loop stopped: {e}; restarting in {pause:?}");
+        tracing::warn!(
+            flow = spec.name,
+            "live loop stopped: {e}; restarting in {pause:?}"
+        );
         {
             let mut s = lock(state);
             s.state = "restarting";

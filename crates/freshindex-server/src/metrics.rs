@@ -121,7 +121,10 @@ impl Metrics {
             },
             1,
         );
-        Metrics::add(&self.rows_written, summary.rows.added + summary.rows.updated);
+        Metrics::add(
+            &self.rows_written,
+            summary.rows.added + summary.rows.updated,
+        );
         Metrics::add(&self.rows_deleted, summary.rows.deleted);
         Metrics::add(&self.embeddings_computed, summary.embeddings.computed);
         Metrics::add(&self.embeddings_reused, summary.embeddings.reused);

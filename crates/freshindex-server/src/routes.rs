@@ -721,9 +721,7 @@ async fn flow_verb(State(st): St, uri: Uri, req: Request) -> ApiResult {
 async fn run_flow(st: &AppState, flow: String) -> ApiResult {
     st.flow_id(&flow).await?;
     let control = Arc::clone(&st.control);
-    let summary = st
-        .blocking(move |_| Ok(control.run_now(&flow)?))
-        .await?;
+    let summary = st.blocking(move |_| Ok(control.run_now(&flow)?)).await?;
     reply(summary)
 }
 

@@ -728,10 +728,7 @@ pub fn flow_definition(path_name: &str, body: serde_json::Value) -> Result<FlowS
 
 /// One word for where a flow stands: `running`, `waiting` (for a slot), `backingOff`,
 /// `scheduled`, `live`, `liveRestarting`, `disabled` or `onDemand`.
-pub fn flow_state(
-    schedule: Option<&FlowScheduleStatus>,
-    live: Option<&LiveState>,
-) -> &'static str {
+pub fn flow_state(schedule: Option<&FlowScheduleStatus>, live: Option<&LiveState>) -> &'static str {
     let Some(s) = schedule else {
         return "onDemand";
     };
@@ -803,15 +800,21 @@ mod flow_tests {
         .unwrap();
         assert_eq!(spec.name, "docs");
         assert_eq!(spec.schedule().unwrap().interval().to_string(), "PT15M");
-        let e = flow_definition(
-            "docs",
-            json!({"name": "other", "source": {"type": "push"}}),
-        )
-        .unwrap_err();
-        assert!(e.message.contains("differs from the flow named in the path"), "{}", e.message);
+        let e = flow_definition("docs", json!({"name": "other", "source": {"type": "push"}}))
+            .unwrap_err();
+        assert!(
+            e.message
+                .contains("differs from the flow named in the path"),
+            "{}",
+            e.message
+        );
         let e = flow_definition("docs", json!({"source": {"type": "files", "path": "docs"}}))
             .unwrap_err();
-        assert!(e.message.starts_with("source.path: `docs` is relative"), "{}", e.message);
+        assert!(
+            e.message.starts_with("source.path: `docs` is relative"),
+            "{}",
+            e.message
+        );
         let e = flow_definition(
             "docs",
             json!({"source": {"type": "push"}, "schedule": {"interval": "PT1M30"}}),
@@ -821,8 +824,8 @@ mod flow_tests {
         assert!(e.message.contains("PT1M30"), "{}", e.message);
         let e = flow_definition("docs", json!([1])).unwrap_err();
         assert_eq!(e.code, Code::InvalidBody);
-        let e = flow_definition("docs", json!({"source": {"type": "push"}, "colour": 1}))
-            .unwrap_err();
+        let e =
+            flow_definition("docs", json!({"source": {"type": "push"}, "colour": 1})).unwrap_err();
         assert!(e.message.contains("colour"), "{}", e.message);
     }
 }

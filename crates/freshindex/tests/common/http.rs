@@ -321,6 +321,16 @@ impl Server {
         )
     }
 
+    /// PUT a JSON body.
+    pub fn put(&self, path: &str, body: &Value) -> Resp {
+        self.send(
+            "PUT",
+            path,
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    }
+
     pub fn get(&self, path: &str) -> Resp {
         self.send("GET", path, &[], b"")
     }
