@@ -9,14 +9,13 @@
 //! HTTP (with `--bin`): starts `freshindex serve` on a push flow and measures round trips of
 //! push (one item per request) and of poll (100) followed by one index per item.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use freshindex_bench::http::Http;
 use freshindex_core::ItemStatus;
 use freshindex_store::{
     BatchCommit, FlowId, FlowStore, ItemChange, ItemRecord, ItemStore, LineageStore, PollRequest,
@@ -271,67 +270,11 @@ fn embedded(n: usize) -> Result<()> {
     Ok(())
 }
 
-/// A minimal HTTP/1.1 client over one keep-alive connection.
-struct Http {
-    stream: BufReader<TcpStream>,
-    host: String,
-}
-
-impl Http {
-    fn connect(addr: &str) -> Result<Http> {
-        let s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        Ok(Http {
-            stream: BufReader::new(s),
-            host: addr.to_string(),
-        })
-    }
-
-    fn post(&mut self, path: &str, body: &str) -> Result<(u16, String)> {
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            self.host,
-            body.len()
-        );
-        self.stream.get_mut().write_all(req.as_bytes())?;
-        let mut status_line = String::new();
-        self.stream.read_line(&mut status_line)?;
-        let status: u16 = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("bad status line `{status_line}`"))?;
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            self.stream.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                len = v.trim().parse().context("content-length")?;
-            }
-        }
-        let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body)?;
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    }
-}
-
+/// The server and its scratch folder (removed after the server stops).
 struct Server {
-    child: Child,
+    _inner: freshindex_bench::http::Server,
     addr: String,
     _dir: Scratch,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start_server(bin: &Path) -> Result<Server> {
@@ -341,28 +284,10 @@ fn start_server(bin: &Path) -> Result<Server> {
         &config,
         "[[flow]]\nname = \"bench\"\nsource = { type = \"push\" }\n",
     )?;
-    let mut child = Command::new(bin)
-        .arg("--data-dir")
-        .arg(dir.0.join("data"))
-        .arg("--config")
-        .arg(&config)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut first = String::new();
-    BufReader::new(stdout).read_line(&mut first)?;
-    let addr = first
-        .trim()
-        .rsplit("http://")
-        .next()
-        .filter(|a| a.contains(':'))
-        .with_context(|| format!("unexpected first line `{first}`"))?
-        .to_string();
+    let inner = freshindex_bench::http::Server::start(bin, &dir.0.join("data"), &config, Stdio::null())?;
+    let addr = inner.addr.clone();
     Ok(Server {
-        child,
+        _inner: inner,
         addr,
         _dir: dir,
     })

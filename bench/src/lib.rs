@@ -1,0 +1,3 @@
+//! Pieces the benchmark binaries share: a minimal HTTP client and a `freshindex serve` child.
+
+pub mod http;
