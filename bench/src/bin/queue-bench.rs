@@ -284,7 +284,8 @@ fn start_server(bin: &Path) -> Result<Server> {
         &config,
         "[[flow]]\nname = \"bench\"\nsource = { type = \"push\" }\n",
     )?;
-    let inner = freshindex_bench::http::Server::start(bin, &dir.0.join("data"), &config, Stdio::null())?;
+    let inner =
+        freshindex_bench::http::Server::start(bin, &dir.0.join("data"), &config, Stdio::null())?;
     let addr = inner.addr.clone();
     Ok(Server {
         _inner: inner,

@@ -25,6 +25,7 @@ pub use history::{HistoryItems, ResetItemsReport, ResetReport, RunEntry};
 pub use items::{DeleteReport, IndexOutcome, IndexRequest};
 pub use live::{FullRunReply, LiveControl, LiveEvent, LiveOptions};
 pub use run::{Engine, Phase, Progress, RUN_OWNER, RunOptions, default_workers};
+pub use source::recent::{Change, ChangeKind, ChangePage, RecentChanges};
 pub use summary::{Issue, IssueLevel, RunStatus, RunSummary};
 
 /// Errors that stop a run (per-item problems are [`Issue`]s instead).

@@ -553,13 +553,18 @@ async fn search(
             return Err(ApiError::invalid("query: must not be empty"));
         }
         st.flow_id(&flow).await?;
+        let filter = body.source_prefix.map(|p| freshindex_vector::Filter {
+            source_prefix: Some(p),
+        });
         let hits = st
-            .blocking(move |e| match e.search(&flow, &body.query, k, None) {
-                Ok(hits) => Ok(hits),
-                // Nothing was ever indexed into the flow's collection.
-                Err(EngineError::Target(VectorError::NotFound(_))) => Ok(Vec::new()),
-                Err(e) => Err(e.into()),
-            })
+            .blocking(
+                move |e| match e.search(&flow, &body.query, k, filter.as_ref()) {
+                    Ok(hits) => Ok(hits),
+                    // Nothing was ever indexed into the flow's collection.
+                    Err(EngineError::Target(VectorError::NotFound(_))) => Ok(Vec::new()),
+                    Err(e) => Err(e.into()),
+                },
+            )
             .await?;
         let hits: Vec<Hit> = hits
             .into_iter()

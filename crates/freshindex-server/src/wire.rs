@@ -481,6 +481,8 @@ pub struct SearchBody {
     pub query: String,
     /// Most hits (default 10, at most 100).
     pub limit: Option<i64>,
+    /// Only rows of items whose name (key) starts with this, such as a folder `guides/`.
+    pub source_prefix: Option<String>,
 }
 
 /// One search hit.

@@ -60,10 +60,15 @@ pub trait FlowStore {
     fn traversal_label(&self, flow: FlowId) -> Result<Option<String>>;
     /// Records the label of a completed full traversal (after its `deleteQueueItems`).
     fn set_traversal_label(&self, flow: FlowId, label: &str) -> Result<()>;
+    /// The high-water mark of the flow source's recent changes that were processed (opaque:
+    /// the source makes and reads it); `None` before the first.
+    fn change_mark(&self, flow: FlowId) -> Result<Option<String>>;
+    /// Records the mark once the changes up to it are committed (`None` forgets it).
+    fn set_change_mark(&self, flow: FlowId, mark: Option<&str>) -> Result<()>;
     /// The last step of a reset of the flow, after the caller deleted every item (and so,
     /// through [`LineageStore::commit`], every tracked row, after deleting those rows from the
     /// target): forgets the tombstones of deleted items (so that re-indexing an item at any
-    /// version works again) and the traversal label, and with `drop_cache` the memo cache
+    /// version works again), the traversal label and the change mark, and with `drop_cache` the memo cache
     /// (entries, totals, collection candidates). One transaction. Items, lineage and pending
     /// keys are not touched here: forgetting lineage before its rows leave the target would
     /// orphan them.

@@ -15,7 +15,7 @@ use crate::{
 use freshindex_core::{Fingerprint, FpMap};
 
 /// Schema version this build writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Version 1 kept file metadata per item; version 2 turns items into queue entries. Items
 /// become `MODIFIED` (or stay `NEW_ITEM`) under label `B`, so the next run re-reads each once
@@ -58,13 +58,20 @@ FROM runs_v2;
 DROP TABLE runs_v2;
 ";
 
+/// Version 4 gives each flow the high-water mark of its source's recent changes.
+const MIGRATE_3_TO_4: &str = "
+ALTER TABLE flows ADD COLUMN change_mark TEXT;
+";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flows (
   id INTEGER PRIMARY KEY,
   name TEXT NOT NULL UNIQUE,
   spec_json TEXT NOT NULL,
-  traversal_label TEXT
+  traversal_label TEXT,
+  -- The source's high-water mark of recent changes processed (opaque to the store).
+  change_mark TEXT
 );
 -- The indexing queue: one entry per (flow, item key). `prio` is the status's poll priority;
 -- `items_poll` serves polls in order without sorting.
@@ -338,6 +345,9 @@ impl SqliteStore {
                 if matches!(found, Some(1 | 2)) {
                     conn.execute_batch(MIGRATE_2_TO_3)?;
                 }
+                if matches!(found, Some(1..=3)) {
+                    conn.execute_batch(MIGRATE_3_TO_4)?;
+                }
                 conn.execute_batch(SCHEMA)?;
                 if found == Some(1) {
                     conn.execute_batch(MIGRATE_1_TO_2_COPY)?;
@@ -456,13 +466,35 @@ impl FlowStore for SqliteStore {
         Ok(())
     }
 
+    fn change_mark(&self, flow: FlowId) -> Result<Option<String>> {
+        self.conn()
+            .query_row(
+                "SELECT change_mark FROM flows WHERE id = ?1",
+                [flow.0],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(backend)
+    }
+
+    fn set_change_mark(&self, flow: FlowId, mark: Option<&str>) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE flows SET change_mark = ?2 WHERE id = ?1",
+                params![flow.0, mark],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
     fn reset_flow(&self, flow: FlowId, drop_cache: bool) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(backend)?;
         tx.execute(
-            "UPDATE flows SET traversal_label = NULL WHERE id = ?1",
+            "UPDATE flows SET traversal_label = NULL, change_mark = NULL WHERE id = ?1",
             [flow.0],
         )
         .map_err(backend)?;

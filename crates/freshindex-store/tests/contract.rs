@@ -584,8 +584,20 @@ fn reset_support(s: &dyn StateStore) {
         .fence(f, &[fence_check("v", Some(&[3]), None)], t)
         .expect("fence");
     assert_eq!(stale, [Err(FenceError::StaleVersion { key: "v".into() })]);
+    assert_eq!(s.change_mark(f).expect("mark"), None);
+    s.set_change_mark(f, Some("2026-01-01T00:00:00Z#17"))
+        .expect("set mark");
+    assert_eq!(
+        s.change_mark(f).expect("mark").as_deref(),
+        Some("2026-01-01T00:00:00Z#17")
+    );
     s.reset_flow(f, false).expect("reset keeping the cache");
     assert_eq!(s.traversal_label(f).expect("label"), None);
+    assert_eq!(
+        s.change_mark(f).expect("mark"),
+        None,
+        "a reset forgets the mark"
+    );
     assert_eq!(
         s.fence(f, &[fence_check("v", Some(&[3]), None)], t)
             .expect("fence"),
@@ -1080,7 +1092,7 @@ fn sqlite_migrates_a_version_1_store() {
             |r| r.get(0),
         )
         .expect("schema version");
-    assert_eq!(version, "3");
+    assert_eq!(version, "4");
 }
 
 /// The schema of version 2 (the indexing queue; runs as plain summaries), as that release
@@ -1219,7 +1231,15 @@ fn sqlite_migrates_a_version_2_store() {
             |r| r.get(0),
         )
         .expect("schema version");
-    assert_eq!(version, "3");
+    assert_eq!(version, "4");
+    let marks: Vec<Option<String>> = raw
+        .prepare("SELECT change_mark FROM flows")
+        .expect("flows have a change mark (v4)")
+        .query_map([], |r| r.get(0))
+        .expect("marks")
+        .collect::<Result<_, _>>()
+        .expect("marks");
+    assert!(marks.iter().all(Option::is_none), "{marks:?}");
     let index_table: String = raw
         .query_row(
             "SELECT tbl_name FROM sqlite_master WHERE type = 'index' AND name = 'runs_flow'",

@@ -114,6 +114,20 @@ fn flows_are_defined_read_replaced_and_deleted_over_http() {
         )
         .ok();
     assert_eq!(hits["hits"][0]["name"], "a.md", "{hits}");
+    let none = server
+        .post(
+            "/v1/flows/notes/search",
+            &json!({ "query": "otters", "sourcePrefix": "b" }),
+        )
+        .ok();
+    assert_eq!(none["hits"], json!([]), "the prefix filters rows: {none}");
+    let some = server
+        .post(
+            "/v1/flows/notes/search",
+            &json!({ "query": "otters", "sourcePrefix": "a." }),
+        )
+        .ok();
+    assert_eq!(some["hits"][0]["name"], "a.md", "{some}");
 
     // Replace: disabled now; the state says so and nothing is scheduled.
     let mut disabled = stored.clone();

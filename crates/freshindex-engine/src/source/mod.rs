@@ -1,4 +1,5 @@
 //! Sources: where items come from and how changes are detected.
 
 pub mod files;
+pub mod recent;
 pub mod watch;

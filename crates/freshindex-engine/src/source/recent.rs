@@ -1,0 +1,197 @@
+//! The "recent changes" mode of change detection (seed 002): a source that can list what
+//! changed since a saved high-water mark — a table with an `updated_at` column, an API with a
+//! change feed — is asked only for that, instead of being listed in full.
+//!
+//! It is cheap, but blind to deletions the source does not report (a row deleted outright
+//! leaves no trace after the mark), so a flow in this mode keeps a periodic full scan as a
+//! safety net, as live mode does. The mark is opaque to the engine: the source makes it and
+//! reads it back; the state store keeps it per flow and forgets it on a reset.
+//!
+//! Delivery is at least once: the mark is saved after the changes before it are committed,
+//! so a crash between the two makes the next sync see those changes again, which costs
+//! nothing (the memo cache and the lineage diff make re-indexing the same content a no-op).
+
+use std::time::Instant;
+
+use freshindex_core::queue::{DEFAULT_QUEUE, check_key};
+use freshindex_core::{Fingerprint, FlowSpec, ItemStatus};
+use freshindex_store::ItemRecord;
+
+use crate::process::{Work, content_hash};
+use crate::run::{RunOptions, now_ms};
+use crate::summary::{Issue, RunSummary};
+use crate::{Engine, EngineError};
+
+/// Most changes one page holds, at most (a source may return fewer).
+pub const MAX_PAGE: usize = 1024;
+
+/// What became of one item.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChangeKind {
+    /// Its content now (new or changed), with metadata stored on its rows.
+    Upsert {
+        /// The text to index.
+        text: String,
+        /// Returned by search with every row of the item.
+        metadata: Option<serde_json::Value>,
+    },
+    /// The source reports it deleted (a soft-delete flag, a tombstone in a change feed).
+    Deleted,
+}
+
+/// One changed item.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// The item key.
+    pub key: String,
+    /// The item's version at the source (a row version, a modification time), compared as
+    /// bytes: a change older than what is indexed is ignored (fencing), so a source that
+    /// repeats itself or reorders cannot bring back old content. `None`: no fencing.
+    pub version: Option<Vec<u8>>,
+    /// What changed.
+    pub kind: ChangeKind,
+}
+
+/// A page of changes, in the order the source made them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangePage {
+    /// The changes.
+    pub changes: Vec<Change>,
+    /// The mark after the last change of this page: the next call starts from it. `None`
+    /// keeps the previous mark (nothing changed).
+    pub mark: Option<String>,
+    /// Whether more changes are ready now (the sync asks again at once).
+    pub more: bool,
+}
+
+/// A source that lists what changed since a mark.
+pub trait RecentChanges: Send + Sync {
+    /// Names the source in messages (`table public.docs`, `https://…/changes`).
+    fn describe(&self) -> String;
+
+    /// The changes after `mark` (`None`: from the beginning), oldest first, at most `limit`.
+    /// A mark the source no longer understands is an error naming it; the caller then
+    /// resets the flow (a full reprocess) rather than guess.
+    fn changes_since(&self, mark: Option<&str>, limit: usize) -> Result<ChangePage, EngineError>;
+}
+
+impl Engine {
+    /// Brings a flow up to date with the recent changes of `source`: pages of changes after
+    /// the flow's saved mark, each processed (chunks, embeddings through the memo cache, the
+    /// target) and committed before the mark moves past it. Recorded in the flow's history
+    /// with `opts.trigger`.
+    ///
+    /// The flow's items come from `source`, so its spec must not read a folder (a push flow,
+    /// or a flow over a database source).
+    pub fn sync_recent(
+        &self,
+        spec: &FlowSpec,
+        source: &dyn RecentChanges,
+        opts: &RunOptions<'_>,
+    ) -> Result<RunSummary, EngineError> {
+        let started = Instant::now();
+        if spec.files().is_some() {
+            return Err(EngineError::Config(format!(
+                "flow `{}` reads a folder; recent changes come from a source that lists them ({})",
+                spec.name,
+                source.describe()
+            )));
+        }
+        crate::run::check_steps(spec)?;
+        let _lock = self.lock(&spec.name)?;
+        let flow = self.register(spec)?;
+        self.recorded(flow, opts.trigger, now_ms(), || {
+            let store = self.store().as_ref();
+            // No lease holder: changes are fenced by version only.
+            let ctx = self.ctx(flow, spec, opts.progress, None)?;
+            let mut mark = store.change_mark(flow)?;
+            loop {
+                let page =
+                    source
+                        .changes_since(mark.as_deref(), MAX_PAGE)
+                        .map_err(|e| match e {
+                            EngineError::Source(m) => {
+                                EngineError::Source(format!("{}: {m}", source.describe()))
+                            }
+                            e => e,
+                        })?;
+                let mut work = Vec::with_capacity(page.changes.len());
+                let mut issues = Vec::new();
+                let mut stale = 0u64;
+                for change in page.changes {
+                    if let Err(e) = check_key(&change.key) {
+                        issues.push(Issue::error(change.key.clone(), e));
+                        continue;
+                    }
+                    let existing = store.get(flow, &change.key)?.map(|e| e.item);
+                    // Older than what is indexed: skipped before any work (the fence in
+                    // the write refuses it anyway, and catches deleted items' tombstones).
+                    let indexed = existing.as_ref().and_then(|e| e.version.as_ref());
+                    if let (Some(old), Some(new)) = (indexed, change.version.as_ref())
+                        && new <= old
+                    {
+                        stale += 1;
+                        continue;
+                    }
+                    work.push(match change.kind {
+                        ChangeKind::Deleted => Work::Gone {
+                            existed: existing.is_some(),
+                            key: change.key,
+                            if_queue: None,
+                            version: change.version,
+                            warning: None,
+                        },
+                        ChangeKind::Upsert { text, metadata } => {
+                            let hash = content_hash(&ctx.spec_fp, text.as_bytes());
+                            let meta_hash = metadata
+                                .as_ref()
+                                .map(|m| Fingerprint::of(m.to_string().as_bytes()).hex_prefix(32));
+                            let same = existing.as_ref().is_some_and(|e| {
+                                e.status == ItemStatus::Accepted
+                                    && e.content_hash.as_deref() == Some(hash.as_str())
+                                    && e.metadata_hash == meta_hash
+                            });
+                            let mut record = ItemRecord::new(&change.key, ItemStatus::Accepted);
+                            record.content_hash = Some(hash);
+                            record.metadata_hash = meta_hash;
+                            record.version = change.version;
+                            record.queue = existing
+                                .as_ref()
+                                .map_or_else(|| DEFAULT_QUEUE.to_string(), |e| e.queue.clone());
+                            Work::Text {
+                                is_new: existing.is_none(),
+                                record,
+                                // Same content as indexed: only the entry is recorded.
+                                text: (!same).then_some(text),
+                                metadata,
+                            }
+                        }
+                    });
+                }
+                {
+                    let mut tally = ctx.tally();
+                    tally.summary.items.seen += work.len() as u64 + stale;
+                    tally.summary.items.unchanged += stale;
+                    tally.issues(&issues);
+                }
+                // Changes older than what is indexed are refused by the fence: that is the
+                // point of versions, not an error.
+                let stale = ctx.process(work)?;
+                ctx.tally().summary.items.unchanged += stale.len() as u64;
+                if let Some(m) = page.mark {
+                    store.set_change_mark(flow, Some(&m))?;
+                    mark = Some(m);
+                }
+                if !page.more {
+                    break;
+                }
+            }
+            let rows_total = freshindex_vector::VectorCollection::count(ctx.collection.as_ref())?;
+            let tally = ctx.tally.into_inner().unwrap_or_else(|p| p.into_inner());
+            let mut summary = tally.finish(spec.max_failed_items);
+            summary.rows.total = rows_total;
+            summary.elapsed_ms = started.elapsed().as_millis() as u64;
+            Ok(summary)
+        })
+    }
+}
