@@ -197,12 +197,12 @@ name = "docs"
 max_failed_items = -1
 
 # How the flow is kept fresh: "batch" (runs on its schedule or on demand) or "live"
-# (changes are indexed as the source reports them: `freshindex index --watch` today; the
-# server's scheduler and live flows are being built).
+# (changes are indexed as a file watcher reports them, within a fraction of a second:
+# `freshindex serve` keeps every live flow fresh; `freshindex index --watch` does it for one
+# flow without a server).
 mode = "batch"
 
-# Batch mode: the schedule (validated now; the server that runs it is being built) runs the
-# flow every `interval`, an ISO 8601
+# Batch mode: `freshindex serve` runs the flow on this schedule, every `interval`, an ISO 8601
 # duration P(nD)(T(nH)(nM)(nS)) in upper case, whole numbers, such as PT15M, PT2H, P1DT12H:
 # at least 5 minutes (the server setting min_schedule_interval) and at most 24 hours (P1D).
 # Runs happen at start_time + k * interval. `start_time` (optional, RFC 3339 with Z or an
@@ -217,8 +217,8 @@ mode = "batch"
 # still work.
 disabled = false
 
-# Live mode only: also scan the whole source this often (ISO 8601 duration, as `interval`),
-# for changes that were not pushed. Not allowed with mode = "batch".
+# Live mode only: also scan the whole source this often (ISO 8601 duration, as `interval`;
+# default one hour), for changes the watcher missed. Not allowed with mode = "batch".
 # refresh_interval = "PT1H"
 
 # The source: a folder scanned in full on every run — or, for items that external connectors

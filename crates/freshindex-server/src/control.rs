@@ -579,7 +579,11 @@ fn live_loop(
     state: &Mutex<LiveState>,
 ) {
     let live = LiveOptions {
-        refresh_interval: spec.mode().refresh_interval().map(Interval::as_std),
+        refresh_interval: spec
+            .mode()
+            .refresh_interval()
+            .map(Interval::as_std)
+            .or(LiveOptions::default().refresh_interval),
         ..LiveOptions::default()
     };
     let opts = RunOptions {
