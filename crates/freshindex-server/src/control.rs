@@ -330,25 +330,28 @@ impl Control {
             .get(&spec.name)
             .filter(|l| !l.thread.is_finished())
             .map(|l| Arc::clone(&l.control));
-        let result = match live {
+        match live {
+            // The live loop counts the runs it does.
             Some(control) => control.request_full().recv().unwrap_or_else(|_| {
                 Err(EngineError::Busy(format!(
                     "the live loop of flow `{}` stopped before it could run; try again",
                     spec.name
                 )))
             }),
-            None => self.engine.run(
-                spec,
-                &RunOptions {
-                    trigger,
-                    ..RunOptions::default()
-                },
-            ),
-        };
-        if let Ok(summary) = &result {
-            self.metrics.count_run(summary);
+            None => {
+                let result = self.engine.run(
+                    spec,
+                    &RunOptions {
+                        trigger,
+                        ..RunOptions::default()
+                    },
+                );
+                if let Ok(summary) = &result {
+                    self.metrics.count_run(summary);
+                }
+                result
+            }
         }
-        result
     }
 
     /// Tells the scheduler a run ended.

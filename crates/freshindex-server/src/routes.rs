@@ -150,15 +150,28 @@ async fn list_flows(State(st): St) -> ApiResult {
                     freshindex_core::SourceSpec::Files(_) => "files",
                     freshindex_core::SourceSpec::Push(_) => "push",
                 };
-                out.push(json!({
-                    "name": spec.name,
-                    "source": source,
-                    "collection": spec.target.collection(),
-                }));
+                out.push((spec, source));
             }
             Ok(out)
         })
         .await?;
+    let flows: Vec<Value> = flows
+        .into_iter()
+        .map(|(spec, source)| {
+            let (schedule, live) = st.control.status(&spec.name);
+            json!({
+                "name": spec.name,
+                "source": source,
+                "collection": spec.target.collection(),
+                "mode": spec.mode().as_str(),
+                "state": wire::flow_state(schedule.as_ref(), live.as_ref()),
+                "nextRunTime": schedule
+                    .as_ref()
+                    .and_then(wire::schedule_status)
+                    .map_or(Value::Null, |s| s["nextRunTime"].clone()),
+            })
+        })
+        .collect();
     reply(json!({ "flows": flows }))
 }
 

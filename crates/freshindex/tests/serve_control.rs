@@ -82,13 +82,17 @@ fn flows_are_defined_read_replaced_and_deleted_over_http() {
     assert_eq!(stored["name"], "notes");
     assert_eq!(stored["schedule"]["interval"], "PT6H");
     let listed = server.get("/v1/flows").ok();
-    assert!(
-        listed["flows"]
-            .as_array()
-            .expect("flows")
-            .iter()
-            .any(|f| f["name"] == "notes"),
-        "{listed}"
+    let notes = listed["flows"]
+        .as_array()
+        .expect("flows")
+        .iter()
+        .find(|f| f["name"] == "notes")
+        .unwrap_or_else(|| panic!("notes not listed: {listed}"))
+        .clone();
+    assert_eq!(
+        notes,
+        json!({"name": "notes", "source": "files", "collection": "notes", "mode": "batch",
+               "state": "scheduled", "nextRunTime": "2099-01-01T00:00:00Z"})
     );
     // The definition GET returns is one PUT takes.
     let again = server.put("/v1/flows/notes", &stored);

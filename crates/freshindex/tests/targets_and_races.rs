@@ -44,6 +44,43 @@ fn a_second_run_of_the_same_flow_is_refused_while_one_runs() {
 }
 
 #[test]
+fn another_flow_of_the_data_dir_runs_while_one_is_going() {
+    let ws = Workspace::new(FlowConfig::default());
+    ws.write("a.md", "# A\n\nSome text about otters.\n");
+    fs::create_dir_all(ws.root().join("other")).expect("mkdir");
+    fs::write(ws.root().join("other/b.md"), "# B\n\nAbout voles.\n").expect("write");
+    let mut config = ws.flow.to_toml();
+    config.push_str(
+        "\n[[flow]]\nname = \"other\"\nsource = { type = \"files\", path = \"other\" }\n",
+    );
+    fs::write(ws.config_path(), config).expect("config");
+    let resume = ws.root().join("resume");
+    let mut first = ws
+        .fi()
+        .args(["index", "--flow", "docs", "--json"])
+        .env("FRESHINDEX_FAILPOINT", "scan-done")
+        .env("FRESHINDEX_FAILPOINT_RESUME", &resume)
+        .spawn();
+    assert!(first.wait_stderr("failpoint scan-done reached", TIMEOUT));
+    // `docs` holds its lock: `other` runs; `docs` again is refused.
+    let other = ws
+        .fi()
+        .args(["index", "--flow", "other", "--json"])
+        .run()
+        .ok()
+        .summary();
+    assert_eq!(other.n("items.new"), 1, "{}", other.0);
+    let again = ws.fi().args(["index", "--flow", "docs"]).run().failed();
+    assert!(
+        again.stderr.contains("another run of flow `docs`"),
+        "{}",
+        again.stderr
+    );
+    fs::write(&resume, "").expect("resume");
+    assert_eq!(first.wait(TIMEOUT).ok().summary().n("items.new"), 1);
+}
+
+#[test]
 fn switching_the_target_and_back_leaves_no_stale_rows() {
     let ws = Workspace::new(FlowConfig::default());
     ws.write("x.md", "# X\n\nThe x document, about badgers.\n");
