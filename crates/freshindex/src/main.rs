@@ -98,6 +98,9 @@ enum Command {
         /// The flow (default: every flow of the data directory).
         #[arg(long)]
         flow: Option<String>,
+        /// The flow, as a positional argument (`freshindex history docs`).
+        #[arg(value_name = "FLOW", conflicts_with = "flow")]
+        flow_arg: Option<String>,
         /// Entries per flow (the newest; at least the last 50 are kept).
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
@@ -394,9 +397,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::History { flow, limit, json } => {
+        Command::History {
+            flow,
+            flow_arg,
+            limit,
+            json,
+        } => {
             let engine = open_engine(&cli.data_dir)?;
-            let names = match flow {
+            let names = match flow.or(flow_arg) {
                 Some(f) => vec![f],
                 None => engine.stored_flows()?.into_iter().map(|f| f.name).collect(),
             };

@@ -104,6 +104,10 @@ fn runs_are_recorded_with_trigger_status_and_counts() {
     assert_eq!(n(&h[0], "embeddings.computed"), 0, "{}", h[0]);
     let limited = history_of(ws.fi().args(["history", "--json", "--limit", "1"]).run());
     assert_eq!(limited, h[..1]);
+    let named = history_of(ws.fi().args(["history", "docs", "--json"]).run());
+    assert_eq!(named, h, "the flow as a positional argument");
+    let unknown = ws.fi().args(["history", "nope"]).run().failed();
+    assert!(unknown.stderr.contains("nope"), "{}", unknown.stderr);
 
     let table = ws.fi().args(["history"]).run().ok().stdout;
     for needle in ["flow docs", "STATUS", "manual", "success", "3/0"] {
