@@ -644,6 +644,9 @@ struct FlowState {
     next_due: Option<i64>,
     waiting: Option<i64>,
     run: Option<RunInProgress>,
+    /// The waiting occurrence a manual run took the place of: back to waiting if that run
+    /// turns out not to have run ([`Outcome::NotRun`]).
+    displaced: Option<i64>,
     failures: u32,
 }
 
@@ -740,6 +743,7 @@ impl Scheduler {
             });
             // A waiting occurrence belongs to the schedule it came from.
             st.waiting = None;
+            st.displaced = None;
         }
         st.disabled = disabled;
         match st.active_plan() {
@@ -747,6 +751,7 @@ impl Scheduler {
             None => {
                 st.next_due = None;
                 st.waiting = None;
+                st.displaced = None;
             }
         }
     }
@@ -778,13 +783,14 @@ impl Scheduler {
                 due: None,
                 started: now,
             });
-            st.waiting = None;
+            st.displaced = st.waiting.take();
         }
     }
 
     /// The run of `name` ended at `now` with `outcome`. Success resets the failure count and
-    /// the normal schedule; failure backs off (see the type's rules). Unknown flows are
-    /// ignored.
+    /// the normal schedule; failure backs off (see the type's rules); a run that did not
+    /// happen changes neither, and gives a waiting occurrence it displaced back its place.
+    /// Unknown flows are ignored.
     pub fn run_finished(&mut self, name: &str, outcome: Outcome, now: i64) {
         let Some(st) = self.flows.get_mut(name) else {
             return;
@@ -807,8 +813,14 @@ impl Scheduler {
                     st.next_due = Some(next.max(plan.first_at_or_after(from)));
                 }
             }
-            Outcome::NotRun => {}
+            Outcome::NotRun => {
+                // The occurrence a manual run displaced waits again.
+                if st.waiting.is_none() && st.active_plan().is_some() {
+                    st.waiting = st.displaced;
+                }
+            }
         }
+        st.displaced = None;
         if !st.registered {
             self.flows.remove(name);
         }
@@ -1400,6 +1412,17 @@ mod tests {
         assert_eq!(after.consecutive_failures, before.consecutive_failures);
         assert_eq!(after.next_due, Some(T0 + 45 * MIN));
         assert_eq!(after.effective_interval_ms, before.effective_interval_ms);
+        // A manual run that takes a waiting occurrence's place and does not run gives it back.
+        assert_eq!(
+            s.tick(T0 + 45 * MIN),
+            vec![skip("b", T0 + 45 * MIN), wait("a", T0 + 45 * MIN, 1)]
+        );
+        s.run_started("a", T0 + 46 * MIN);
+        assert_eq!(s.status("a").expect("status").waiting, None);
+        s.run_finished("a", Outcome::NotRun, T0 + 46 * MIN);
+        assert_eq!(s.status("a").expect("status").waiting, Some(T0 + 45 * MIN));
+        s.run_finished("b", Outcome::Success, T0 + 47 * MIN);
+        assert_eq!(s.tick(T0 + 47 * MIN), vec![start("a", T0 + 45 * MIN)]);
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub enum EngineError {
     /// A request value is invalid (names the field).
     #[error("{0}")]
     Invalid(String),
+    /// The run was told to stop (the server is shutting down, a live flow is redefined)
+    /// before it finished; what it did is committed, and the next run does the rest.
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 impl EngineError {
@@ -71,7 +75,10 @@ impl EngineError {
             | EngineError::Busy(_)
             | EngineError::Conflict(_)
             | EngineError::Invalid(_) => true,
-            EngineError::Store(_) | EngineError::Target(_) | EngineError::Internal(_) => false,
+            EngineError::Store(_)
+            | EngineError::Target(_)
+            | EngineError::Internal(_)
+            | EngineError::Cancelled(_) => false,
         }
     }
 

@@ -71,9 +71,12 @@ impl LiveControl {
         }
     }
 
-    /// Asks the loop to stop; it does within about 200 ms, or when its current run ends.
+    /// Asks the loop to stop; it does within about 200 ms (a run in progress ends after its
+    /// current batch). A full traversal asked for and not yet taken is dropped: its
+    /// requester sees the channel closed.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        drop(self.take_request());
     }
 
     /// Whether a stop was asked for.
@@ -87,6 +90,10 @@ impl LiveControl {
     pub fn request_full(&self) -> FullRunReply {
         let (tx, rx) = mpsc::channel();
         *self.full.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        // A stop that came first would never see this request: drop it here.
+        if self.is_stopped() {
+            drop(self.take_request());
+        }
         rx
     }
 
@@ -114,6 +121,11 @@ impl Engine {
                 "flow `{}` has a push source: live mode watches folders",
                 spec.name
             )));
+        };
+        // A stop also ends a run in progress, between two batches.
+        let opts = &RunOptions {
+            cancel: Some(control.stop.as_ref()),
+            ..*opts
         };
         let ignore: Vec<PathBuf> = self.data_dir().map(PathBuf::from).into_iter().collect();
         // Started before the first run, so that no change during it is missed.
@@ -274,5 +286,35 @@ impl Engine {
         summary.rows.total = rows_total;
         summary.elapsed_ms = started.elapsed().as_millis() as u64;
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_pending_at_a_stop_or_after_it_is_answered_with_a_closed_channel() {
+        let control = LiveControl::default();
+        let before = control.request_full();
+        control.stop();
+        assert!(
+            before.recv().is_err(),
+            "a stop drops the request not yet taken"
+        );
+        let after = control.request_full();
+        assert!(after.recv().is_err(), "a stopped loop takes no request");
+        assert!(control.take_request().is_none());
+    }
+
+    #[test]
+    fn a_new_request_replaces_one_not_yet_taken() {
+        let control = LiveControl::default();
+        let first = control.request_full();
+        let second = control.request_full();
+        assert!(first.recv().is_err());
+        let reply = control.take_request().expect("the second request");
+        drop(reply);
+        assert!(second.recv().is_err());
     }
 }

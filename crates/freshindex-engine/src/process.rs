@@ -671,6 +671,14 @@ impl Ctx<'_> {
         } = prepared;
         let store = self.engine.store();
         let _writer = self.engine.writer();
+        // A flow deleted since this context was built takes no more writes: its collection
+        // is gone and its state with it.
+        if store.flow(&self.spec.name)?.map(|r| r.id) != Some(self.flow) {
+            return Err(EngineError::NotFound(format!(
+                "flow `{}` was deleted while this work was in progress",
+                self.spec.name
+            )));
+        }
         let now = now_ms();
 
         // Fence: items another holder took over, or with a version not newer than the indexed

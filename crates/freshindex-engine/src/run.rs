@@ -83,6 +83,9 @@ pub struct RunOptions<'a> {
     pub progress: &'a dyn Progress,
     /// How the run was started, as its history entry records it.
     pub trigger: Trigger,
+    /// Set from another thread to stop the run between two batches: it ends with
+    /// [`EngineError::Cancelled`], and what it committed stays.
+    pub cancel: Option<&'a AtomicBool>,
 }
 
 impl Default for RunOptions<'_> {
@@ -93,6 +96,7 @@ impl Default for RunOptions<'_> {
             lease_ms: DEFAULT_LEASE_MS,
             progress: &NoProgress,
             trigger: Trigger::Manual,
+            cancel: None,
         }
     }
 }
@@ -576,6 +580,12 @@ impl Engine {
                         // amortize each commit over many rows.
                         let mut size = (batch_items / 8).max(1);
                         while !stop.load(Ordering::Relaxed) {
+                            if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                                stop.store(true, Ordering::Relaxed);
+                                return Err(EngineError::Cancelled(
+                                    "stopped before the end: the work not done stays queued for the next run".into(),
+                                ));
+                            }
                             let req = PollRequest {
                                 queue: None,
                                 limit: size,
@@ -662,7 +672,7 @@ impl Engine {
                 "another run of flow `{flow}` is going (lock {}); wait for it to finish",
                 path.display()
             ))),
-            Err(std::fs::TryLockError::Error(e)) => Err(EngineError::Config(format!(
+            Err(std::fs::TryLockError::Error(e)) => Err(EngineError::Internal(format!(
                 "lock file {}: {e}",
                 path.display()
             ))),
@@ -679,7 +689,7 @@ impl Engine {
         let path = dir.join("locks").join("registry.lock");
         let file = open_lock_file(&path)?;
         file.lock()
-            .map_err(|e| EngineError::Config(format!("lock file {}: {e}", path.display())))?;
+            .map_err(|e| EngineError::Internal(format!("lock file {}: {e}", path.display())))?;
         Ok(Some(file))
     }
 
@@ -906,7 +916,9 @@ pub(crate) fn check_steps(spec: &FlowSpec) -> Result<(), EngineError> {
 
 /// Opens (creating it and its folder) a lock file.
 fn open_lock_file(path: &Path) -> Result<std::fs::File, EngineError> {
-    let err = |e: std::io::Error| EngineError::Config(format!("lock file {}: {e}", path.display()));
+    // The data directory's own files: a failure here is the system's, not the flow's.
+    let err =
+        |e: std::io::Error| EngineError::Internal(format!("lock file {}: {e}", path.display()));
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(err)?;
     }

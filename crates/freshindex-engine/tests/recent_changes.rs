@@ -214,6 +214,26 @@ fn syncs_follow_the_feed_exactly_and_compute_only_what_changed() {
 }
 
 #[test]
+fn a_key_changed_several_times_within_one_page_ends_as_its_last_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(dir.path()).expect("engine");
+    let feed = Feed::with_page(100);
+    feed.upsert("a", 1, LONG);
+    feed.upsert("a", 2, "Short now.");
+    feed.upsert("b", 1, "Herons stand still in shallow water.");
+    feed.delete("b", 2);
+    let s = sync(&engine, &feed);
+    assert_eq!(s.items.seen, 2, "{s:?}");
+    assert_eq!(export(&engine, "feed"), from_scratch(&feed));
+    // And across pages, on top of what is indexed.
+    feed.upsert("a", 3, LONG);
+    feed.upsert("b", 3, "Herons again.");
+    feed.upsert("a", 4, "Short again.");
+    sync(&engine, &feed);
+    assert_eq!(export(&engine, "feed"), from_scratch(&feed));
+}
+
+#[test]
 fn an_older_version_cannot_bring_back_old_content() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = Engine::open(dir.path()).expect("engine");

@@ -118,7 +118,10 @@ pub struct Control {
     live: Mutex<BTreeMap<String, LiveFlow>>,
     runs: Mutex<Vec<JoinHandle<()>>>,
     scheduler_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Set at shutdown: runs in progress stop after their current batch.
     stopping: AtomicBool,
+    /// Serializes changes of definitions (and the start of the live loops).
+    admin: Mutex<()>,
 }
 
 impl std::fmt::Debug for Control {
@@ -175,9 +178,9 @@ pub fn check_servable(spec: &FlowSpec, min: Interval) -> Result<(), String> {
 }
 
 impl Control {
-    /// Builds the control plane over every flow of the data directory and starts its
-    /// threads (unless `opts.scheduler` is off).
-    pub fn start(
+    /// Builds the control plane over every flow of the data directory: their schedules, and
+    /// the failure counts their histories tell. No thread runs until [`Control::start`].
+    pub fn new(
         engine: Arc<Engine>,
         metrics: Arc<Metrics>,
         opts: ControlOptions,
@@ -196,6 +199,7 @@ impl Control {
             runs: Mutex::new(Vec::new()),
             scheduler_thread: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            admin: Mutex::new(()),
         });
         let now = now_ms();
         for spec in engine.stored_flows()? {
@@ -206,17 +210,43 @@ impl Control {
                     .sched
                     .restore_failures(&spec.name, failures, last);
             }
-            control.start_live(&spec);
-        }
-        if control.opts.scheduler {
-            let c = Arc::clone(&control);
-            let thread = std::thread::Builder::new()
-                .name("freshindex-scheduler".into())
-                .spawn(move || c.scheduler_loop())
-                .map_err(|e| EngineError::Internal(format!("starting the scheduler: {e}")))?;
-            *lock(&control.scheduler_thread) = Some(thread);
         }
         Ok(control)
+    }
+
+    /// Starts the threads: the live loops of live flows and the scheduler (unless
+    /// `opts.scheduler` is off). Called once the server listens.
+    pub fn start(self: &Arc<Self>) -> Result<(), EngineError> {
+        if !self.opts.scheduler {
+            return Ok(());
+        }
+        let _admin = lock(&self.admin);
+        for spec in self.engine.stored_flows()? {
+            self.start_live(&spec);
+        }
+        let c = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("freshindex-scheduler".into())
+            .spawn(move || c.scheduler_loop())
+            .map_err(|e| EngineError::Internal(format!("starting the scheduler: {e}")))?;
+        *lock(&self.scheduler_thread) = Some(thread);
+        Ok(())
+    }
+
+    /// Claims flow `name` for a run or a change of its definition: refused while a run of it
+    /// is in progress in this process. While claimed, its scheduled occurrences skip and
+    /// on-demand runs are refused. End a claim with [`Control::finished`].
+    fn claim(&self, name: &str, doing: &str) -> Result<(), ControlError> {
+        let mut st = lock(&self.state);
+        if let Some(run) = st.sched.run_in_progress(name) {
+            return Err(ControlError::Conflict(format!(
+                "a {} run of flow `{name}` is in progress (started {}); {doing} when it has finished",
+                run.trigger,
+                fmt_time(run.started)
+            )));
+        }
+        st.sched.run_started(name, now_ms());
+        Ok(())
     }
 
     /// Gives the scheduler a flow's schedule.
@@ -232,19 +262,20 @@ impl Control {
     /// schedule, a live flow's loop restarts with it. Returns whether the flow is new.
     pub fn define(&self, spec: &FlowSpec) -> Result<bool, ControlError> {
         check_servable(spec, self.opts.min_schedule_interval).map_err(ControlError::Invalid)?;
+        // One definition change at a time; the claim keeps runs of the flow out meanwhile.
+        let _admin = lock(&self.admin);
+        self.claim(&spec.name, "define the flow again")?;
+        let result = self.define_claimed(spec);
+        self.finished(&spec.name, Outcome::NotRun);
+        result
+    }
+
+    fn define_claimed(&self, spec: &FlowSpec) -> Result<bool, ControlError> {
         let existed = self
             .engine
             .store()
             .flow(&spec.name)
             .map_err(EngineError::from)?;
-        if let Some(run) = lock(&self.state).sched.run_in_progress(&spec.name) {
-            return Err(ControlError::Conflict(format!(
-                "a {} run of flow `{}` is in progress (started {}); define the flow again when it has finished",
-                run.trigger,
-                spec.name,
-                fmt_time(run.started)
-            )));
-        }
         // The live loop holds the flow between its batches: stop it before storing.
         let was_live = self.stop_live(&spec.name);
         let stored = self.engine.define_flow(spec);
@@ -266,19 +297,12 @@ impl Control {
 
     /// Deletes a flow: its schedule, live loop, target and state.
     pub fn delete(&self, name: &str) -> Result<freshindex_engine::DeleteReport, ControlError> {
-        if let Some(run) = lock(&self.state).sched.run_in_progress(name) {
-            return Err(ControlError::Conflict(format!(
-                "a {} run of flow `{name}` is in progress (started {}); delete the flow when it has finished",
-                run.trigger,
-                fmt_time(run.started)
-            )));
-        }
+        let _admin = lock(&self.admin);
+        self.claim(name, "delete the flow")?;
         let was_live = self.stop_live(name);
-        match self.engine.delete_flow(name) {
+        let result = match self.engine.delete_flow(name) {
             Ok(report) => {
-                let mut st = lock(&self.state);
-                st.sched.remove_flow(name);
-                st.dirty = true;
+                lock(&self.state).sched.remove_flow(name);
                 Ok(report)
             }
             Err(e) => {
@@ -287,7 +311,9 @@ impl Control {
                 }
                 Err(e.into())
             }
-        }
+        };
+        self.finished(name, Outcome::NotRun);
+        result
     }
 
     /// After a reset of a live flow, its loop traverses the folder again at once instead of
@@ -302,26 +328,26 @@ impl Control {
     /// Runs a files flow now, on the calling thread, and returns its summary. Refused while
     /// a run of the flow is in progress.
     pub fn run_now(&self, name: &str) -> Result<RunSummary, ControlError> {
-        let (_, spec) = self.engine.flow(name)?;
-        if spec.files().is_none() {
-            return Err(ControlError::Invalid(format!(
-                "flow `{name}` has a push source: its items arrive through `items:push` and `items/{{key}}:index`, not through runs"
-            )));
-        }
-        {
-            let mut st = lock(&self.state);
-            if let Some(run) = st.sched.run_in_progress(name) {
-                return Err(ControlError::Conflict(format!(
-                    "a {} run of flow `{name}` is in progress (started {}); a flow runs once at a time",
-                    run.trigger,
-                    fmt_time(run.started)
+        self.claim(name, "run it again")?;
+        // Read under the claim: a definition stored before is the one that runs.
+        let result = self.engine.flow(name).map_err(ControlError::from).and_then(|(_, spec)| {
+            if spec.files().is_none() {
+                return Err(ControlError::Invalid(format!(
+                    "flow `{name}` has a push source: its items arrive through `items:push` and `items/{{key}}:index`, not through runs"
                 )));
             }
-            st.sched.run_started(name, now_ms());
+            Ok(self.execute(&spec, Trigger::Manual))
+        });
+        match result {
+            Ok(run) => {
+                self.finished(name, outcome_of(&run));
+                Ok(run?)
+            }
+            Err(e) => {
+                self.finished(name, Outcome::NotRun);
+                Err(e)
+            }
         }
-        let result = self.execute(&spec, Trigger::Manual);
-        self.finished(name, outcome_of(&result));
-        Ok(result?)
     }
 
     /// Runs the flow: through its live loop when it has one, else directly.
@@ -343,6 +369,7 @@ impl Control {
                     spec,
                     &RunOptions {
                         trigger,
+                        cancel: Some(&self.stopping),
                         ..RunOptions::default()
                     },
                 );
@@ -364,7 +391,15 @@ impl Control {
 
     /// What the scheduler and the live loop know about a flow.
     pub fn status(&self, name: &str) -> (Option<FlowScheduleStatus>, Option<LiveState>) {
-        let sched = lock(&self.state).sched.status(name);
+        let mut sched = lock(&self.state).sched.status(name);
+        if !self.opts.scheduler
+            && let Some(s) = &mut sched
+        {
+            // Nothing runs by itself: say so rather than show times that will not come.
+            s.schedule = None;
+            s.next_due = None;
+            s.waiting = None;
+        }
         let live = lock(&self.live).get(name).map(|l| lock(&l.state).clone());
         (sched, live)
     }
@@ -512,7 +547,7 @@ impl Control {
             .spawn(move || live_loop(&engine, &metrics, &sp, &c, &s));
         match spawned {
             Ok(thread) => {
-                lock(&self.live).insert(
+                let old = lock(&self.live).insert(
                     spec.name.clone(),
                     LiveFlow {
                         control,
@@ -520,6 +555,11 @@ impl Control {
                         thread,
                     },
                 );
+                // Callers stop a flow's loop before starting another; never leave two.
+                if let Some(old) = old {
+                    old.control.stop();
+                    let _ = old.thread.join();
+                }
             }
             Err(e) => tracing::error!(flow = spec.name, "cannot start the live loop: {e}"),
         }

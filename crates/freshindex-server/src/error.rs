@@ -200,7 +200,7 @@ impl From<EngineError> for ApiError {
         let code = match &e {
             EngineError::Config(_) | EngineError::Source(_) => Code::FailedPrecondition,
             EngineError::NotFound(_) => Code::FlowNotFound,
-            EngineError::Busy(_) => Code::Busy,
+            EngineError::Busy(_) | EngineError::Cancelled(_) => Code::Busy,
             EngineError::Conflict(_) => Code::Conflict,
             EngineError::Invalid(_) => Code::InvalidArgument,
             EngineError::Store(_) | EngineError::Target(_) | EngineError::Internal(_) => {

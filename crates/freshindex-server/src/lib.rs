@@ -278,7 +278,7 @@ fn prepare(opts: &ServeOptions) -> Result<Arc<AppState>, ServeError> {
     let default_owner = format!("http-{}", std::process::id());
     let engine = Arc::new(engine);
     let metrics = Arc::new(metrics::Metrics::default());
-    let control = Control::start(
+    let control = Control::new(
         Arc::clone(&engine),
         Arc::clone(&metrics),
         opts.control.clone(),
@@ -328,6 +328,18 @@ pub fn run(
             .await
             .map_err(io(&format!("cannot listen on {}", opts.listen)))?;
         let addr = listener.local_addr().map_err(io("reading the bound address"))?;
+        // Runs start only once the server is sure to serve (the address is bound).
+        let started = Arc::clone(&state.control);
+        tokio::task::spawn_blocking(move || started.start())
+            .await
+            .map_err(|e| ServeError::Io {
+                context: "starting the scheduler".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(|source| ServeError::Engine {
+                context: "starting the scheduler".into(),
+                source,
+            })?;
         tracing::info!(%addr, flows = ?state.flows().iter().map(|f| f.0.clone()).collect::<Vec<_>>(), auth = state.has_token(), "serving");
         on_listening(addr);
         let app = routes::router(Arc::clone(&state));

@@ -58,15 +58,22 @@ FROM runs_v2;
 DROP TABLE runs_v2;
 ";
 
-/// Version 4 gives each flow the high-water mark of its source's recent changes.
+/// Version 4 gives each flow the high-water mark of its source's recent changes, and flow
+/// ids that are never reused (AUTOINCREMENT): a deleted flow's id cannot be taken by a new
+/// flow, so nothing a late writer left under the old id can surface in the new one.
 const MIGRATE_3_TO_4: &str = "
-ALTER TABLE flows ADD COLUMN change_mark TEXT;
+ALTER TABLE flows RENAME TO flows_v3;
+";
+const MIGRATE_3_TO_4_COPY: &str = "
+INSERT INTO flows (id, name, spec_json, traversal_label)
+SELECT id, name, spec_json, traversal_label FROM flows_v3;
+DROP TABLE flows_v3;
 ";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS flows (
-  id INTEGER PRIMARY KEY,
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
   name TEXT NOT NULL UNIQUE,
   spec_json TEXT NOT NULL,
   traversal_label TEXT,
@@ -303,28 +310,7 @@ impl SqliteStore {
             "PRAGMA page_size = 65536; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -65536;",
         )
         .map_err(backend)?;
-        let found: Option<String> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .or_else(|e| match e {
-                // A brand-new file has no meta table yet.
-                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
-                    Ok(None)
-                }
-                other => Err(other),
-            })
-            .map_err(backend)?;
-        let found = match found {
-            Some(v) => Some(
-                v.parse::<i64>()
-                    .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?,
-            ),
-            None => None,
-        };
+        let found = schema_version(&conn)?;
         if let Some(v) = found
             && v > SCHEMA_VERSION
         {
@@ -336,7 +322,18 @@ impl SqliteStore {
         // Opening an up-to-date store writes nothing (a no-op run should not pay for fsyncs).
         if found != Some(SCHEMA_VERSION) {
             conn.execute_batch("BEGIN IMMEDIATE").map_err(backend)?;
+            // Another process may have migrated while this one waited for the write lock.
+            let found = match schema_version(&conn) {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(e);
+                }
+            };
             let migrated = (|| {
+                if found == Some(SCHEMA_VERSION) {
+                    return conn.execute_batch("COMMIT");
+                }
                 // Tables whose shape changed are renamed first, the schema creates the new
                 // ones, then the old rows are copied over.
                 if found == Some(1) {
@@ -354,6 +351,9 @@ impl SqliteStore {
                 }
                 if matches!(found, Some(1 | 2)) {
                     conn.execute_batch(MIGRATE_2_TO_3_COPY)?;
+                }
+                if matches!(found, Some(1..=3)) {
+                    conn.execute_batch(MIGRATE_3_TO_4_COPY)?;
                 }
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
@@ -385,6 +385,31 @@ impl SqliteStore {
             None => self.conn(),
         }
     }
+}
+
+/// The schema version the store's file records (`None`: a new file).
+fn schema_version(conn: &Connection) -> Result<Option<i64>> {
+    let found: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .or_else(|e| match e {
+            // A brand-new file has no meta table yet.
+            rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
+                Ok(None)
+            }
+            other => Err(other),
+        })
+        .map_err(backend)?;
+    found
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))
+        })
+        .transpose()
 }
 
 impl FlowStore for SqliteStore {

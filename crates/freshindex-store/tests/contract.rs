@@ -653,6 +653,12 @@ fn reset_support(s: &dyn StateStore) {
     assert_eq!(s.memo_stats(other).expect("other memo").0, 1);
     let again = s.register_flow("z", "{}").expect("register the name again");
     assert!(s.items(again).expect("items").is_empty());
+    assert_ne!(again, f, "a new flow gets a new id");
+    // Not even the newest id is reused after its flow is deleted.
+    let last = s.register_flow("last", "{}").expect("register last");
+    assert!(s.delete_flow(last).expect("delete last"));
+    let next = s.register_flow("next", "{}").expect("register next");
+    assert!(next.0 > last.0, "{next:?} after {last:?}");
 }
 
 fn push(key: &str, kind: PushKind, queue: &str) -> PushItem {

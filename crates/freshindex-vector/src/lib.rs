@@ -132,7 +132,9 @@ impl Collections {
     pub fn remove(&self, name: &str) -> Result<bool> {
         let path = self.path(name);
         let existed = path.exists();
-        for suffix in ["", "-wal", "-shm", "-journal"] {
+        // Journal files first: a crash part-way must not leave a journal that SQLite would
+        // replay into a new collection created at the same path.
+        for suffix in ["-wal", "-journal", "-shm", ""] {
             let mut p = path.clone().into_os_string();
             p.push(suffix);
             match std::fs::remove_file(&p) {

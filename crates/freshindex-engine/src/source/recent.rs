@@ -11,6 +11,7 @@
 //! so a crash between the two makes the next sync see those changes again, which costs
 //! nothing (the memo cache and the lineage diff make re-indexing the same content a no-op).
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use freshindex_core::queue::{DEFAULT_QUEUE, check_key};
@@ -115,10 +116,11 @@ impl Engine {
                             }
                             e => e,
                         })?;
-                let mut work = Vec::with_capacity(page.changes.len());
+                let changes = newest_per_key(page.changes);
+                let mut work = Vec::with_capacity(changes.len());
                 let mut issues = Vec::new();
                 let mut stale = 0u64;
-                for change in page.changes {
+                for change in changes {
                     if let Err(e) = check_key(&change.key) {
                         issues.push(Issue::error(change.key.clone(), e));
                         continue;
@@ -193,5 +195,82 @@ impl Engine {
             summary.elapsed_ms = started.elapsed().as_millis() as u64;
             Ok(summary)
         })
+    }
+}
+
+/// One change per key: a page may hold several changes of one item (a row updated twice),
+/// and one batch must not process an item twice against the same stored lineage. The newest
+/// wins: the later one in the page, unless its version is older than the earlier one's.
+fn newest_per_key(changes: Vec<Change>) -> Vec<Change> {
+    let mut at: HashMap<String, usize> = HashMap::with_capacity(changes.len());
+    let mut out: Vec<Change> = Vec::with_capacity(changes.len());
+    for c in changes {
+        match at.get(&c.key) {
+            Some(&i) => {
+                let older = match (&c.version, &out[i].version) {
+                    (Some(new), Some(old)) => new < old,
+                    _ => false,
+                };
+                if !older {
+                    out[i] = c;
+                }
+            }
+            None => {
+                at.insert(c.key.clone(), out.len());
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(key: &str, version: Option<u8>, text: &str) -> Change {
+        Change {
+            key: key.into(),
+            version: version.map(|v| vec![v]),
+            kind: ChangeKind::Upsert {
+                text: text.into(),
+                metadata: None,
+            },
+        }
+    }
+
+    #[test]
+    fn the_newest_change_of_a_key_wins_within_a_page() {
+        let page = vec![
+            change("a", Some(1), "a1"),
+            change("b", None, "b1"),
+            change("a", Some(3), "a3"),
+            change("a", Some(2), "a2 late"),
+            change("b", None, "b2"),
+            Change {
+                key: "c".into(),
+                version: Some(vec![1]),
+                kind: ChangeKind::Deleted,
+            },
+        ];
+        let kept = newest_per_key(page);
+        let texts: Vec<(String, Option<String>)> = kept
+            .iter()
+            .map(|c| {
+                let text = match &c.kind {
+                    ChangeKind::Upsert { text, .. } => Some(text.clone()),
+                    ChangeKind::Deleted => None,
+                };
+                (c.key.clone(), text)
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                ("a".to_string(), Some("a3".to_string())),
+                ("b".to_string(), Some("b2".to_string())),
+                ("c".to_string(), None),
+            ]
+        );
     }
 }
