@@ -143,6 +143,26 @@ fn flows_are_defined_read_replaced_and_deleted_over_http() {
     // On-demand runs still work when disabled.
     server.post("/v1/flows/notes:run", &json!({})).ok();
 
+    // A changed definition applies from the next run, as cheaply as the change allows: a
+    // change that does not touch processing recomputes nothing; new chunk sizes re-split.
+    let mut lenient = disabled.clone();
+    lenient["max_failed_items"] = json!(5);
+    assert_eq!(server.put("/v1/flows/notes", &lenient).status, 200);
+    let run = server.post("/v1/flows/notes:run", &json!({})).ok();
+    assert_eq!(run["embeddings"]["computed"], 0, "{run}");
+    assert_eq!(run["items"]["unchanged"], 1, "{run}");
+    let mut small = disabled.clone();
+    small["steps"] = json!([
+        { "op": "parse" },
+        { "op": "split", "chunk_size": 20, "chunk_overlap": 0 },
+        { "op": "embed", "model": "builtin" },
+    ]);
+    assert_eq!(server.put("/v1/flows/notes", &small).status, 200);
+    let run = server.post("/v1/flows/notes:run", &json!({})).ok();
+    assert_eq!(run["items"]["modified"], 1, "{run}");
+    assert!(run["rows"]["total"].as_u64() > Some(1), "re-split: {run}");
+    assert_eq!(server.put("/v1/flows/notes", &disabled).status, 200);
+
     // Invalid definitions are refused, naming the field, and change nothing.
     for (body, code, needle) in [
         (
