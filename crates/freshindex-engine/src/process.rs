@@ -330,6 +330,20 @@ impl Ctx<'_> {
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The run's summary: its tally judged against the flow's failed-items limit, with the
+    /// target's row count and the time since `started`.
+    pub(crate) fn into_summary(
+        self,
+        started: std::time::Instant,
+    ) -> Result<RunSummary, EngineError> {
+        let rows_total = freshindex_vector::VectorCollection::count(self.collection.as_ref())?;
+        let tally = self.tally.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut summary = tally.finish(self.spec.max_failed_items);
+        summary.rows.total = rows_total;
+        summary.elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(summary)
+    }
+
     /// Processes a batch: prepares it (no lock), then writes it under the writer lock. Returns
     /// the fence refusals (items another holder or a newer version owns; nothing was written
     /// for them).

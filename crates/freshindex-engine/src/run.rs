@@ -538,12 +538,7 @@ impl Engine {
         progress.finish(Phase::Writing);
 
         store.memo_gc(flow)?;
-        let rows_total = ctx.collection.count()?;
-        let tally = ctx.tally.into_inner().unwrap_or_else(|p| p.into_inner());
-        let mut summary = tally.finish(spec.max_failed_items);
-        summary.rows.total = rows_total;
-        summary.elapsed_ms = started.elapsed().as_millis() as u64;
-        Ok(summary)
+        ctx.into_summary(started)
     }
 
     /// The workers of a run, and the heartbeat that keeps their leases.

@@ -4,25 +4,11 @@
 mod common;
 
 use std::fs;
-use std::time::{Duration, Instant};
 
 use common::{FlowConfig, TIMEOUT, Workspace};
 
-/// Waits until the live target equals a from-scratch index of the tree.
 fn settles(ws: &Workspace, what: &str) {
-    let want = ws.fresh_export();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = ws.export();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the live target did not converge\n--- live\n{got}\n--- fresh\n{want}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::settles(ws, what, &String::new);
 }
 
 #[test]

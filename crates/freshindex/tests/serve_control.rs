@@ -375,22 +375,8 @@ fn a_server_refuses_config_schedules_below_its_minimum() {
     );
 }
 
-/// Waits until the live target equals a from-scratch index of the tree.
 fn settles(ws: &Workspace, server: &Server, what: &str) {
-    let want = ws.fresh_export();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = ws.export();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the live target did not converge\n--- live\n{got}\n--- fresh\n{want}\nserver stderr:\n{}",
-            server.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::settles(ws, what, &|| format!("server stderr:\n{}", server.stderr()));
 }
 
 #[test]

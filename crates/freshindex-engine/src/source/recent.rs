@@ -188,12 +188,7 @@ impl Engine {
                     break;
                 }
             }
-            let rows_total = freshindex_vector::VectorCollection::count(ctx.collection.as_ref())?;
-            let tally = ctx.tally.into_inner().unwrap_or_else(|p| p.into_inner());
-            let mut summary = tally.finish(spec.max_failed_items);
-            summary.rows.total = rows_total;
-            summary.elapsed_ms = started.elapsed().as_millis() as u64;
-            Ok(summary)
+            ctx.into_summary(started)
         })
     }
 }

@@ -321,6 +321,26 @@ impl Workspace {
     }
 }
 
+/// Waits until the workspace's target equals a from-scratch index of its tree (a live
+/// process is updating it); `context` adds to the failure message (a server's stderr).
+#[allow(dead_code)]
+pub fn settles(ws: &Workspace, what: &str, context: &dyn Fn() -> String) {
+    let want = ws.fresh_export();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = ws.export();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the live target did not converge\n--- live\n{got}\n--- fresh\n{want}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn write_file(path: &Path, content: impl AsRef<[u8]>) {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).expect("create parent dirs");
