@@ -5,6 +5,7 @@
 //! [`SqliteCollection`] is the first one: durable on disk (one SQLite file per collection, every
 //! `apply` one durable transaction) with exact search. No threads of its own.
 
+pub mod ann;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -36,16 +37,24 @@ pub enum VectorError {
     /// No such collection.
     #[error("no collection named `{0}`")]
     NotFound(String),
+    /// An ANN index could not be built, saved, opened or searched.
+    #[error("index: {0}")]
+    Index(String),
 }
 
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, VectorError>;
 
-/// How similarity is scored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How similarity is scored; every score is "higher is closer".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Metric {
-    /// Cosine similarity (higher is closer).
+    /// Cosine similarity.
     Cosine,
+    /// Inner product (for vectors normalised by the model, the same ranking as cosine).
+    Dot,
+    /// Euclidean: the score is minus the squared distance.
+    L2,
 }
 
 /// A payload condition for search.

@@ -1,0 +1,310 @@
+//! `ann-bench`: the HNSW index of sealed segments (usearch) against exact search, on
+//! clustered unit vectors: build time, index size, recall@10 against exact search, queries
+//! per second on 1 and 2 threads, and the p99 latency of searches while another index builds.
+//! The baseline, measured in the same run, is exact search: a brute-force scan of the same
+//! vectors in memory (the best an exact collection can do), and the built-in SQLite
+//! collection's exact search on a sample of queries.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use freshindex_vector::ann::{AnnIndex, HnswIndex, HnswParams};
+use freshindex_vector::{Metric, Row, RowPayload, SqliteCollection, VectorCollection};
+
+const USAGE: &str = "\
+usage: ann-bench [--n N] [--dim D] [--queries Q] [--clusters C] [--ef E] [--sqlite-queries S]
+
+  --n N              vectors (default 200000)
+  --dim D            dimension (default 384)
+  --queries Q        queries, recall measured on all (default 1000)
+  --clusters C       cluster centres (default 1000)
+  --ef E             ef_search values, comma-separated (default 32,64,128)
+  --sqlite-queries S queries timed on the SQLite collection (default 20; 0 skips it)";
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f32 / (1u64 << 53) as f32 - 0.5
+    }
+}
+
+/// `n` unit vectors around `clusters` random centres, flat.
+fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    let centres: Vec<f32> = (0..clusters * dim).map(|_| rng.next_f32()).collect();
+    let mut out = Vec::with_capacity(n * dim);
+    for i in 0..n {
+        let c = &centres[(i % clusters) * dim..][..dim];
+        let start = out.len();
+        // Points spread from the centre at different distances, as documents about one
+        // topic do: near neighbours are nearer than the rest of the cluster.
+        let spread = 0.05 + 0.5 * (rng.next_f32() + 0.5);
+        out.extend(c.iter().map(|x| x + spread * rng.next_f32()));
+        let v = &mut out[start..];
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    out
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Exact top-k by brute force (unit vectors: dot = cosine).
+fn exact_top(data: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<u64> {
+    let mut best: Vec<(f32, u64)> = Vec::with_capacity(k + 1);
+    for (i, v) in data.chunks_exact(dim).enumerate() {
+        let s = dot(q, v);
+        if best.len() < k || s > best[best.len() - 1].0 {
+            let at = best.partition_point(|(b, _)| *b >= s);
+            best.insert(at, (s, i as u64));
+            best.truncate(k);
+        }
+    }
+    best.into_iter().map(|(_, i)| i).collect()
+}
+
+/// Runs `f` over the queries on `threads` threads; queries per second.
+fn qps(queries: &[f32], dim: usize, threads: usize, f: &(dyn Fn(&[f32]) + Sync)) -> f64 {
+    let n = queries.len() / dim;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for part in 0..threads {
+            s.spawn(move || {
+                for (i, q) in queries.chunks_exact(dim).enumerate() {
+                    if i % threads == part {
+                        f(q);
+                    }
+                }
+            });
+        }
+    });
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ann-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let (mut n, mut dim, mut nq, mut clusters, mut sqlite_q) = (200_000, 384, 1000, 1000, 20);
+    let mut efs = vec![32usize, 64, 128];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--n" => n = value("--n")?.parse()?,
+            "--dim" => dim = value("--dim")?.parse()?,
+            "--queries" => nq = value("--queries")?.parse()?,
+            "--clusters" => clusters = value("--clusters")?.parse()?,
+            "--sqlite-queries" => sqlite_q = value("--sqlite-queries")?.parse()?,
+            "--ef" => {
+                efs = value("--ef")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown argument `{other}`\n{USAGE}"),
+        }
+    }
+    eprintln!("generating {n} x {dim} clustered vectors ({clusters} clusters), {nq} queries");
+    // Queries come from the same clusters, but are not indexed.
+    let mut data = clustered(n + nq, dim, clusters, 42);
+    let queries = data.split_off(n * dim);
+
+    // Ground truth and the exact baseline.
+    eprintln!("exact top-10 of every query (2 threads)");
+    let truth: Vec<Vec<u64>> = {
+        let chunks: Vec<&[f32]> = queries.chunks_exact(dim).collect();
+        let mut out = vec![Vec::new(); chunks.len()];
+        std::thread::scope(|s| {
+            for (part, slot) in out.chunks_mut(chunks.len().div_ceil(2)).enumerate() {
+                let chunks = &chunks;
+                let data = &data;
+                s.spawn(move || {
+                    let base = part * chunks.len().div_ceil(2);
+                    for (j, o) in slot.iter_mut().enumerate() {
+                        *o = exact_top(data, dim, chunks[base + j], 10);
+                    }
+                });
+            }
+        });
+        out
+    };
+    let exact_sample = &queries[..dim * nq.min(100)];
+    let exact_q1 = qps(exact_sample, dim, 1, &|q| {
+        std::hint::black_box(exact_top(&data, dim, q, 10));
+    });
+    let exact_q2 = qps(exact_sample, dim, 2, &|q| {
+        std::hint::black_box(exact_top(&data, dim, q, 10));
+    });
+
+    let pairs: Vec<(u64, &[f32])> = data
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(i, v)| (i as u64, v))
+        .collect();
+    let mut lines = Vec::new();
+    lines.push(format!(
+        "| exact, in memory (baseline) | | | 1.000 | {exact_q1:.0} | {exact_q2:.0} | 1.0x |"
+    ));
+    let dir = std::env::temp_dir().join(format!("freshindex-ann-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut built = Vec::new();
+    for half in [false, true] {
+        let params = HnswParams {
+            half_precision: half,
+            ..HnswParams::default()
+        };
+        eprintln!(
+            "building HNSW ({}, M {}, ef_construction {}) on 2 threads",
+            if half { "f16" } else { "f32" },
+            params.m,
+            params.ef_construction
+        );
+        let t = Instant::now();
+        let index = HnswIndex::build(dim, Metric::Cosine, &params, &pairs, 2)?;
+        let build_s = t.elapsed().as_secs_f64();
+        let path = dir.join(format!("{}.hnsw", if half { "f16" } else { "f32" }));
+        index.save(&path)?;
+        let size_mb = std::fs::metadata(&path)?.len() as f64 / (1 << 20) as f64;
+        let t = Instant::now();
+        let view = HnswIndex::open(&path, true, 64)?;
+        let open_ms = t.elapsed().as_secs_f64() * 1000.0;
+        drop(view);
+        for &ef in &efs {
+            let index = HnswIndex::open(&path, false, ef)?;
+            let mut hit = 0;
+            for (q, want) in queries.chunks_exact(dim).zip(&truth) {
+                let got = index.search(q, 10, None)?;
+                hit += want
+                    .iter()
+                    .filter(|i| got.iter().any(|(g, _)| g == *i))
+                    .count();
+            }
+            let recall = hit as f64 / (truth.len() * 10) as f64;
+            let search = |q: &[f32]| {
+                let _ = std::hint::black_box(index.search(q, 10, None));
+            };
+            let q1 = qps(&queries, dim, 1, &search);
+            let q2 = qps(&queries, dim, 2, &search);
+            lines.push(format!(
+                "| HNSW {}, ef {ef} | {build_s:.1} s | {size_mb:.0} MiB (view opens in {open_ms:.1} ms) | {recall:.3} | {q1:.0} | {q2:.0} | {:.1}x |",
+                if half { "f16" } else { "f32" },
+                q1 / exact_q1
+            ));
+        }
+        built.push(path);
+    }
+
+    // Search latency while another index builds on the other core.
+    let index = HnswIndex::open(&built[0], false, 64)?;
+    let building = AtomicBool::new(true);
+    let mut during = Vec::new();
+    std::thread::scope(|s| -> Result<()> {
+        let builder = s.spawn(|| {
+            let r = HnswIndex::build(dim, Metric::Cosine, &HnswParams::default(), &pairs, 1);
+            building.store(false, Ordering::Relaxed);
+            r.map(|_| ())
+        });
+        let mut i = 0;
+        while building.load(Ordering::Relaxed) {
+            let q = &queries[(i % nq) * dim..][..dim];
+            let t = Instant::now();
+            std::hint::black_box(index.search(q, 10, None)?);
+            during.push(t.elapsed().as_secs_f64() * 1000.0);
+            i += 1;
+        }
+        builder
+            .join()
+            .map_err(|_| anyhow::anyhow!("build thread panicked"))??;
+        Ok(())
+    })?;
+    let mut idle = Vec::new();
+    for q in queries.chunks_exact(dim) {
+        let t = Instant::now();
+        std::hint::black_box(index.search(q, 10, None)?);
+        idle.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    during.sort_by(f64::total_cmp);
+    idle.sort_by(f64::total_cmp);
+
+    // The built-in SQLite collection (exact, on disk) on a sample of queries.
+    let sqlite_line = if sqlite_q > 0 {
+        eprintln!("loading the SQLite collection");
+        let c = SqliteCollection::open(&dir.join("exact.sqlite"), "exact", Some(dim))?;
+        let rows: Vec<Row> = data
+            .chunks_exact(dim)
+            .enumerate()
+            .map(|(i, v)| Row {
+                key: format!("{i:08}"),
+                vector: v.to_vec(),
+                payload: RowPayload {
+                    source: format!("doc-{i}"),
+                    range: [0, 0],
+                    text: String::new(),
+                    metadata: None,
+                },
+            })
+            .collect();
+        for part in rows.chunks(10_000) {
+            c.upsert(part)?;
+        }
+        let sample = &queries[..dim * sqlite_q.min(nq)];
+        let q1 = qps(sample, dim, 1, &|q| {
+            let _ = std::hint::black_box(c.search(q, 10, None));
+        });
+        Some(format!(
+            "| exact, SQLite collection (today's target) | | | 1.000 | {q1:.1} | | {:.2}x |",
+            q1 / exact_q1
+        ))
+    } else {
+        None
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "ANN on {n} x {dim} clustered unit vectors ({clusters} clusters), {nq} queries, k = 10, M 16, ef_construction 128"
+    );
+    println!(
+        "| index | build (2 threads) | size | recall@10 | QPS 1 thread | QPS 2 threads | QPS vs exact (1 thread) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for l in &lines {
+        println!("{l}");
+    }
+    if let Some(l) = sqlite_line {
+        println!("{l}");
+    }
+    println!(
+        "search latency (HNSW f32, ef 64, 1 thread): idle p50 {:.3} ms, p99 {:.3} ms; while an index builds on the other core: p50 {:.3} ms, p99 {:.3} ms ({} searches)",
+        percentile(&idle, 0.5),
+        percentile(&idle, 0.99),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+        during.len()
+    );
+    Ok(())
+}
