@@ -7,6 +7,7 @@
 
 pub mod ann;
 mod sqlite;
+pub mod wal;
 
 use std::path::{Path, PathBuf};
 
