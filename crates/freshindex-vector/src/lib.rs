@@ -6,12 +6,14 @@
 //! `apply` one durable transaction) with exact search. No threads of its own.
 
 pub mod ann;
+pub mod segmented;
 mod sqlite;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
 
 pub use freshindex_core::{Row, RowPayload};
+pub use segmented::{SegmentOptions, SegmentStats, SegmentedCollection};
 pub use sqlite::SqliteCollection;
 
 /// Errors of collections.
