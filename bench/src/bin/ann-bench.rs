@@ -89,6 +89,53 @@ fn qps(queries: &[f32], dim: usize, threads: usize, f: &(dyn Fn(&[f32]) + Sync))
     n as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The pure-Rust alternative, hnsw_rs, with the same M and ef_construction (built with its
+/// parallel insert, which uses every core).
+#[cfg(feature = "compare-hnsw-rs")]
+fn hnsw_rs_lines(
+    data: &[f32],
+    dim: usize,
+    queries: &[f32],
+    truth: &[Vec<u64>],
+    efs: &[usize],
+    exact_q1: f64,
+) -> Vec<String> {
+    use hnsw_rs::prelude::{DistCosine, Hnsw};
+    let n = data.len() / dim;
+    eprintln!("building hnsw_rs (M 16, ef_construction 128)");
+    let items: Vec<(&[f32], usize)> = data
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(i, v)| (v, i))
+        .collect();
+    let t = Instant::now();
+    let index: Hnsw<f32, DistCosine> = Hnsw::new(16, n, 16, 128, DistCosine {});
+    index.parallel_insert_slice(&items);
+    let build_s = t.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    for &ef in efs {
+        let mut hit = 0;
+        for (q, want) in queries.chunks_exact(dim).zip(truth) {
+            let got = index.search(q, 10, ef);
+            hit += want
+                .iter()
+                .filter(|i| got.iter().any(|g| g.d_id as u64 == **i))
+                .count();
+        }
+        let recall = hit as f64 / (truth.len() * 10) as f64;
+        let search = |q: &[f32]| {
+            std::hint::black_box(index.search(q, 10, ef));
+        };
+        let q1 = qps(queries, dim, 1, &search);
+        let q2 = qps(queries, dim, 2, &search);
+        out.push(format!(
+            "| hnsw_rs f32, ef {ef} | {build_s:.1} s | (in memory) | {recall:.3} | {q1:.0} | {q2:.0} | {:.1}x |",
+            q1 / exact_q1
+        ));
+    }
+    out
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -218,6 +265,9 @@ fn run() -> Result<()> {
         }
         built.push(path);
     }
+
+    #[cfg(feature = "compare-hnsw-rs")]
+    lines.extend(hnsw_rs_lines(&data, dim, &queries, &truth, &efs, exact_q1));
 
     // Search latency while another index builds on the other core.
     let index = HnswIndex::open(&built[0], false, 64)?;
