@@ -363,10 +363,10 @@ mod tests {
             .collect();
         let index =
             HnswIndex::build(32, Metric::Cosine, &HnswParams::default(), &pairs, 1).expect("build");
-        let even = |id: u64| id % 2 == 0;
+        let even = |id: u64| id.is_multiple_of(2);
         let hits = index.search(&data[11], 10, Some(&even)).expect("search");
         assert_eq!(hits.len(), 10);
-        assert!(hits.iter().all(|(id, _)| id % 2 == 0), "{hits:?}");
+        assert!(hits.iter().all(|(id, _)| id.is_multiple_of(2)), "{hits:?}");
         let want = exact(&data, &data[11], 10, even);
         let found = hits.iter().filter(|(id, _)| want.contains(id)).count();
         assert!(found >= 9, "{hits:?} vs {want:?}");

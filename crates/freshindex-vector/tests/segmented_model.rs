@@ -32,7 +32,10 @@ fn row(key: u8, seed: u16) -> Row {
         key: format!("k{key:02}"),
         vector: vector(seed),
         payload: RowPayload {
-            source: format!("{}/doc{key}", if key % 2 == 0 { "even" } else { "odd" }),
+            source: format!(
+                "{}/doc{key}",
+                if key.is_multiple_of(2) { "even" } else { "odd" }
+            ),
             range: [0, usize::from(seed)],
             text: format!("text {seed}"),
             metadata: None,
@@ -308,7 +311,7 @@ fn indexed_segments_keep_recall_and_honour_deletes_and_filters() {
             key: format!("r{i:05}"),
             vector: v.clone(),
             payload: RowPayload {
-                source: format!("{}/{i}", if i % 3 == 0 { "third" } else { "rest" }),
+                source: format!("{}/{i}", if i.is_multiple_of(3) { "third" } else { "rest" }),
                 range: [0, 0],
                 text: String::new(),
                 metadata: None,
