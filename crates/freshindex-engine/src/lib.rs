@@ -42,7 +42,7 @@ pub enum EngineError {
     Store(#[from] freshindex_store::StoreError),
     /// The target failed.
     #[error(transparent)]
-    Target(#[from] freshindex_vector::VectorError),
+    Target(freshindex_vector::VectorError),
     /// No such flow in the state.
     #[error("{0}")]
     NotFound(String),
@@ -63,6 +63,17 @@ pub enum EngineError {
     /// before it finished; what it did is committed, and the next run does the rest.
     #[error("{0}")]
     Cancelled(String),
+}
+
+impl From<freshindex_vector::VectorError> for EngineError {
+    fn from(e: freshindex_vector::VectorError) -> EngineError {
+        match e {
+            // Another process writes the collection: the same "wait or go through it" as a
+            // flow lock held elsewhere.
+            freshindex_vector::VectorError::Locked { .. } => EngineError::Busy(e.to_string()),
+            e => EngineError::Target(e),
+        }
+    }
 }
 
 impl EngineError {

@@ -11,7 +11,7 @@ use freshindex_store::{
     BatchCommit, FenceCheck, FenceError, FlowId, ItemChange, ItemLineage, ItemRecord, StoreError,
     TrackedRow,
 };
-use freshindex_vector::{SqliteCollection, VectorCollection, decode_vector, encode_vector};
+use freshindex_vector::{SegmentedCollection, VectorCollection, decode_vector, encode_vector};
 
 use crate::failpoint;
 use crate::plan::{plan_item, row_fp, row_key};
@@ -280,7 +280,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) embedder: Box<dyn Embedder>,
     pub(crate) splitter: Splitter,
     pub(crate) memo: RunMemo,
-    pub(crate) collection: Arc<SqliteCollection>,
+    pub(crate) collection: Arc<SegmentedCollection>,
     pub(crate) tally: Mutex<Tally>,
     pub(crate) progress: &'a dyn Progress,
     /// The lease holder the batches process for (fenced before every write).

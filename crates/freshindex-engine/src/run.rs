@@ -20,7 +20,7 @@ use freshindex_store::{
     BatchCommit, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind, RunEnd, RunId,
     SqliteStore, StateStore, StoreError,
 };
-use freshindex_vector::{Collections, Filter, SearchHit, SqliteCollection, VectorCollection};
+use freshindex_vector::{Collections, Filter, SearchHit, SegmentedCollection, VectorCollection};
 
 use crate::EngineError;
 use crate::failpoint;
@@ -128,7 +128,7 @@ pub struct Engine {
     /// a lock per flow, held for the whole of a run of that flow.
     dir: Option<PathBuf>,
     /// Open collections, shared by runs and item operations.
-    open: Mutex<HashMap<String, Arc<SqliteCollection>>>,
+    open: Mutex<HashMap<String, Arc<SegmentedCollection>>>,
     /// Serializes two-phase writes, so that a fence check and the write it allows are atomic
     /// with respect to every other write of this process.
     writer: Mutex<()>,
@@ -207,7 +207,7 @@ impl Engine {
         &self,
         name: &str,
         dimension: usize,
-    ) -> Result<Arc<SqliteCollection>, EngineError> {
+    ) -> Result<Arc<SegmentedCollection>, EngineError> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = open.get(name) {
             if c.dimension() != dimension {
@@ -225,6 +225,27 @@ impl Engine {
         Ok(c)
     }
 
+    /// The existing collection `name` for writing, opened once and shared (`None`: there is
+    /// no such collection).
+    pub(crate) fn existing_collection(
+        &self,
+        name: &str,
+    ) -> Result<Option<Arc<SegmentedCollection>>, EngineError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = open.get(name) {
+            return Ok(Some(c.clone()));
+        }
+        match self.collections.open_writable(name) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                open.insert(name.to_string(), c.clone());
+                Ok(Some(c))
+            }
+            Err(freshindex_vector::VectorError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The folder of collections.
     pub(crate) fn collections(&self) -> &Collections {
         &self.collections
@@ -238,10 +259,13 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
-        let count = |c: &SqliteCollection| freshindex_vector::VectorCollection::count(c).ok();
         match open {
-            Some(c) => count(&c),
-            None => self.collections.open(name).ok().as_ref().and_then(count),
+            Some(c) => c.count().ok(),
+            None => self
+                .collections
+                .open(name)
+                .ok()
+                .and_then(|c| c.count().ok()),
         }
     }
 
@@ -696,11 +720,7 @@ impl Engine {
     /// same with its current target. Returns how many items were forgotten and how many
     /// tracked rows deleted.
     pub(crate) fn leave_target(&self, flow: FlowId, old: &str) -> Result<(u64, u64), EngineError> {
-        let old = match self.collections.open(old) {
-            Ok(c) => Some(c),
-            Err(freshindex_vector::VectorError::NotFound(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
+        let old = self.existing_collection(old)?;
         let items = self.store.items(flow)?;
         let mut rows = 0u64;
         for part in items.chunks(1024) {
@@ -742,8 +762,16 @@ impl Engine {
         Ok((items.len() as u64, rows))
     }
 
-    fn collection_of(&self, spec: &FlowSpec) -> Result<SqliteCollection, EngineError> {
-        Ok(self.collections.open(spec.target.collection())?)
+    /// The flow's target for reading: the handle this engine writes through when it has one
+    /// open, else a read-only snapshot (another process may be writing it).
+    fn collection_of(&self, spec: &FlowSpec) -> Result<Arc<dyn VectorCollection>, EngineError> {
+        let name = spec.target.collection();
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = open.get(name) {
+            return Ok(c.clone());
+        }
+        drop(open);
+        Ok(Arc::from(self.collections.open(name)?))
     }
 
     /// The `k` chunks of `flow` closest to `query`.

@@ -223,6 +223,11 @@ mod hnsw {
         pub fn metric(&self) -> Metric {
             self.metric
         }
+
+        /// The dimension of its vectors.
+        pub fn dimension(&self) -> usize {
+            self.dimension
+        }
     }
 
     impl AnnIndex for HnswIndex {

@@ -1,9 +1,10 @@
 //! Vector collections: the built-in target of a flow.
 //!
 //! A collection holds rows (key, vector, payload) of one dimension and answers top-k searches
-//! under a metric. [`VectorCollection`] is the API every collection implementation keeps;
-//! [`SqliteCollection`] is the first one: durable on disk (one SQLite file per collection, every
-//! `apply` one durable transaction) with exact search. No threads of its own.
+//! under a metric. [`VectorCollection`] is the API every collection implementation keeps.
+//! [`SegmentedCollection`] is the one flows write to: segments, an append log, HNSW indexes
+//! on sealed segments. [`SqliteCollection`] (one SQLite file, exact search) is the earlier
+//! format, still read, and migrated by [`Collections`] on first write. No threads of their own.
 
 pub mod ann;
 pub mod segmented;
@@ -13,7 +14,9 @@ pub mod wal;
 use std::path::{Path, PathBuf};
 
 pub use freshindex_core::{Row, RowPayload};
-pub use segmented::{SegmentOptions, SegmentStats, SegmentedCollection};
+#[cfg(feature = "hnsw")]
+pub use segmented::build_segment_index;
+pub use segmented::{SegmentInfo, SegmentOptions, SegmentStats, SegmentedCollection};
 pub use sqlite::SqliteCollection;
 
 /// Errors of collections.
@@ -40,6 +43,17 @@ pub enum VectorError {
     /// No such collection.
     #[error("no collection named `{0}`")]
     NotFound(String),
+    /// Another process has the collection open for writing.
+    #[error("collection `{collection}`: {message}")]
+    Locked {
+        /// Collection name.
+        collection: String,
+        /// Who holds it, and what to do.
+        message: String,
+    },
+    /// A write to a collection opened read-only.
+    #[error("collection `{0}` is open read-only here")]
+    ReadOnly(String),
     /// An ANN index could not be built, saved, opened or searched.
     #[error("index: {0}")]
     Index(String),
@@ -112,65 +126,183 @@ pub trait VectorCollection: Send + Sync {
     fn scan(&self, visit: &mut dyn FnMut(Row) -> Result<()>) -> Result<()>;
 }
 
-/// The folder of a data directory's collections.
+/// The folder of a data directory's collections: one [`SegmentedCollection`] folder per
+/// collection. A collection still in the older one-file SQLite format (`NAME.sqlite`) is
+/// migrated when it is first opened for writing.
 #[derive(Clone, Debug)]
 pub struct Collections {
     dir: PathBuf,
+    opts: SegmentOptions,
 }
 
 impl Collections {
-    /// Collections stored under `dir` (created on first use).
+    /// Collections stored under `dir` (created on first use), with default segment options.
     pub fn new(dir: &Path) -> Collections {
+        Collections::with_options(dir, SegmentOptions::default())
+    }
+
+    /// Collections stored under `dir`, laid out and indexed by `opts`.
+    pub fn with_options(dir: &Path, opts: SegmentOptions) -> Collections {
         Collections {
             dir: dir.to_path_buf(),
+            opts,
         }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    /// The folder of collection `name`.
+    pub fn folder(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn legacy(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.sqlite"))
     }
 
-    /// Opens the collection `name`, creating it with `dimension` if it does not exist.
-    pub fn open_or_create(&self, name: &str, dimension: usize) -> Result<SqliteCollection> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| VectorError::Storage {
+    fn storage(name: &str, message: String) -> VectorError {
+        VectorError::Storage {
             collection: name.into(),
-            message: format!("cannot create {}: {e}", self.dir.display()),
-        })?;
-        SqliteCollection::open(&self.path(name), name, Some(dimension))
+            message,
+        }
     }
 
-    /// Removes the collection's files (the database and its journal files). The caller makes
-    /// sure nothing has it open. Returns whether it existed.
+    /// Opens the collection `name` for writing (this process becomes its only writer),
+    /// creating it with `dimension` if it does not exist.
+    pub fn open_or_create(&self, name: &str, dimension: usize) -> Result<SegmentedCollection> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| {
+            Self::storage(name, format!("cannot create {}: {e}", self.dir.display()))
+        })?;
+        self.migrate(name)?;
+        SegmentedCollection::open(
+            &self.folder(name),
+            name,
+            Some((dimension, Metric::Cosine)),
+            self.opts.clone(),
+        )
+    }
+
+    /// Opens an existing collection for writing (migrating one in the older format).
+    pub fn open_writable(&self, name: &str) -> Result<SegmentedCollection> {
+        if !self.folder(name).join("MANIFEST").exists() && !self.legacy(name).exists() {
+            return Err(VectorError::NotFound(name.into()));
+        }
+        self.migrate(name)?;
+        SegmentedCollection::open(&self.folder(name), name, None, self.opts.clone())
+    }
+
+    /// Opens an existing collection to read it, without writing anything: usable while
+    /// another process has it open for writing.
+    pub fn open(&self, name: &str) -> Result<Box<dyn VectorCollection>> {
+        let folder = self.folder(name);
+        if folder.join("MANIFEST").exists() {
+            return Ok(Box::new(SegmentedCollection::open_read_only(
+                &folder,
+                name,
+                self.opts.clone(),
+            )?));
+        }
+        let legacy = self.legacy(name);
+        if legacy.exists() {
+            return Ok(Box::new(SqliteCollection::open(&legacy, name, None)?));
+        }
+        Err(VectorError::NotFound(name.into()))
+    }
+
+    /// Converts a one-file SQLite collection into a segmented one. Crash-safe: the new
+    /// collection is built in `NAME.migrating` and renamed into place before the old file is
+    /// removed; a migration cut short starts over.
+    fn migrate(&self, name: &str) -> Result<()> {
+        let legacy = self.legacy(name);
+        let folder = self.folder(name);
+        if !legacy.exists() {
+            return Ok(());
+        }
+        if !folder.join("MANIFEST").exists() {
+            let old = SqliteCollection::open(&legacy, name, None)?;
+            let tmp = self.dir.join(format!("{name}.migrating"));
+            let fs = |what: &str, p: &Path, e: std::io::Error| {
+                Self::storage(name, format!("migrating: {what} {}: {e}", p.display()))
+            };
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(|e| fs("removing", &tmp, e))?;
+            }
+            let opts = SegmentOptions {
+                build_at_seal: false,
+                ..self.opts.clone()
+            };
+            let new = SegmentedCollection::open(
+                &tmp,
+                name,
+                Some((old.dimension(), Metric::Cosine)),
+                opts,
+            )?;
+            let mut batch = Vec::with_capacity(1024);
+            old.scan(&mut |row| {
+                batch.push(row);
+                if batch.len() == 1024 {
+                    new.upsert(&batch)?;
+                    batch.clear();
+                }
+                Ok(())
+            })?;
+            new.upsert(&batch)?;
+            new.seal()?;
+            drop(new);
+            drop(old);
+            if folder.exists() {
+                // Only a lock file can be there (a failed open): nothing to keep.
+                std::fs::remove_dir_all(&folder).map_err(|e| fs("removing", &folder, e))?;
+            }
+            std::fs::rename(&tmp, &folder).map_err(|e| fs("renaming", &tmp, e))?;
+            wal::sync_dir(&folder)?;
+        }
+        remove_sqlite_files(&legacy, name)
+    }
+
+    /// Removes the collection's files. Fails when another handle has it open for writing.
+    /// Returns whether it existed.
     pub fn remove(&self, name: &str) -> Result<bool> {
-        let path = self.path(name);
-        let existed = path.exists();
-        // Journal files first: a crash part-way must not leave a journal that SQLite would
-        // replay into a new collection created at the same path.
-        for suffix in ["-wal", "-journal", "-shm", ""] {
-            let mut p = path.clone().into_os_string();
-            p.push(suffix);
-            match std::fs::remove_file(&p) {
+        let folder = self.folder(name);
+        let legacy = self.legacy(name);
+        let mut existed = legacy.exists();
+        remove_sqlite_files(&legacy, name)?;
+        if folder.exists() {
+            existed |= folder.join("MANIFEST").exists();
+            // Holding the lock proves no handle writes it; the manifest goes first, so a
+            // removal cut short leaves no collection behind, only files.
+            let lock = segmented::lock_dir(&folder, name)?;
+            let gone = |e: std::io::Error| {
+                Self::storage(name, format!("cannot remove {}: {e}", folder.display()))
+            };
+            match std::fs::remove_file(folder.join("MANIFEST")) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(VectorError::Storage {
-                        collection: name.into(),
-                        message: format!("cannot remove {}: {e}", PathBuf::from(p).display()),
-                    });
-                }
+                Err(e) => return Err(gone(e)),
             }
+            drop(lock);
+            std::fs::remove_dir_all(&folder).map_err(gone)?;
         }
         Ok(existed)
     }
+}
 
-    /// Opens an existing collection.
-    pub fn open(&self, name: &str) -> Result<SqliteCollection> {
-        let path = self.path(name);
-        if !path.exists() {
-            return Err(VectorError::NotFound(name.into()));
+/// Removes a SQLite collection file, its journal files first: a crash part-way must not leave
+/// a journal that SQLite would replay into a new collection created at the same path.
+fn remove_sqlite_files(path: &Path, name: &str) -> Result<()> {
+    for suffix in ["-wal", "-journal", "-shm", ""] {
+        let mut p = path.to_path_buf().into_os_string();
+        p.push(suffix);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Collections::storage(
+                    name,
+                    format!("cannot remove {}: {e}", PathBuf::from(p).display()),
+                ));
+            }
         }
-        SqliteCollection::open(&path, name, None)
     }
+    Ok(())
 }
 
 /// Cosine similarity of two vectors of equal length (0 when either is zero).

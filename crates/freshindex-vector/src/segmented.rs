@@ -47,6 +47,10 @@ pub struct SegmentOptions {
     pub compact_ratio: f64,
     /// The index sealed segments get (`None`: exact search only).
     pub index: Option<HnswParams>,
+    /// Build a sealed segment's index during the seal itself (holding writes meanwhile).
+    /// Without it, sealed segments are searched exactly until an index built elsewhere is
+    /// attached with [`SegmentedCollection::attach_index`] (what the index service does).
+    pub build_at_seal: bool,
 }
 
 impl Default for SegmentOptions {
@@ -55,6 +59,7 @@ impl Default for SegmentOptions {
             seal_rows: 50_000,
             compact_ratio: 0.3,
             index: Some(HnswParams::default()),
+            build_at_seal: false,
         }
     }
 }
@@ -96,7 +101,8 @@ impl Sealed {
 
 struct State {
     manifest: Manifest,
-    wal: AppendLog,
+    /// `None` when opened read-only.
+    wal: Option<AppendLog>,
     growing: BTreeMap<String, (Vec<f32>, RowPayload)>,
     sealed: Vec<Sealed>,
     /// Live rows of sealed segments: key → (position in `sealed`, row).
@@ -113,6 +119,24 @@ pub struct SegmentedCollection {
     metric: Metric,
     opts: SegmentOptions,
     state: RwLock<State>,
+    /// The exclusive lock on `LOCK` a writable handle holds for its lifetime (`None`:
+    /// read-only).
+    lock: Option<std::fs::File>,
+}
+
+/// A sealed segment, for the index service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SegmentInfo {
+    /// Segment id (unique within the collection, never reused).
+    pub id: u64,
+    /// Rows the segment file holds (deleted ones included).
+    pub rows: u64,
+    /// Rows not deleted.
+    pub live: u64,
+    /// Whether an index serves it.
+    pub indexed: bool,
+    /// The segment file (immutable once sealed).
+    pub data_path: PathBuf,
 }
 
 impl std::fmt::Debug for SegmentedCollection {
@@ -249,9 +273,10 @@ impl SegmentedCollection {
         self.dir.join(file)
     }
 
-    /// Opens the collection in folder `dir`, creating it with `create` (dimension, metric)
-    /// when the folder has none. Replays the log (dropping a torn tail) and removes files a
-    /// seal or compaction cut short left behind.
+    /// Opens the collection in folder `dir` for writing, creating it with `create`
+    /// (dimension, metric) when the folder has none. Takes the folder's lock (one writing
+    /// handle per collection, across processes), replays the log (dropping a torn tail) and
+    /// removes files a seal or compaction cut short left behind.
     pub fn open(
         dir: &Path,
         name: &str,
@@ -262,16 +287,18 @@ impl SegmentedCollection {
             collection: name.into(),
             message: m,
         };
-        let manifest_path = dir.join("MANIFEST");
-        let manifest: Manifest = match std::fs::read(&manifest_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| storage(format!("{}: {e}", manifest_path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        if create.is_none() && !dir.join("MANIFEST").exists() {
+            return Err(VectorError::NotFound(name.into()));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| storage(format!("creating {}: {e}", dir.display())))?;
+        let lock = lock_dir(dir, name)?;
+        let manifest = match read_manifest(dir, name)? {
+            Some(m) => m,
+            None => {
                 let Some((dimension, metric)) = create else {
                     return Err(VectorError::NotFound(name.into()));
                 };
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| storage(format!("creating {}: {e}", dir.display())))?;
                 let m = Manifest {
                     format: 1,
                     dimension,
@@ -281,10 +308,9 @@ impl SegmentedCollection {
                     segments: Vec::new(),
                 };
                 AppendLog::create(&dir.join("wal-1.log"), 1)?;
-                write_manifest(dir, &m).map_err(|e| storage(e.to_string()))?;
+                write_manifest(dir, &m).map_err(storage)?;
                 m
             }
-            Err(e) => return Err(storage(format!("{}: {e}", manifest_path.display()))),
         };
         if let Some((d, _)) = create
             && d != manifest.dimension
@@ -295,13 +321,65 @@ impl SegmentedCollection {
                 got: d,
             });
         }
-        let dim = manifest.dimension;
         let wal_path = dir.join(format!("wal-{}.log", manifest.generation));
         let (wal, replay) = AppendLog::open(&wal_path)?;
-        let mut c = SegmentedCollection {
+        if let Some(t) = &replay.torn {
+            tracing_warn(
+                name,
+                &format!(
+                    "dropped a torn tail of the log at byte {} ({} bytes: {})",
+                    t.offset, t.dropped, t.why
+                ),
+            );
+        }
+        let mut c = SegmentedCollection::empty(dir, name, &manifest, opts, Some(wal), Some(lock));
+        c.remove_leftovers(&manifest)?;
+        c.load(&manifest, &replay.records)?;
+        Ok(c)
+    }
+
+    /// Opens a snapshot of the collection without writing anything, while another process
+    /// may hold it open for writing: the manifest, the segments it names and the log's
+    /// intact records (a torn tail may be an append in progress). When a writer replaced
+    /// files meanwhile, it reads again.
+    pub fn open_read_only(
+        dir: &Path,
+        name: &str,
+        opts: SegmentOptions,
+    ) -> Result<SegmentedCollection> {
+        let mut attempt = 0;
+        loop {
+            let Some(manifest) = read_manifest(dir, name)? else {
+                return Err(VectorError::NotFound(name.into()));
+            };
+            let loaded = (|| {
+                let wal_path = dir.join(format!("wal-{}.log", manifest.generation));
+                let replay = AppendLog::read(&wal_path)?;
+                let mut c =
+                    SegmentedCollection::empty(dir, name, &manifest, opts.clone(), None, None);
+                c.load(&manifest, &replay.records)?;
+                Ok(c)
+            })();
+            attempt += 1;
+            if attempt < 20 && read_manifest(dir, name)?.as_ref() != Some(&manifest) {
+                continue;
+            }
+            return loaded;
+        }
+    }
+
+    fn empty(
+        dir: &Path,
+        name: &str,
+        manifest: &Manifest,
+        opts: SegmentOptions,
+        wal: Option<AppendLog>,
+        lock: Option<std::fs::File>,
+    ) -> SegmentedCollection {
+        SegmentedCollection {
             name: name.into(),
             dir: dir.to_path_buf(),
-            dimension: dim,
+            dimension: manifest.dimension,
             metric: manifest.metric,
             opts,
             state: RwLock::new(State {
@@ -312,20 +390,15 @@ impl SegmentedCollection {
                 loc: HashMap::new(),
                 dirty: BTreeSet::new(),
             }),
-        };
-        c.remove_leftovers(&manifest)?;
+            lock,
+        }
+    }
+
+    /// Loads the segments `manifest` names and replays the log's `records` over them.
+    fn load(&mut self, manifest: &Manifest, records: &[Vec<u8>]) -> Result<()> {
         let mut sealed = Vec::with_capacity(manifest.segments.len());
         for entry in &manifest.segments {
-            sealed.push(c.load_segment(entry)?);
-        }
-        if let Some(t) = &replay.torn {
-            tracing_warn(
-                name,
-                &format!(
-                    "dropped a torn tail of the log at byte {} ({} bytes: {})",
-                    t.offset, t.dropped, t.why
-                ),
-            );
+            sealed.push(self.load_segment(entry)?);
         }
         let mut loc = HashMap::new();
         for (si, s) in sealed.iter().enumerate() {
@@ -335,19 +408,31 @@ impl SegmentedCollection {
                 }
             }
         }
-        let state = c.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let dim = self.dimension;
+        let wal_path = self.path(&format!("wal-{}.log", manifest.generation));
+        let name = self.name.clone();
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         state.sealed = sealed;
         state.loc = loc;
-        for (i, rec) in replay.records.iter().enumerate() {
-            let (upserts, deletes) = decode_apply(rec, dim).ok_or_else(|| {
-                storage(format!(
-                    "{}: record {i} is intact but not a write of this collection",
-                    wal_path.display()
-                ))
-            })?;
+        for (i, rec) in records.iter().enumerate() {
+            let (upserts, deletes) =
+                decode_apply(rec, dim).ok_or_else(|| VectorError::Storage {
+                    collection: name.clone(),
+                    message: format!(
+                        "{}: record {i} is intact but not a write of this collection",
+                        wal_path.display()
+                    ),
+                })?;
             apply_in_memory(state, upserts, &deletes);
         }
-        Ok(c)
+        Ok(())
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.lock.is_none() {
+            return Err(VectorError::ReadOnly(self.name.clone()));
+        }
+        Ok(())
     }
 
     /// Removes files the manifest does not name (a seal or compaction cut short).
@@ -379,32 +464,15 @@ impl SegmentedCollection {
     }
 
     fn load_segment(&self, entry: &SegmentEntry) -> Result<Sealed> {
-        let dim = self.dimension;
         let path = self.path(&format!("seg-{}.dat", entry.id));
-        let bytes =
-            std::fs::read(&path).map_err(|e| self.err(format!("{}: {e}", path.display())))?;
-        let corrupt = |why: &str| self.err(format!("{}: {why}", path.display()));
-        if bytes.len() < 8 + 32 || &bytes[..8] != SEG_MAGIC {
-            return Err(corrupt("not a segment file"));
-        }
-        let (body, sum) = bytes.split_at(bytes.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(corrupt("checksum mismatch"));
-        }
-        let mut r = Reader { bytes: body, at: 8 };
-        let rows = r.u64().ok_or_else(|| corrupt("truncated header"))? as usize;
-        if rows as u64 != entry.rows || r.u32() != Some(dim as u32) {
-            return Err(corrupt("header does not match the manifest"));
-        }
-        let mut vectors = Vec::with_capacity(rows * dim);
-        r.f32s(rows * dim, &mut vectors)
-            .ok_or_else(|| corrupt("truncated vectors"))?;
-        let mut keys = Vec::with_capacity(rows);
-        let mut payloads = Vec::with_capacity(rows);
-        for _ in 0..rows {
-            keys.push(r.str().ok_or_else(|| corrupt("truncated row"))?.to_string());
-            let p = r.str().ok_or_else(|| corrupt("truncated row"))?;
-            payloads.push(serde_json::from_str(p).map_err(|e| corrupt(&e.to_string()))?);
+        let (keys, vectors, payloads) = read_segment(&path, &self.name, Some(self.dimension))?;
+        let rows = keys.len();
+        if rows as u64 != entry.rows {
+            return Err(self.err(format!(
+                "{}: {rows} rows where the manifest says {}",
+                path.display(),
+                entry.rows
+            )));
         }
         let mut deleted = vec![false; rows];
         let del_path = self.path(&format!("seg-{}.del", entry.id));
@@ -452,6 +520,7 @@ impl SegmentedCollection {
 
     /// Seals the growing segment now (when it holds rows).
     pub fn seal(&self) -> Result<()> {
+        self.writable()?;
         let mut st = self.write();
         self.seal_locked(&mut st)
     }
@@ -491,7 +560,7 @@ impl SegmentedCollection {
         // Committed: the old log is replaced.
         let _ = std::fs::remove_file(self.path(&format!("wal-{}.log", st.manifest.generation)));
         st.manifest = m;
-        st.wal = wal;
+        st.wal = Some(wal);
         st.dirty.clear();
         st.growing.clear();
         if let Some(s) = new {
@@ -532,7 +601,7 @@ impl SegmentedCollection {
         let n = keys.len();
         #[cfg(feature = "hnsw")]
         let index = match &self.opts.index {
-            Some(params) if n > 0 => {
+            Some(params) if n > 0 && self.opts.build_at_seal => {
                 let pairs: Vec<(u64, &[f32])> = (0..n)
                     .map(|i| (i as u64, &vectors[i * dim..(i + 1) * dim]))
                     .collect();
@@ -583,6 +652,7 @@ impl SegmentedCollection {
     /// Rewrites sealed segments whose share of deleted rows reached `compact_ratio` into one
     /// new segment of their live rows. Returns how many segments were rewritten.
     pub fn compact(&self) -> Result<usize> {
+        self.writable()?;
         let mut st = self.write();
         let ratio = self.opts.compact_ratio;
         let victims: Vec<usize> = st
@@ -679,6 +749,124 @@ impl SegmentedCollection {
     pub fn metric(&self) -> Metric {
         self.metric
     }
+
+    /// The collection's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The index parameters sealed segments are indexed with (`None`: exact only).
+    pub fn index_params(&self) -> Option<&HnswParams> {
+        self.opts.index.as_ref()
+    }
+
+    /// The sealed segments, in manifest order.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let st = self.read();
+        st.sealed
+            .iter()
+            .map(|s| SegmentInfo {
+                id: s.id,
+                rows: s.keys.len() as u64,
+                live: s.live as u64,
+                indexed: has_index(s),
+                data_path: self.path(&format!("seg-{}.dat", s.id)),
+            })
+            .collect()
+    }
+
+    /// Attaches the index file `built` (made by [`build_segment_index`] from this segment's
+    /// data) to sealed segment `segment`: the file moves into the collection's folder, the
+    /// manifest records it, and searches use it from then on. Returns `false`, leaving `built`
+    /// in place, when the segment no longer exists (compacted away) or already has an index.
+    pub fn attach_index(&self, segment: u64, built: &Path) -> Result<bool> {
+        self.writable()?;
+        let mut st = self.write();
+        let Some(pos) = st.sealed.iter().position(|s| s.id == segment) else {
+            return Ok(false);
+        };
+        if has_index(&st.sealed[pos]) {
+            return Ok(false);
+        }
+        self.attach_locked(&mut st, pos, built)?;
+        Ok(true)
+    }
+
+    #[cfg(feature = "hnsw")]
+    fn attach_locked(&self, st: &mut State, pos: usize, built: &Path) -> Result<()> {
+        let Some(params) = &self.opts.index else {
+            return Err(VectorError::Index(format!(
+                "collection `{}` has no index configured",
+                self.name
+            )));
+        };
+        let id = st.sealed[pos].id;
+        let dest = self.path(&format!("seg-{id}.hnsw"));
+        let io =
+            |what: &str, e: std::io::Error| self.err(format!("{what} {}: {e}", dest.display()));
+        if let Err(e) = std::fs::rename(built, &dest) {
+            if e.kind() != std::io::ErrorKind::CrossesDevices {
+                return Err(io("moving the index to", e));
+            }
+            std::fs::copy(built, &dest).map_err(|e| io("copying the index to", e))?;
+            std::fs::File::open(&dest)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("syncing", e))?;
+            let _ = std::fs::remove_file(built);
+        }
+        sync_dir(&dest)?;
+        let index = HnswIndex::open(&dest, true, params.ef_search)?;
+        let rows = st.sealed[pos].keys.len();
+        if index.len() != rows || index.dimension() != self.dimension {
+            let _ = std::fs::remove_file(&dest);
+            return Err(VectorError::Index(format!(
+                "the index built for segment {id} holds {} vectors of dimension {}, the segment {rows} of {}",
+                index.len(),
+                index.dimension(),
+                self.dimension
+            )));
+        }
+        let mut m = st.manifest.clone();
+        for e in m.segments.iter_mut().filter(|e| e.id == id) {
+            e.indexed = true;
+        }
+        write_manifest(&self.dir, &m).map_err(|e| self.err(e))?;
+        st.manifest = m;
+        st.sealed[pos].index = Some(index);
+        Ok(())
+    }
+
+    #[cfg(not(feature = "hnsw"))]
+    fn attach_locked(&self, _: &mut State, _: usize, _: &Path) -> Result<()> {
+        Err(VectorError::Index(
+            "this build has no HNSW support (cargo feature `hnsw`)".into(),
+        ))
+    }
+
+    /// Removes every segment's index (searches go exact); returns how many there were.
+    pub fn drop_indexes(&self) -> Result<usize> {
+        self.writable()?;
+        let mut st = self.write();
+        let mut m = st.manifest.clone();
+        let mut dropped = 0;
+        for e in m.segments.iter_mut().filter(|e| e.indexed) {
+            e.indexed = false;
+            dropped += 1;
+        }
+        if dropped == 0 {
+            return Ok(0);
+        }
+        write_manifest(&self.dir, &m).map_err(|e| self.err(e))?;
+        st.manifest = m;
+        for s in st.sealed.iter_mut() {
+            #[cfg(feature = "hnsw")]
+            {
+                s.index = None;
+            }
+            let _ = std::fs::remove_file(self.dir.join(format!("seg-{}.hnsw", s.id)));
+        }
+        Ok(dropped)
+    }
 }
 
 #[cfg(feature = "hnsw")]
@@ -734,6 +922,122 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
     sync_dir(path).map_err(|e| e.to_string())
 }
 
+/// Reads `dir/MANIFEST` (`None` when there is none).
+fn read_manifest(dir: &Path, name: &str) -> Result<Option<Manifest>> {
+    let path = dir.join("MANIFEST");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| VectorError::Storage {
+                collection: name.into(),
+                message: format!("{}: {e}", path.display()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(VectorError::Storage {
+            collection: name.into(),
+            message: format!("{}: {e}", path.display()),
+        }),
+    }
+}
+
+/// Takes the exclusive lock of a collection folder (`dir/LOCK`), or says who holds it.
+pub(crate) fn lock_dir(dir: &Path, name: &str) -> Result<std::fs::File> {
+    let path = dir.join("LOCK");
+    let storage = |m: String| VectorError::Storage {
+        collection: name.into(),
+        message: m,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| storage(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(VectorError::Locked {
+            collection: name.into(),
+            message: format!(
+                "another process has it open for writing (lock {}); a running `freshindex serve` owns the collections of its data directory — go through its API, or stop it",
+                path.display()
+            ),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(storage(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// The rows of a segment file: keys, vectors (one block, `dimension` per row) and payloads.
+/// `dimension` is checked when given.
+#[allow(clippy::type_complexity)]
+fn read_segment(
+    path: &Path,
+    collection: &str,
+    dimension: Option<usize>,
+) -> Result<(Vec<String>, Vec<f32>, Vec<RowPayload>)> {
+    let corrupt = |why: &str| VectorError::Storage {
+        collection: collection.into(),
+        message: format!("{}: {why}", path.display()),
+    };
+    let bytes = std::fs::read(path).map_err(|e| corrupt(&e.to_string()))?;
+    if bytes.len() < 8 + 32 || &bytes[..8] != SEG_MAGIC {
+        return Err(corrupt("not a segment file"));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let mut r = Reader { bytes: body, at: 8 };
+    let rows = r.u64().ok_or_else(|| corrupt("truncated header"))? as usize;
+    let dim = r.u32().ok_or_else(|| corrupt("truncated header"))? as usize;
+    if dimension.is_some_and(|d| d != dim) {
+        return Err(corrupt("dimension does not match the collection's"));
+    }
+    let mut vectors = Vec::with_capacity(rows.saturating_mul(dim).min(1 << 28));
+    r.f32s(
+        rows.checked_mul(dim).ok_or_else(|| corrupt("bad header"))?,
+        &mut vectors,
+    )
+    .ok_or_else(|| corrupt("truncated vectors"))?;
+    let mut keys = Vec::with_capacity(rows.min(1 << 24));
+    let mut payloads = Vec::with_capacity(rows.min(1 << 24));
+    for _ in 0..rows {
+        keys.push(r.str().ok_or_else(|| corrupt("truncated row"))?.to_string());
+        let p = r.str().ok_or_else(|| corrupt("truncated row"))?;
+        payloads.push(serde_json::from_str(p).map_err(|e| corrupt(&e.to_string()))?);
+    }
+    Ok((keys, vectors, payloads))
+}
+
+/// Builds the HNSW index of the segment file `data` and writes it durably to `out`, on
+/// `threads` threads: the work of an index node. Deleted rows are indexed too (search skips
+/// them). Returns the number of vectors indexed.
+#[cfg(feature = "hnsw")]
+pub fn build_segment_index(
+    data: &Path,
+    metric: Metric,
+    params: &HnswParams,
+    out: &Path,
+    threads: usize,
+) -> Result<u64> {
+    let (keys, vectors, _) = read_segment(data, &data.display().to_string(), None)?;
+    let n = keys.len();
+    let dim = vectors.len().checked_div(n).unwrap_or(0);
+    let pairs: Vec<(u64, &[f32])> = (0..n)
+        .map(|i| (i as u64, &vectors[i * dim..(i + 1) * dim]))
+        .collect();
+    let index = HnswIndex::build(dim, metric, params, &pairs, threads)?;
+    let tmp = out.with_extension("building");
+    index.save(&tmp)?;
+    let io = |e: std::io::Error| VectorError::Index(format!("{}: {e}", out.display()));
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, out).map_err(io)?;
+    sync_dir(out)?;
+    Ok(n as u64)
+}
+
 fn write_manifest(dir: &Path, m: &Manifest) -> std::result::Result<(), String> {
     let json = serde_json::to_vec_pretty(m).map_err(|e| format!("encoding the manifest: {e}"))?;
     write_durably(&dir.join("MANIFEST"), &json)
@@ -759,9 +1063,13 @@ impl VectorCollection for SegmentedCollection {
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
         }
+        self.writable()?;
         let record = encode_apply(upserts, deletes)?;
         let mut st = self.write();
-        st.wal.append(&[&record])?;
+        st.wal
+            .as_mut()
+            .ok_or_else(|| VectorError::ReadOnly(self.name.clone()))?
+            .append(&[&record])?;
         apply_in_memory(&mut st, upserts.to_vec(), deletes);
         if st.growing.len() >= self.opts.seal_rows.max(1)
             && let Err(e) = self.seal_locked(&mut st)
@@ -799,11 +1107,16 @@ impl VectorCollection for SegmentedCollection {
                     let i = id as usize;
                     i < s.deleted.len() && !s.deleted[i] && pass(&s.payloads[i])
                 };
-                for (id, sc) in index.search(vector, k, Some(&keep))? {
-                    let i = id as usize;
-                    hits.push((sc, &s.keys[i], &s.payloads[i]));
+                let found = index.search(vector, k, Some(&keep))?;
+                // Fewer than k: a selective filter or many tombstones can cut the graph
+                // search short, so the segment is searched exactly instead.
+                if found.len() >= k.min(s.live) {
+                    for (id, sc) in found {
+                        let i = id as usize;
+                        hits.push((sc, &s.keys[i], &s.payloads[i]));
+                    }
+                    continue;
                 }
-                continue;
             }
             for row in 0..s.keys.len() {
                 if !s.deleted[row] && pass(&s.payloads[row]) {

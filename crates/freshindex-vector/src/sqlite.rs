@@ -361,7 +361,6 @@ impl VectorCollection for SqliteCollection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Collections;
 
     fn row(key: &str, v: [f32; 3], source: &str) -> Row {
         Row {
@@ -380,8 +379,12 @@ mod tests {
     fn upsert_delete_search_scan() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("fi-vec-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cols = Collections::new(&dir);
-        let c = cols.open_or_create("t", 3)?;
+        std::fs::create_dir_all(&dir).map_err(|e| VectorError::Storage {
+            collection: "t".into(),
+            message: e.to_string(),
+        })?;
+        let path = dir.join("t.sqlite");
+        let c = SqliteCollection::open(&path, "t", Some(3))?;
         c.upsert(&[
             row("a", [1.0, 0.0, 0.0], "x/1"),
             row("b", [0.0, 1.0, 0.0], "y/2"),
@@ -414,7 +417,7 @@ mod tests {
         assert_eq!(keys[0], ("a".to_string(), vec![0.0, 0.0, 1.0]));
         // Durable: reopen sees the same rows; a wrong dimension is refused.
         drop(c);
-        let c = cols.open("t")?;
+        let c = SqliteCollection::open(&path, "t", None)?;
         assert_eq!(c.count()?, 2);
         assert!(matches!(
             c.upsert(&[Row {
@@ -430,7 +433,7 @@ mod tests {
             Err(VectorError::Dimension { .. })
         ));
         assert!(matches!(
-            cols.open("missing"),
+            SqliteCollection::open(&dir.join("missing.sqlite"), "missing", None),
             Err(VectorError::NotFound(_))
         ));
         let _ = std::fs::remove_dir_all(&dir);

@@ -71,6 +71,7 @@ fn exact_opts() -> SegmentOptions {
         seal_rows: 7,
         compact_ratio: 0.3,
         index: None,
+        build_at_seal: false,
     }
 }
 
@@ -301,6 +302,7 @@ fn indexed_segments_keep_recall_and_honour_deletes_and_filters() {
         seal_rows: 1_000,
         compact_ratio: 0.3,
         index: Some(HnswParams::default()),
+        build_at_seal: true,
     };
     let c = SegmentedCollection::open(dir.path(), "h", Some((dim, Metric::Cosine)), opts.clone())
         .expect("open");
