@@ -197,6 +197,62 @@ impl AppendLog {
     }
 }
 
+/// Parses a log's bytes: the replay, and the offset where the intact records end.
+fn parse(path: &Path, bytes: &[u8]) -> Result<(Replay, usize)> {
+    if bytes.len() < HEADER_LEN as usize || &bytes[..8] != MAGIC {
+        return Err(VectorError::Storage {
+            collection: path.display().to_string(),
+            message: "not an append log (bad header); it was not written by this program or was cut before its header".into(),
+        });
+    }
+    let mut generation = [0u8; 8];
+    generation.copy_from_slice(&bytes[8..16]);
+    let generation = u64::from_le_bytes(generation);
+    let mut records = Vec::new();
+    let mut at = HEADER_LEN as usize;
+    let mut torn = None;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let why = if rest.len() < FRAME_LEN {
+            Some(format!("{} bytes, less than a record frame", rest.len()))
+        } else {
+            let mut len = [0u8; 4];
+            len.copy_from_slice(&rest[..4]);
+            let n = u32::from_le_bytes(len) as usize;
+            if n > MAX_RECORD {
+                Some(format!("record length {n} is over the limit"))
+            } else if rest.len() < FRAME_LEN + n {
+                Some(format!(
+                    "record of {n} bytes cut after {}",
+                    rest.len() - FRAME_LEN
+                ))
+            } else if checksum(&len, &rest[FRAME_LEN..FRAME_LEN + n]) != rest[4..12] {
+                Some("checksum mismatch".to_string())
+            } else {
+                records.push(rest[FRAME_LEN..FRAME_LEN + n].to_vec());
+                at += FRAME_LEN + n;
+                None
+            }
+        };
+        if let Some(why) = why {
+            torn = Some(TornTail {
+                offset: at as u64,
+                dropped: (bytes.len() - at) as u64,
+                why,
+            });
+            break;
+        }
+    }
+    Ok((
+        Replay {
+            generation,
+            records,
+            torn,
+        },
+        at,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,60 +382,4 @@ mod tests {
             prop_assert_eq!(&all[..got.len()], &got[..]);
         }
     }
-}
-
-/// Parses a log's bytes: the replay, and the offset where the intact records end.
-fn parse(path: &Path, bytes: &[u8]) -> Result<(Replay, usize)> {
-    if bytes.len() < HEADER_LEN as usize || &bytes[..8] != MAGIC {
-        return Err(VectorError::Storage {
-            collection: path.display().to_string(),
-            message: "not an append log (bad header); it was not written by this program or was cut before its header".into(),
-        });
-    }
-    let mut generation = [0u8; 8];
-    generation.copy_from_slice(&bytes[8..16]);
-    let generation = u64::from_le_bytes(generation);
-    let mut records = Vec::new();
-    let mut at = HEADER_LEN as usize;
-    let mut torn = None;
-    while at < bytes.len() {
-        let rest = &bytes[at..];
-        let why = if rest.len() < FRAME_LEN {
-            Some(format!("{} bytes, less than a record frame", rest.len()))
-        } else {
-            let mut len = [0u8; 4];
-            len.copy_from_slice(&rest[..4]);
-            let n = u32::from_le_bytes(len) as usize;
-            if n > MAX_RECORD {
-                Some(format!("record length {n} is over the limit"))
-            } else if rest.len() < FRAME_LEN + n {
-                Some(format!(
-                    "record of {n} bytes cut after {}",
-                    rest.len() - FRAME_LEN
-                ))
-            } else if checksum(&len, &rest[FRAME_LEN..FRAME_LEN + n]) != rest[4..12] {
-                Some("checksum mismatch".to_string())
-            } else {
-                records.push(rest[FRAME_LEN..FRAME_LEN + n].to_vec());
-                at += FRAME_LEN + n;
-                None
-            }
-        };
-        if let Some(why) = why {
-            torn = Some(TornTail {
-                offset: at as u64,
-                dropped: (bytes.len() - at) as u64,
-                why,
-            });
-            break;
-        }
-    }
-    Ok((
-        Replay {
-            generation,
-            records,
-            torn,
-        },
-        at,
-    ))
 }
