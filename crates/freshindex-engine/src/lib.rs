@@ -11,6 +11,7 @@
 
 pub mod failpoint;
 pub mod history;
+pub mod indexing;
 pub mod items;
 pub mod live;
 pub mod plan;

@@ -20,7 +20,11 @@ use freshindex_store::{
     BatchCommit, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind, RunEnd, RunId,
     SqliteStore, StateStore, StoreError,
 };
-use freshindex_vector::{Collections, Filter, SearchHit, SegmentedCollection, VectorCollection};
+use freshindex_vector::{
+    Collections, Filter, Metric, SearchHit, SegmentInfo, SegmentedCollection, VectorCollection,
+};
+
+use crate::indexing::{IndexService, IndexServiceOptions, SegmentHost};
 
 use crate::EngineError;
 use crate::failpoint;
@@ -132,6 +136,35 @@ pub struct Engine {
     /// Serializes two-phase writes, so that a fence check and the write it allows are atomic
     /// with respect to every other write of this process.
     writer: Mutex<()>,
+    /// The index service, once opened; with its lock file (one service per data directory).
+    indexes: Mutex<Option<(Arc<IndexService>, Option<std::fs::File>)>>,
+    /// Where index nodes write their files.
+    build_dir: PathBuf,
+}
+
+impl SegmentHost for Engine {
+    fn segments(
+        &self,
+        collection: &str,
+    ) -> Result<Option<(Metric, usize, Vec<SegmentInfo>)>, EngineError> {
+        Ok(self
+            .existing_collection(collection)?
+            .map(|c| (c.metric(), c.dimension(), c.segments())))
+    }
+
+    fn attach(&self, collection: &str, segment: u64, file: &Path) -> Result<bool, EngineError> {
+        match self.existing_collection(collection)? {
+            Some(c) => Ok(c.attach_index(segment, file)?),
+            None => Ok(false),
+        }
+    }
+
+    fn drop_indexes(&self, collection: &str) -> Result<(), EngineError> {
+        if let Some(c) = self.existing_collection(collection)? {
+            c.drop_indexes()?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -171,6 +204,20 @@ impl Engine {
             .map_err(|e| EngineError::Config(format!("data dir {}: {e}", dir.display())))?;
         let store = SqliteStore::open(&dir.join("state.sqlite"))?;
         let mut engine = Engine::new(Arc::new(store), dir.join("collections"));
+        // A tuning knob (and what tests use to get many segments from a small corpus).
+        if let Some(n) = std::env::var("FRESHINDEX_SEAL_ROWS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+        {
+            engine.collections = Collections::with_options(
+                &dir.join("collections"),
+                freshindex_vector::SegmentOptions {
+                    seal_rows: n,
+                    ..Default::default()
+                },
+            );
+        }
         engine.skip_dirs = vec![(meta.dev(), meta.ino())];
         engine.dir = Some(dir.to_path_buf());
         Ok(engine)
@@ -180,6 +227,8 @@ impl Engine {
     pub fn new(store: Arc<dyn StateStore>, collections_dir: PathBuf) -> Engine {
         Engine {
             store,
+            build_dir: collections_dir.with_file_name("index-builds"),
+            indexes: Mutex::new(None),
             collections: Collections::new(&collections_dir),
             skip_dirs: Vec::new(),
             dir: None,
@@ -244,6 +293,139 @@ impl Engine {
             Err(freshindex_vector::VectorError::NotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The index service of this data directory, opened on first use; `None` when another
+    /// process (a running `serve`) holds it — that process builds the indexes.
+    pub fn index_service(&self) -> Result<Option<Arc<IndexService>>, EngineError> {
+        self.index_service_with(None)
+    }
+
+    /// Opens the index service with `opts` (e.g. another heartbeat timeout), unless it is
+    /// open already. Fails when another process holds it.
+    pub fn open_index_service(
+        &self,
+        opts: IndexServiceOptions,
+    ) -> Result<Arc<IndexService>, EngineError> {
+        self.index_service_with(Some(opts))?.ok_or_else(|| {
+            EngineError::Busy(
+                "another process (a running `freshindex serve`?) runs this data directory's index service".into(),
+            )
+        })
+    }
+
+    fn index_service_with(
+        &self,
+        opts: Option<IndexServiceOptions>,
+    ) -> Result<Option<Arc<IndexService>>, EngineError> {
+        let mut slot = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, _)) = slot.as_ref() {
+            return Ok(Some(s.clone()));
+        }
+        let lock = match self.data_dir() {
+            Some(dir) => {
+                let path = dir.join("locks").join("index-service.lock");
+                let file = open_lock_file(&path)?;
+                match file.try_lock() {
+                    Ok(()) => Some(file),
+                    Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(EngineError::Internal(format!(
+                            "lock file {}: {e}",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+            None => None,
+        };
+        let opts = opts.unwrap_or_else(|| IndexServiceOptions::new(self.build_dir.clone()));
+        let service = Arc::new(IndexService::open(self.store.clone(), opts)?);
+        *slot = Some((service.clone(), lock));
+        Ok(Some(service))
+    }
+
+    /// Where index nodes write their files (the default build folder of the service).
+    pub fn build_dir(&self) -> &Path {
+        &self.build_dir
+    }
+
+    /// Brings the index builds of every flow's collection in line with its segments (new
+    /// builds for newly sealed segments). Collections another process writes are skipped.
+    pub fn sync_indexes(&self) -> Result<(), EngineError> {
+        let Some(service) = self.index_service()? else {
+            return Ok(());
+        };
+        for spec in self.stored_flows()? {
+            match service.sync(self, spec.target.collection(), now_ms()) {
+                Ok(()) | Err(EngineError::Busy(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the pending indexes of `collection` on this thread, as a node of its own (what
+    /// a one-shot `index` does after its run). Returns how many builds finished.
+    pub fn build_indexes_now(
+        &self,
+        collection: &str,
+        threads: usize,
+    ) -> Result<usize, EngineError> {
+        let Some(service) = self.index_service()? else {
+            return Ok(0);
+        };
+        service.sync(self, collection, now_ms())?;
+        if !service
+            .builds_of(Some(collection))
+            .iter()
+            .any(|b| b.state == crate::indexing::IndexState::Unissued)
+        {
+            return Ok(0);
+        }
+        let grant =
+            service.register_node(&format!("inline:{}", std::process::id()), 1, now_ms())?;
+        let mut done = 0;
+        let result = (|| {
+            while let Some(build) = service.take(grant.node_id, now_ms())? {
+                if build.collection != collection {
+                    service.report_failed(
+                        build.build_id,
+                        build.version,
+                        grant.node_id,
+                        "handed back: this node builds one collection",
+                        now_ms(),
+                    )?;
+                    continue;
+                }
+                match crate::indexing::execute_build(&build, threads) {
+                    Ok(_) => {
+                        service.report_finished(
+                            self,
+                            build.build_id,
+                            build.version,
+                            grant.node_id,
+                            &build.output_path,
+                            now_ms(),
+                        )?;
+                        done += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(build = build.build_id, "index build failed: {e}");
+                        service.report_failed(
+                            build.build_id,
+                            build.version,
+                            grant.node_id,
+                            &e,
+                            now_ms(),
+                        )?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        service.deregister_node(grant.node_id)?;
+        result.map(|()| done)
     }
 
     /// The folder of collections.
@@ -386,9 +568,23 @@ impl Engine {
                 return Err(e);
             }
         };
-        self.recorded(flow, opts.trigger, started_ms, || {
+        let summary = self.recorded(flow, opts.trigger, started_ms, || {
             self.run_locked(spec, source, flow, opts, started)
-        })
+        })?;
+        self.after_write(spec.target.collection());
+        Ok(summary)
+    }
+
+    /// After a run or a write: new builds for segments the writes sealed. A failure here
+    /// costs speed, not data (the segments are searched exactly), so it is only logged.
+    pub(crate) fn after_write(&self, collection: &str) {
+        let synced = self.index_service().and_then(|s| match s {
+            Some(s) => s.sync(self, collection, now_ms()),
+            None => Ok(()),
+        });
+        if let Err(e) = synced {
+            tracing::warn!(collection, "index builds not updated: {e}");
+        }
     }
 
     /// Runs `body` as one entry of the flow's history: `inProgress` first, then its summary,

@@ -248,16 +248,29 @@ pub trait RunStore {
     fn interrupt_runs(&self, flow: Option<FlowId>, at_ms: i64, message: &str) -> Result<u64>;
 }
 
+/// The index service's records, kept as JSON documents by kind and id. The service holds its
+/// state in memory and writes every record it changes through to here, so that a restarted
+/// service resumes its builds with the same ids.
+pub trait IndexRecordStore {
+    /// Writes (inserts or replaces) `records` — `(kind, id, JSON)` — in one transaction.
+    fn put_index_records(&self, records: &[(&str, u64, String)]) -> Result<()>;
+    /// Every record of `kind`, by id.
+    fn index_records(&self, kind: &str) -> Result<Vec<(u64, String)>>;
+    /// Deletes records of `kind` by id.
+    fn delete_index_records(&self, kind: &str, ids: &[u64]) -> Result<()>;
+}
+
 /// Runs kept per flow.
 pub const RUNS_KEPT: u32 = 50;
 
 /// Everything the engine needs from a state store.
 pub trait StateStore:
-    FlowStore + ItemStore + LineageStore + MemoStore + RunStore + Send + Sync
+    FlowStore + ItemStore + LineageStore + MemoStore + RunStore + IndexRecordStore + Send + Sync
 {
 }
 
-impl<T: FlowStore + ItemStore + LineageStore + MemoStore + RunStore + Send + Sync> StateStore
-    for T
+impl<
+    T: FlowStore + ItemStore + LineageStore + MemoStore + RunStore + IndexRecordStore + Send + Sync,
+> StateStore for T
 {
 }

@@ -15,7 +15,7 @@ use crate::{
 use freshindex_core::{Fingerprint, FpMap};
 
 /// Schema version this build writes.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Version 1 kept file metadata per item; version 2 turns items into queue entries. Items
 /// become `MODIFIED` (or stay `NEW_ITEM`) under label `B`, so the next run re-reads each once
@@ -162,6 +162,13 @@ CREATE TABLE IF NOT EXISTS runs (
   message TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_flow ON runs (flow_id, id);
+-- The index service's records (builds, indexes, nodes) as JSON documents (schema 5).
+CREATE TABLE IF NOT EXISTS index_records (
+  kind TEXT NOT NULL,
+  id INTEGER NOT NULL,
+  doc TEXT NOT NULL,
+  PRIMARY KEY (kind, id)
+);
 ";
 
 /// The embedded state store.
@@ -345,6 +352,7 @@ impl SqliteStore {
                 if matches!(found, Some(1..=3)) {
                     conn.execute_batch(MIGRATE_3_TO_4)?;
                 }
+                // 4 → 5 only adds a table, which the schema creates.
                 conn.execute_batch(SCHEMA)?;
                 if found == Some(1) {
                     conn.execute_batch(MIGRATE_1_TO_2_COPY)?;
@@ -911,6 +919,51 @@ fn final_status(status: RunState, what: &str) -> Result<()> {
         Err(StoreError::Invalid(format!(
             "{what} needs a final status, not `{status}`"
         )))
+    }
+}
+
+impl crate::IndexRecordStore for SqliteStore {
+    fn put_index_records(&self, records: &[(&str, u64, String)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO index_records (kind, id, doc) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(backend)?;
+            for (kind, id, doc) in records {
+                put.execute(rusqlite::params![kind, *id as i64, doc])
+                    .map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn index_records(&self, kind: &str) -> Result<Vec<(u64, String)>> {
+        let conn = self.conn();
+        let mut q = conn
+            .prepare_cached("SELECT id, doc FROM index_records WHERE kind = ?1 ORDER BY id")
+            .map_err(backend)?;
+        let rows = q
+            .query_map([kind], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+            .map_err(backend)?;
+        rows.collect::<std::result::Result<_, _>>().map_err(backend)
+    }
+
+    fn delete_index_records(&self, kind: &str, ids: &[u64]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        {
+            let mut del = tx
+                .prepare_cached("DELETE FROM index_records WHERE kind = ?1 AND id = ?2")
+                .map_err(backend)?;
+            for id in ids {
+                del.execute(rusqlite::params![kind, *id as i64])
+                    .map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
     }
 }
 

@@ -1098,7 +1098,7 @@ fn sqlite_migrates_a_version_1_store() {
             |r| r.get(0),
         )
         .expect("schema version");
-    assert_eq!(version, "4");
+    assert_eq!(version, "5");
 }
 
 /// The schema of version 2 (the indexing queue; runs as plain summaries), as that release
@@ -1237,7 +1237,7 @@ fn sqlite_migrates_a_version_2_store() {
             |r| r.get(0),
         )
         .expect("schema version");
-    assert_eq!(version, "4");
+    assert_eq!(version, "5");
     let marks: Vec<Option<String>> = raw
         .prepare("SELECT change_mark FROM flows")
         .expect("flows have a change mark (v4)")

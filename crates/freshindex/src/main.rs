@@ -283,6 +283,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         if !json {
                             print_summary(&summary);
                         }
+                        // Indexes of the segments the run sealed, so that searches are fast
+                        // from the start. A failure leaves them to exact search.
+                        let collection = spec.target.collection();
+                        match engine.build_indexes_now(collection, default_workers()) {
+                            Ok(0) => {}
+                            Ok(n) if !json => {
+                                println!("  indexes: {n} segment(s) of `{collection}` indexed");
+                            }
+                            Ok(_) => {}
+                            Err(e) => eprintln!(
+                                "freshindex: warning: flow `{}`: indexes not built (searches stay exact): {e}",
+                                spec.name
+                            ),
+                        }
                         too_many_failures |= summary.status == RunStatus::Failed;
                         results.push(serde_json::to_value(&summary)?);
                     }

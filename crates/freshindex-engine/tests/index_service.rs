@@ -1,0 +1,404 @@
+//! The index service over real segmented collections and a real state store: build states,
+//! idempotent requests, drop during a build, retries with backoff up to the limit, lost nodes
+//! and fencing of their late reports, least-loaded assignment, orphan cleanup, and a restart
+//! that resumes with the same ids.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use freshindex_engine::EngineError;
+use freshindex_engine::indexing::{
+    IndexParams, IndexService, IndexServiceOptions, IndexState, ReportOutcome, SegmentHost,
+    execute_build,
+};
+use freshindex_store::SqliteStore;
+use freshindex_vector::{
+    Metric, Row, RowPayload, SegmentInfo, SegmentOptions, SegmentedCollection, VectorCollection,
+};
+
+const DIM: usize = 16;
+
+/// The engine's role for the service, over real collections.
+struct Host(Mutex<HashMap<String, Arc<SegmentedCollection>>>);
+
+impl Host {
+    fn get(&self, name: &str) -> Option<Arc<SegmentedCollection>> {
+        self.0.lock().expect("lock").get(name).cloned()
+    }
+}
+
+impl SegmentHost for Host {
+    fn segments(
+        &self,
+        collection: &str,
+    ) -> Result<Option<(Metric, usize, Vec<SegmentInfo>)>, EngineError> {
+        Ok(self
+            .get(collection)
+            .map(|c| (c.metric(), c.dimension(), c.segments())))
+    }
+    fn attach(&self, collection: &str, segment: u64, file: &Path) -> Result<bool, EngineError> {
+        match self.get(collection) {
+            Some(c) => Ok(c.attach_index(segment, file)?),
+            None => Ok(false),
+        }
+    }
+    fn drop_indexes(&self, collection: &str) -> Result<(), EngineError> {
+        if let Some(c) = self.get(collection) {
+            c.drop_indexes()?;
+        }
+        Ok(())
+    }
+}
+
+fn vector(i: usize) -> Vec<f32> {
+    let mut s = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..DIM)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+fn rows(range: std::ops::Range<usize>) -> Vec<Row> {
+    range
+        .map(|i| Row {
+            key: format!("k{i:04}"),
+            vector: vector(i),
+            payload: RowPayload {
+                source: format!("doc{i}"),
+                range: [0, 1],
+                text: String::new(),
+                metadata: None,
+            },
+        })
+        .collect()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    host: Host,
+    store: Arc<SqliteStore>,
+    build_dir: std::path::PathBuf,
+    collection: Arc<SegmentedCollection>,
+}
+
+/// A collection of 150 rows in 3 sealed segments of 50.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SqliteStore::open(&dir.path().join("state.sqlite")).expect("store"));
+    let opts = SegmentOptions {
+        seal_rows: 50,
+        ..Default::default()
+    };
+    let c = Arc::new(
+        SegmentedCollection::open(
+            &dir.path().join("c"),
+            "c",
+            Some((DIM, Metric::Cosine)),
+            opts,
+        )
+        .expect("open"),
+    );
+    for part in rows(0..150).chunks(50) {
+        c.upsert(part).expect("upsert");
+    }
+    assert_eq!(c.segments().len(), 3);
+    let host = Host(Mutex::new(HashMap::from([("c".to_string(), c.clone())])));
+    let build_dir = dir.path().join("builds");
+    Fixture {
+        host,
+        store,
+        build_dir,
+        collection: c,
+        _dir: dir,
+    }
+}
+
+fn service(f: &Fixture, timeout_ms: u64) -> IndexService {
+    let mut opts = IndexServiceOptions::new(f.build_dir.clone());
+    opts.heartbeat_timeout_ms = timeout_ms;
+    opts.max_retries = 2;
+    opts.retry_pause_ms = 1_000;
+    IndexService::open(f.store.clone(), opts).expect("service")
+}
+
+fn state(s: &IndexService, id: u64) -> IndexState {
+    s.builds(&[id])[0]
+        .1
+        .as_ref()
+        .map_or(IndexState::None, |b| b.state)
+}
+
+#[test]
+fn builds_go_from_unissued_to_finished_and_requests_are_idempotent() {
+    let f = fixture();
+    let s = service(&f, 30_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    let builds = s.builds_of(Some("c"));
+    assert_eq!(builds.len(), 3);
+    assert!(builds.iter().all(|b| b.state == IndexState::Unissued));
+    let ids: Vec<u64> = builds.iter().map(|b| b.build_id).collect();
+    // The same request again: the same index and builds.
+    let (index, again) = s.build_index(&f.host, "c", "hnsw", None, 1).expect("build");
+    assert_eq!(again, ids);
+    assert_eq!(
+        s.build_index(&f.host, "c", "hnsw", None, 2)
+            .expect("again")
+            .0,
+        index
+    );
+    // Another definition while one is live is a conflict.
+    let other = IndexParams {
+        m: 8,
+        ..IndexParams::defaults(Metric::Cosine)
+    };
+    assert!(matches!(
+        s.build_index(&f.host, "c", "hnsw", Some(other), 3),
+        Err(EngineError::Conflict(_))
+    ));
+    assert_eq!(state(&s, 9_999), IndexState::None);
+
+    let node = s.register_node("local-test", 1, 10).expect("node").node_id;
+    let mut finished = 0;
+    while let Some(b) = s.take(node, 20).expect("take") {
+        assert_eq!(state(&s, b.build_id), IndexState::InProgress);
+        // Capacity 1: nothing else is in progress meanwhile.
+        assert_eq!(
+            s.builds_of(Some("c"))
+                .iter()
+                .filter(|x| x.state == IndexState::InProgress)
+                .count(),
+            1
+        );
+        execute_build(&b, 1).expect("build");
+        let r = s
+            .report_finished(&f.host, b.build_id, b.version, node, &b.output_path, 30)
+            .expect("report");
+        assert_eq!(r, ReportOutcome::Accepted);
+        assert_eq!(state(&s, b.build_id), IndexState::Finished);
+        let done = &s.builds(&[b.build_id])[0].1;
+        let files = &done.as_ref().expect("build").file_paths;
+        assert!(files.iter().all(|p| p.exists()), "{files:?}");
+        finished += 1;
+    }
+    assert_eq!(finished, 3);
+    let stats = f.collection.stats();
+    assert_eq!(stats.indexed_rows, 150);
+    assert_eq!(stats.unindexed_rows, 0);
+    // Indexed search finds an exact match first.
+    let hits = f.collection.search(&vector(77), 5, None).expect("search");
+    assert_eq!(hits[0].key, "k0077");
+    let m = s.metrics();
+    assert_eq!(m.builds.get("Finished"), Some(&3));
+    assert_eq!(m.nodes.len(), 1);
+    assert_eq!(m.nodes[0].load, 0);
+}
+
+#[test]
+fn dropping_an_index_deletes_its_builds_and_a_later_report_is_ignored() {
+    let f = fixture();
+    let s = service(&f, 30_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    let node = s.register_node("n", 3, 0).expect("node").node_id;
+    let first = s.take(node, 1).expect("take").expect("a build");
+    execute_build(&first, 1).expect("build");
+    s.report_finished(
+        &f.host,
+        first.build_id,
+        first.version,
+        node,
+        &first.output_path,
+        2,
+    )
+    .expect("report");
+    let second = s.take(node, 3).expect("take").expect("a build");
+    assert_eq!(state(&s, second.build_id), IndexState::InProgress);
+    execute_build(&second, 1).expect("build");
+
+    let (_, n) = s.drop_index(&f.host, "c", "hnsw", 4).expect("drop");
+    assert_eq!(n, 3);
+    for b in s.builds_of(Some("c")) {
+        assert_eq!(b.state, IndexState::Deleted, "build {}", b.build_id);
+    }
+    assert_eq!(f.collection.stats().indexed_rows, 0);
+    assert!(
+        !f.collection
+            .dir()
+            .join(format!("seg-{}.hnsw", first.segment))
+            .exists(),
+        "the finished build's file is removed"
+    );
+    // The node finishes the build it had; its report is ignored and its file removed.
+    let r = s
+        .report_finished(
+            &f.host,
+            second.build_id,
+            second.version,
+            node,
+            &second.output_path,
+            5,
+        )
+        .expect("report");
+    assert!(matches!(r, ReportOutcome::Ignored(_)), "{r:?}");
+    assert!(!second.output_path.exists());
+    assert_eq!(state(&s, second.build_id), IndexState::Deleted);
+    // A dropped index is not defined again by sync: searches stay exact.
+    s.sync(&f.host, "c", 6).expect("sync");
+    assert!(s.take(node, 7).expect("take").is_none());
+    // Defining it again builds every segment anew.
+    let (_, builds) = s.build_index(&f.host, "c", "hnsw", None, 8).expect("build");
+    assert_eq!(builds.len(), 3);
+}
+
+#[test]
+fn failed_builds_are_retried_with_backoff_then_fail_with_their_reason() {
+    let f = fixture();
+    let s = service(&f, 1_000_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    let node = s.register_node("n", 3, 0).expect("node").node_id;
+    let b = s.take(node, 0).expect("take").expect("a build");
+    let id = b.build_id;
+    s.report_failed(id, b.version, node, "disk full", 10)
+        .expect("fail");
+    let after = s.builds(&[id])[0].1.clone().expect("build");
+    assert_eq!(after.state, IndexState::Unissued);
+    assert_eq!(after.retries, 1);
+    assert_eq!(after.fail_reason.as_deref(), Some("disk full"));
+    // Least retried first: the two untouched builds come before it.
+    let others: Vec<u64> = (0..2)
+        .filter_map(|_| s.take(node, 20).expect("take"))
+        .map(|b| b.build_id)
+        .collect();
+    assert_eq!(others.len(), 2);
+    assert!(!others.contains(&id));
+    // Not before its pause (1 s after the first failure).
+    assert!(s.take(node, 500).expect("take").is_none());
+    let b2 = s.take(node, 1_100).expect("take").expect("retried");
+    assert_eq!((b2.build_id, b2.version), (id, b.version + 1));
+    s.report_failed(id, b2.version, node, "disk full again", 1_200)
+        .expect("fail");
+    // The second pause is twice the first.
+    assert!(s.take(node, 3_000).expect("take").is_none());
+    let b3 = s.take(node, 3_300).expect("take").expect("retried");
+    s.report_failed(id, b3.version, node, "still full", 3_400)
+        .expect("fail");
+    let last = s.builds(&[id])[0].1.clone().expect("build");
+    assert_eq!(last.state, IndexState::Failed);
+    assert_eq!(last.fail_reason.as_deref(), Some("still full"));
+    assert_eq!(last.retries, 3);
+    assert!(s.take(node, 1_000_000).expect("take").is_none());
+}
+
+#[test]
+fn a_lost_node_loses_its_builds_and_its_late_report_is_ignored() {
+    let f = fixture();
+    let s = service(&f, 1_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    let a = s.register_node("a", 1, 0).expect("a").node_id;
+    let b = s.register_node("b", 1, 0).expect("b").node_id;
+    let taken = s.take(a, 100).expect("take").expect("a build");
+    execute_build(&taken, 1).expect("build");
+    // b keeps heart-beating; a falls silent past the timeout.
+    s.heartbeat(b, 900).expect("beat");
+    s.heartbeat(b, 1_800).expect("beat");
+    let moved = loop {
+        let t = s.take(b, 1_900).expect("take").expect("b gets work");
+        if t.build_id == taken.build_id {
+            break t;
+        }
+        execute_build(&t, 1).expect("build");
+        s.report_finished(&f.host, t.build_id, t.version, b, &t.output_path, 1_900)
+            .expect("report");
+    };
+    assert_eq!(moved.version, taken.version + 1);
+    // a comes back: its report is fenced off and its file removed; it must register again.
+    assert!(taken.output_path.exists());
+    let r = s
+        .report_finished(
+            &f.host,
+            taken.build_id,
+            taken.version,
+            a,
+            &taken.output_path,
+            2_000,
+        )
+        .expect("report");
+    assert!(matches!(r, ReportOutcome::Ignored(_)), "{r:?}");
+    assert!(!taken.output_path.exists());
+    assert!(matches!(
+        s.heartbeat(a, 2_000),
+        Err(EngineError::Conflict(_))
+    ));
+    assert_eq!(state(&s, moved.build_id), IndexState::InProgress);
+    // A stray file of an old version is an orphan; the current one's output is not.
+    std::fs::create_dir_all(&f.build_dir).expect("dir");
+    let stray = f
+        .build_dir
+        .join(format!("b{}-v{}.building", moved.build_id, taken.version));
+    std::fs::write(&stray, b"partial").expect("write");
+    std::fs::write(&moved.output_path, b"in progress").expect("write");
+    assert_eq!(s.sweep_orphans(), 1);
+    assert!(!stray.exists());
+    assert!(moved.output_path.exists());
+    execute_build(&moved, 1).expect("build");
+    let r = s
+        .report_finished(
+            &f.host,
+            moved.build_id,
+            moved.version,
+            b,
+            &moved.output_path,
+            2_100,
+        )
+        .expect("report");
+    assert_eq!(r, ReportOutcome::Accepted);
+    while let Some(t) = s.take(b, 2_200).expect("take") {
+        execute_build(&t, 1).expect("build");
+        s.report_finished(&f.host, t.build_id, t.version, b, &t.output_path, 2_300)
+            .expect("report");
+    }
+    assert_eq!(f.collection.stats().indexed_rows, 150);
+}
+
+#[test]
+fn builds_go_to_the_least_loaded_live_node() {
+    let f = fixture();
+    let s = service(&f, 30_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    let a = s.register_node("a", 2, 0).expect("a").node_id;
+    let b = s.register_node("b", 2, 0).expect("b").node_id;
+    // a asks first, but the assignment spreads the three builds over both nodes.
+    let first = s.take(a, 1).expect("take").expect("a build");
+    let load: HashMap<u64, u32> = s.nodes().iter().map(|n| (n.node.node_id, n.load)).collect();
+    assert_eq!(load[&a] + load[&b], 3);
+    assert!(load[&a] <= 2 && load[&b] <= 2 && load[&a].abs_diff(load[&b]) <= 1);
+    assert_eq!(first.node_id, Some(a));
+}
+
+#[test]
+fn a_restarted_service_resumes_with_the_same_ids_and_reissues_builds_in_progress() {
+    let f = fixture();
+    let (ids, taken) = {
+        let s = service(&f, 30_000);
+        s.sync(&f.host, "c", 0).expect("sync");
+        let node = s.register_node("n", 1, 0).expect("node").node_id;
+        let taken = s.take(node, 1).expect("take").expect("a build");
+        let ids: Vec<u64> = s.builds_of(None).iter().map(|b| b.build_id).collect();
+        (ids, taken)
+    };
+    let s = service(&f, 30_000);
+    let again: Vec<u64> = s.builds_of(None).iter().map(|b| b.build_id).collect();
+    assert_eq!(again, ids);
+    let b = s.builds(&[taken.build_id])[0].1.clone().expect("build");
+    assert_eq!(b.state, IndexState::Unissued);
+    assert_eq!(b.version, taken.version + 1);
+    // New builds get new ids after the old ones.
+    f.collection.upsert(&rows(150..200)).expect("upsert");
+    s.sync(&f.host, "c", 2).expect("sync");
+    let newest = s.builds_of(None).iter().map(|b| b.build_id).max();
+    assert_eq!(newest, ids.iter().max().map(|m| m + 1));
+}
