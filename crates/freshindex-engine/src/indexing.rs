@@ -775,12 +775,12 @@ impl IndexService {
     }
 
     /// Checks that a report of `build_id` at `version` from `node_id` is current.
-    fn current<'s>(
-        st: &'s mut State,
+    fn current(
+        st: &mut State,
         build_id: u64,
         version: u64,
         node_id: u64,
-    ) -> Result<&'s mut IndexBuild, String> {
+    ) -> Result<&mut IndexBuild, String> {
         let node_alive = st.nodes.get(&node_id).is_some_and(|n| n.alive);
         let Some(b) = st.builds.get_mut(&build_id) else {
             return Err(format!("no build {build_id}"));

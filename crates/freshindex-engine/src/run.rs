@@ -274,6 +274,15 @@ impl Engine {
         Ok(c)
     }
 
+    /// The existing collection `name`, opened for writing once and shared (`None`: no such
+    /// collection). This process becomes its writer.
+    pub fn open_collection(
+        &self,
+        name: &str,
+    ) -> Result<Option<Arc<SegmentedCollection>>, EngineError> {
+        self.existing_collection(name)
+    }
+
     /// The existing collection `name` for writing, opened once and shared (`None`: there is
     /// no such collection).
     pub(crate) fn existing_collection(

@@ -33,6 +33,8 @@ pub enum Code {
     FlowNotFound,
     /// The queue holds no such item.
     ItemNotFound,
+    /// No such collection, index, index build or index node.
+    NotFound,
     /// The request conflicts with the item's state: a version not newer than the indexed one,
     /// a lease another holder took, a run of the flow in progress.
     Conflict,
@@ -53,7 +55,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the order of the documented table.
-    pub const ALL: [Code; 16] = [
+    pub const ALL: [Code; 17] = [
         Code::MalformedJson,
         Code::InvalidBody,
         Code::UnsupportedMediaType,
@@ -63,6 +65,7 @@ impl Code {
         Code::MethodNotAllowed,
         Code::FlowNotFound,
         Code::ItemNotFound,
+        Code::NotFound,
         Code::Conflict,
         Code::NotReserved,
         Code::FailedPrecondition,
@@ -84,6 +87,7 @@ impl Code {
             Code::MethodNotAllowed => "method_not_allowed",
             Code::FlowNotFound => "flow_not_found",
             Code::ItemNotFound => "item_not_found",
+            Code::NotFound => "not_found",
             Code::Conflict => "conflict",
             Code::NotReserved => "not_reserved",
             Code::FailedPrecondition => "failed_precondition",
@@ -101,7 +105,9 @@ impl Code {
             Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::InvalidArgument => StatusCode::UNPROCESSABLE_ENTITY,
             Code::Unauthorized => StatusCode::UNAUTHORIZED,
-            Code::RouteNotFound | Code::FlowNotFound | Code::ItemNotFound => StatusCode::NOT_FOUND,
+            Code::RouteNotFound | Code::FlowNotFound | Code::ItemNotFound | Code::NotFound => {
+                StatusCode::NOT_FOUND
+            }
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::Conflict | Code::NotReserved | Code::FailedPrecondition => StatusCode::CONFLICT,
             Code::PayloadTooLarge | Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -122,6 +128,7 @@ impl Code {
             | Code::MethodNotAllowed
             | Code::FlowNotFound
             | Code::ItemNotFound
+            | Code::NotFound
             | Code::Conflict
             | Code::NotReserved
             | Code::FailedPrecondition

@@ -16,6 +16,7 @@
 pub mod control;
 pub mod error;
 pub mod extract;
+mod indexes;
 pub mod metrics;
 mod routes;
 pub mod wire;
@@ -54,6 +55,11 @@ pub struct ServeOptions {
     pub lease: Duration,
     /// Schedules, capacity and live flows.
     pub control: ControlOptions,
+    /// Build threads of the local index node (0: only `freshindex index-node` processes
+    /// build indexes).
+    pub index_threads: usize,
+    /// An index node is declared lost after this long without a heartbeat.
+    pub index_heartbeat_timeout: Duration,
 }
 
 /// Why the server could not start or stop cleanly.
@@ -340,6 +346,27 @@ pub fn run(
                 context: "starting the scheduler".into(),
                 source,
             })?;
+        let index_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let engine = Arc::clone(&state.engine);
+        let (threads, timeout) = (opts.index_threads, opts.index_heartbeat_timeout);
+        let stop = Arc::clone(&index_stop);
+        tokio::task::spawn_blocking(move || {
+            let mut o = freshindex_engine::indexing::IndexServiceOptions::new(
+                engine.build_dir().to_path_buf(),
+            );
+            o.heartbeat_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            let service = engine.open_index_service(o)?;
+            indexes::start(engine, service, threads, stop)
+        })
+        .await
+        .map_err(|e| ServeError::Io {
+            context: "starting the index service".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|source| ServeError::Engine {
+            context: "starting the index service".into(),
+            source,
+        })?;
         tracing::info!(%addr, flows = ?state.flows().iter().map(|f| f.0.clone()).collect::<Vec<_>>(), auth = state.has_token(), "serving");
         on_listening(addr);
         let app = routes::router(Arc::clone(&state));
@@ -352,6 +379,7 @@ pub fn run(
             })
             .await
             .map_err(io("serving"))?;
+        index_stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let st = Arc::clone(&state);
         let released = tokio::task::spawn_blocking(move || {
             st.control.shutdown();

@@ -66,6 +66,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/flows/{flow}/status", get(flow_status))
         .route("/v1/flows/{flow}/history", get(flow_history))
+        .merge(crate::indexes::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
@@ -831,6 +832,8 @@ mod tests {
                 max_concurrent_runs: 2,
                 scheduler: true,
             },
+            index_threads: 0,
+            index_heartbeat_timeout: Duration::from_secs(30),
         })
         .expect("prepare")
     }

@@ -3,6 +3,7 @@
 //! One process, one thread doing the work (see `freshindex-engine`); progress bars are drawn
 //! by indicatif's own ticker thread when stderr is a terminal.
 
+mod index_node;
 mod progress;
 mod queue_cmd;
 
@@ -132,6 +133,23 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Build index files for a `freshindex serve` (the coordinator) until stopped: registers,
+    /// takes builds over HTTP, reads segment files and writes index files in the folder the
+    /// coordinator names (shared by both), and reports them.
+    IndexNode {
+        /// The coordinator's base URL, e.g. http://10.0.0.5:7700.
+        #[arg(long, env = "FRESHINDEX_COORDINATOR")]
+        coordinator: String,
+        /// Bearer token of the coordinator.
+        #[arg(long, env = "FRESHINDEX_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// What this node calls itself (default: hostname:pid).
+        #[arg(long)]
+        address: Option<String>,
+        /// Threads per build (default: one per core).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: Option<u16>,
+    },
     /// Serve the HTTP API (queue verbs, search, metrics) until SIGTERM or Ctrl-C.
     Serve {
         /// Address to listen on; port 0 picks a free one. The first line on stdout says
@@ -159,6 +177,15 @@ enum Command {
         /// Serve the API only: no scheduled runs, no live flows (on-demand runs still work).
         #[arg(long)]
         no_scheduler: bool,
+        /// Build threads of the server's own index node (0: leave index builds to
+        /// `freshindex index-node` processes).
+        #[arg(long, env = "FRESHINDEX_INDEX_THREADS", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(0..=64))]
+        index_threads: u16,
+        /// Seconds without a heartbeat after which an index node is declared lost and its
+        /// builds go to other nodes.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        index_heartbeat_timeout_secs: u64,
     },
     /// The indexing queue of the local data directory (no server): list, show, push, poll,
     /// unreserve, delete-queue-items.
@@ -224,6 +251,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             min_schedule_interval,
             max_concurrent_runs,
             no_scheduler,
+            index_threads,
+            index_heartbeat_timeout_secs,
         } => {
             let flows = match config_path(cli.config.as_deref()) {
                 Some(p) => Config::load(&p)?.flows,
@@ -240,7 +269,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     max_concurrent_runs: usize::from(max_concurrent_runs),
                     scheduler: !no_scheduler,
                 },
+                index_threads: usize::from(index_threads),
+                index_heartbeat_timeout: std::time::Duration::from_secs(
+                    index_heartbeat_timeout_secs,
+                ),
             })
+        }
+        Command::IndexNode {
+            coordinator,
+            token,
+            address,
+            threads,
+        } => {
+            let address = address.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "localhost".into());
+                format!("{host}:{}", std::process::id())
+            });
+            index_node::run(index_node::NodeOptions {
+                coordinator,
+                token,
+                address,
+                threads: threads.map_or_else(default_workers, usize::from),
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Queue { command } => {
             queue_cmd::run(&cli.data_dir, cli.config.as_deref(), command)?;
