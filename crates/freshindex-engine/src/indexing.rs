@@ -38,6 +38,15 @@ use crate::EngineError;
 const KIND_INDEX: &str = "index";
 const KIND_BUILD: &str = "build";
 const KIND_NODE: &str = "node";
+/// One record (id 0) with the next ids, so that no id is reused after a restart.
+const KIND_COUNTERS: &str = "counters";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Counters {
+    index: u64,
+    build: u64,
+    node: u64,
+}
 
 /// The name of the index a collection gets when none was defined.
 pub const DEFAULT_INDEX: &str = "hnsw";
@@ -181,6 +190,9 @@ pub struct IndexNode {
     pub last_heartbeat_ms: i64,
     /// False once it missed the heartbeat timeout.
     pub alive: bool,
+    /// Builds only this collection's indexes (a one-shot run's own node).
+    #[serde(default)]
+    pub only_collection: Option<String>,
 }
 
 /// What [`IndexService::register_node`] gives a node.
@@ -240,6 +252,9 @@ pub struct IndexServiceOptions {
     pub heartbeat_timeout_ms: u64,
     /// Failed attempts before a build stays `Failed`.
     pub max_retries: u32,
+    /// A build in progress this long without a report counts as failed ("timed out") and is
+    /// issued again: nothing stays `InProgress` forever, whatever happened to the node.
+    pub build_timeout_ms: u64,
     /// The pause after the first failure; it doubles with each one, up to 5 minutes.
     pub retry_pause_ms: u64,
 }
@@ -252,6 +267,7 @@ impl IndexServiceOptions {
             heartbeat_timeout_ms: 30_000,
             max_retries: 3,
             retry_pause_ms: 1_000,
+            build_timeout_ms: 30 * 60 * 1000,
         }
     }
 }
@@ -331,10 +347,25 @@ impl IndexService {
         let indexes: BTreeMap<u64, IndexDef> = load(store.as_ref(), KIND_INDEX)?;
         let builds: BTreeMap<u64, IndexBuild> = load(store.as_ref(), KIND_BUILD)?;
         let nodes: BTreeMap<u64, IndexNode> = load(store.as_ref(), KIND_NODE)?;
+        let saved: Counters = load::<Counters>(store.as_ref(), KIND_COUNTERS)?
+            .remove(&0)
+            .unwrap_or_default();
         let st = State {
-            next_index: indexes.keys().next_back().map_or(1, |k| k + 1),
-            next_build: builds.keys().next_back().map_or(1, |k| k + 1),
-            next_node: nodes.keys().next_back().map_or(1, |k| k + 1),
+            next_index: indexes
+                .keys()
+                .next_back()
+                .map_or(1, |k| k + 1)
+                .max(saved.index),
+            next_build: builds
+                .keys()
+                .next_back()
+                .map_or(1, |k| k + 1)
+                .max(saved.build),
+            next_node: nodes
+                .keys()
+                .next_back()
+                .map_or(1, |k| k + 1)
+                .max(saved.node),
             indexes,
             builds,
             nodes,
@@ -359,6 +390,7 @@ impl IndexService {
                 }
             }
             service.save(&[], &changed, &changed_nodes)?;
+            service.save_counters(&st)?;
         }
         Ok(service)
     }
@@ -375,6 +407,17 @@ impl IndexService {
     /// The settings.
     pub fn options(&self) -> &IndexServiceOptions {
         &self.opts
+    }
+
+    fn save_counters(&self, st: &State) -> Result<(), EngineError> {
+        let c = Counters {
+            index: st.next_index,
+            build: st.next_build,
+            node: st.next_node,
+        };
+        self.store
+            .put_index_records(&[(KIND_COUNTERS, 0, json(&c)?)])?;
+        Ok(())
     }
 
     fn save(
@@ -449,8 +492,9 @@ impl IndexService {
                         dropped: false,
                         created_ms: now_ms,
                     };
-                    st.next_index += 1;
                     self.save(std::slice::from_ref(&def), &[], &[])?;
+                    st.next_index += 1;
+                    self.save_counters(&st)?;
                     st.indexes.insert(def.index_id, def.clone());
                     def.index_id
                 }
@@ -487,31 +531,36 @@ impl IndexService {
         now_ms: i64,
     ) -> Result<(u64, usize), EngineError> {
         let mut st = self.lock();
-        let Some(def) = st
+        let Some(mut def) = st
             .indexes
-            .values_mut()
+            .values()
             .find(|i| i.collection == collection && i.name == name && !i.dropped)
+            .cloned()
         else {
             return Err(EngineError::NotFound(format!(
                 "collection `{collection}` has no index named `{name}`"
             )));
         };
         def.dropped = true;
-        let def = def.clone();
-        let mut changed = Vec::new();
-        for b in st
+        let mut changed: Vec<IndexBuild> = st
             .builds
-            .values_mut()
+            .values()
             .filter(|b| b.index_id == def.index_id && b.state != IndexState::Deleted)
-        {
-            let _ = std::fs::remove_file(&b.output_path);
+            .cloned()
+            .collect();
+        for b in &mut changed {
             b.state = IndexState::Deleted;
             b.node_id = None;
             b.ended_ms = Some(now_ms);
-            changed.push(b.clone());
         }
+        // Recorded first: memory follows the store, never the other way round.
         self.save(std::slice::from_ref(&def), &changed, &[])?;
-        drop(st);
+        for b in &changed {
+            let _ = std::fs::remove_file(&b.output_path);
+            st.builds.insert(b.build_id, b.clone());
+        }
+        st.indexes.insert(def.index_id, def.clone());
+        // Under the service's lock, so that no build of a newer index attaches meanwhile.
         host.drop_indexes(collection)?;
         Ok((def.index_id, changed.len()))
     }
@@ -529,7 +578,6 @@ impl IndexService {
             return Ok(());
         };
         let mut st = self.lock();
-        let mut new_defs = Vec::new();
         let def = match st
             .indexes
             .values()
@@ -546,9 +594,10 @@ impl IndexService {
                     dropped: false,
                     created_ms: now_ms,
                 };
+                self.save(std::slice::from_ref(&d), &[], &[])?;
                 st.next_index += 1;
+                self.save_counters(&st)?;
                 st.indexes.insert(d.index_id, d.clone());
-                new_defs.push(d.clone());
                 d
             }
         };
@@ -574,6 +623,7 @@ impl IndexService {
             }
             let build_id = st.next_build;
             st.next_build += 1;
+            self.save_counters(&st)?;
             let b = IndexBuild {
                 build_id,
                 index_id: def.index_id,
@@ -599,7 +649,36 @@ impl IndexService {
             st.builds.insert(build_id, b.clone());
             changed.push(b);
         }
-        self.save(&new_defs, &changed, &[])
+        self.save(&[], &changed, &[])
+    }
+
+    /// Forgets the indexes of a dropped collection: its builds become `Deleted` and its
+    /// index definitions dropped.
+    pub fn forget_collection(&self, collection: &str, now_ms: i64) -> Result<(), EngineError> {
+        let mut st = self.lock();
+        let defs: Vec<u64> = st
+            .indexes
+            .values()
+            .filter(|d| d.collection == collection)
+            .map(|d| d.index_id)
+            .collect();
+        self.store.delete_index_records(KIND_INDEX, &defs)?;
+        for id in &defs {
+            st.indexes.remove(id);
+        }
+        let mut changed = Vec::new();
+        for b in st
+            .builds
+            .values_mut()
+            .filter(|b| b.collection == collection && b.state != IndexState::Deleted)
+        {
+            let _ = std::fs::remove_file(&b.output_path);
+            b.state = IndexState::Deleted;
+            b.node_id = None;
+            b.ended_ms = Some(now_ms);
+            changed.push(b.clone());
+        }
+        self.save(&[], &changed, &[])
     }
 
     /// Registers a node at `address` running `capacity` builds at once.
@@ -607,6 +686,17 @@ impl IndexService {
         &self,
         address: &str,
         capacity: u32,
+        now_ms: i64,
+    ) -> Result<NodeGrant, EngineError> {
+        self.register_node_for(address, capacity, None, now_ms)
+    }
+
+    /// Registers a node that builds only `collection`'s indexes (when given).
+    pub fn register_node_for(
+        &self,
+        address: &str,
+        capacity: u32,
+        collection: Option<&str>,
         now_ms: i64,
     ) -> Result<NodeGrant, EngineError> {
         if address.trim().is_empty() {
@@ -620,9 +710,11 @@ impl IndexService {
             registered_ms: now_ms,
             last_heartbeat_ms: now_ms,
             alive: true,
+            only_collection: collection.map(str::to_string),
         };
-        st.next_node += 1;
         self.save(&[], &[], std::slice::from_ref(&node))?;
+        st.next_node += 1;
+        self.save_counters(&st)?;
         st.nodes.insert(node.node_id, node.clone());
         let timeout = self.opts.heartbeat_timeout_ms;
         Ok(NodeGrant {
@@ -674,6 +766,30 @@ impl IndexService {
     }
 
     fn expire_locked(&self, st: &mut State, now_ms: i64) -> Result<(), EngineError> {
+        let limit = i64::try_from(self.opts.build_timeout_ms).unwrap_or(i64::MAX);
+        let late: Vec<u64> = st
+            .builds
+            .values()
+            .filter(|b| {
+                b.state == IndexState::InProgress
+                    && b.issued_ms
+                        .is_some_and(|t| now_ms.saturating_sub(t) > limit)
+            })
+            .map(|b| b.build_id)
+            .collect();
+        let mut timed_out = Vec::new();
+        for id in late {
+            if let Some(b) = st.builds.get_mut(&id) {
+                let reason = format!(
+                    "timed out: no report from node {:?} within {} ms",
+                    b.node_id, self.opts.build_timeout_ms
+                );
+                let _ = std::fs::remove_file(&b.output_path);
+                self.failed_locked(b, &reason, now_ms);
+                timed_out.push(b.clone());
+            }
+        }
+        self.save(&[], &timed_out, &[])?;
         let timeout = self.opts.heartbeat_timeout_ms as i64;
         let mut lost = Vec::new();
         for n in st.nodes.values_mut() {
@@ -728,12 +844,20 @@ impl IndexService {
         }
         let mut changed = Vec::new();
         for (_, build_id) in ready {
+            let Some(collection) = st.builds.get(&build_id).map(|b| b.collection.clone()) else {
+                continue;
+            };
             let Some((&node, _)) = load
                 .iter()
-                .filter(|(id, l)| st.nodes.get(id).is_some_and(|n| **l < n.capacity))
+                .filter(|(id, l)| {
+                    st.nodes.get(id).is_some_and(|n| {
+                        **l < n.capacity
+                            && n.only_collection.as_ref().is_none_or(|c| *c == collection)
+                    })
+                })
                 .min_by_key(|(id, l)| (**l, **id))
             else {
-                break;
+                continue;
             };
             if let Some(l) = load.get_mut(&node) {
                 *l += 1;
@@ -814,7 +938,12 @@ impl IndexService {
         let b = match Self::current(&mut st, build_id, version, node_id) {
             Ok(b) => b,
             Err(why) => {
-                let _ = std::fs::remove_file(file);
+                // The stale node's file, by the name this service gave it (never a path
+                // taken from the request).
+                if st.builds.contains_key(&build_id) {
+                    let _ =
+                        std::fs::remove_file(output_path(&self.opts.build_dir, build_id, version));
+                }
                 return Ok(ReportOutcome::Ignored(why));
             }
         };
@@ -850,6 +979,13 @@ impl IndexService {
                 b.state = IndexState::Deleted;
                 b.node_id = None;
                 b.ended_ms = Some(now_ms);
+            }
+            // The collection is busy elsewhere (another process writes it): not the build's
+            // fault; issued again shortly, without counting a failure.
+            Err(EngineError::Busy(_)) => {
+                let _ = std::fs::remove_file(file);
+                reissue(b, &self.opts.build_dir);
+                b.ready_at_ms = now_ms + 5_000;
             }
             Err(e) => {
                 let _ = std::fs::remove_file(file);

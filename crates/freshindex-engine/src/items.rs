@@ -88,9 +88,15 @@ impl Engine {
         let _lock = self.lock(flow)?;
         let (id, spec) = self.flow(flow)?;
         let _writer = self.writer();
-        let collection = spec.target.collection();
+        let collection = &self.collections().resolve(spec.target.collection())?;
         let rows = self.close_collection(collection);
         let collection_dropped = self.collections().remove(collection)?;
+        if collection != spec.target.collection() {
+            self.collections().remove_alias(spec.target.collection())?;
+        }
+        if let Some(s) = self.index_service()? {
+            s.forget_collection(collection, crate::run::now_ms())?;
+        }
         self.store().delete_flow(id)?;
         Ok(DeleteReport {
             flow: spec.name,

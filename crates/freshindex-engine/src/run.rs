@@ -257,6 +257,7 @@ impl Engine {
         name: &str,
         dimension: usize,
     ) -> Result<Arc<SegmentedCollection>, EngineError> {
+        let name = &self.collections.resolve(name)?;
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = open.get(name) {
             if c.dimension() != dimension {
@@ -274,6 +275,92 @@ impl Engine {
         Ok(c)
     }
 
+    /// The flow whose target is collection `name` (directly or through an alias).
+    pub fn collection_owner(&self, name: &str) -> Result<Option<String>, EngineError> {
+        let name = self.collections.resolve(name)?;
+        for spec in self.stored_flows()? {
+            if self.collections.resolve(spec.target.collection())? == name {
+                return Ok(Some(spec.name));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Creates collection `name` (or opens it when it exists with this shape) for writing.
+    pub fn create_collection(
+        &self,
+        name: &str,
+        dimension: usize,
+        metric: Metric,
+    ) -> Result<(Arc<SegmentedCollection>, bool), EngineError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = open.get(name) {
+            if c.dimension() != dimension || c.metric() != metric {
+                return Err(EngineError::Conflict(format!(
+                    "collection `{name}` exists with dimension {} and metric {:?}",
+                    c.dimension(),
+                    c.metric()
+                )));
+            }
+            return Ok((c.clone(), false));
+        }
+        let existed = self.collections.names()?.iter().any(|n| n == name);
+        let c = match self.collections.create(name, dimension, metric) {
+            Ok(c) => c,
+            Err(freshindex_vector::VectorError::Dimension { expected, .. }) => {
+                return Err(EngineError::Conflict(format!(
+                    "collection `{name}` exists with dimension {expected}"
+                )));
+            }
+            Err(freshindex_vector::VectorError::Storage { message, .. })
+                if message.starts_with("metric:") =>
+            {
+                return Err(EngineError::Conflict(format!(
+                    "collection `{name}`: {message}"
+                )));
+            }
+            Err(freshindex_vector::VectorError::Storage { message, .. })
+                if message.contains("not a valid name")
+                    || message.starts_with("dimension:")
+                    || message.contains("is an alias")
+                    || message.contains("ends like") =>
+            {
+                return Err(EngineError::Invalid(message));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let c = Arc::new(c);
+        open.insert(name.to_string(), c.clone());
+        Ok((c, !existed))
+    }
+
+    /// Drops collection `name` with its indexes. Refused while a flow writes to it or an
+    /// alias names it. Returns whether it existed.
+    pub fn drop_collection(&self, name: &str) -> Result<bool, EngineError> {
+        if let Some(flow) = self.collection_owner(name)? {
+            return Err(EngineError::Conflict(format!(
+                "collection `{name}` is the target of flow `{flow}`; delete the flow instead"
+            )));
+        }
+        if let Some((alias, _)) = self
+            .collections
+            .aliases()?
+            .into_iter()
+            .find(|(_, c)| c == name)
+        {
+            return Err(EngineError::Conflict(format!(
+                "alias `{alias}` names collection `{name}`; point it elsewhere or remove it first"
+            )));
+        }
+        let _writer = self.writer();
+        self.close_collection(name);
+        let existed = self.collections.remove(name)?;
+        if let Some(s) = self.index_service()? {
+            s.forget_collection(name, now_ms())?;
+        }
+        Ok(existed)
+    }
+
     /// The existing collection `name`, opened for writing once and shared (`None`: no such
     /// collection). This process becomes its writer.
     pub fn open_collection(
@@ -289,6 +376,7 @@ impl Engine {
         &self,
         name: &str,
     ) -> Result<Option<Arc<SegmentedCollection>>, EngineError> {
+        let name = &self.collections.resolve(name)?;
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = open.get(name) {
             return Ok(Some(c.clone()));
@@ -392,21 +480,15 @@ impl Engine {
         {
             return Ok(0);
         }
-        let grant =
-            service.register_node(&format!("inline:{}", std::process::id()), 1, now_ms())?;
+        let grant = service.register_node_for(
+            &format!("inline:{}", std::process::id()),
+            1,
+            Some(collection),
+            now_ms(),
+        )?;
         let mut done = 0;
         let result = (|| {
             while let Some(build) = service.take(grant.node_id, now_ms())? {
-                if build.collection != collection {
-                    service.report_failed(
-                        build.build_id,
-                        build.version,
-                        grant.node_id,
-                        "handed back: this node builds one collection",
-                        now_ms(),
-                    )?;
-                    continue;
-                }
                 match crate::indexing::execute_build(&build, threads) {
                     Ok(_) => {
                         service.report_finished(
@@ -438,13 +520,17 @@ impl Engine {
     }
 
     /// The folder of collections.
-    pub(crate) fn collections(&self) -> &Collections {
+    pub fn collections(&self) -> &Collections {
         &self.collections
     }
 
     /// Forgets the open handle of collection `name` (before its files are removed); returns
     /// its row count when it was open or can be opened.
     pub(crate) fn close_collection(&self, name: &str) -> Option<u64> {
+        let name = &self
+            .collections
+            .resolve(name)
+            .unwrap_or_else(|_| name.to_string());
         let open = self
             .open
             .lock()
@@ -582,6 +668,11 @@ impl Engine {
         })?;
         self.after_write(spec.target.collection());
         Ok(summary)
+    }
+
+    /// New index builds for segments that writes to `collection` sealed (logged on failure).
+    pub fn sync_collection_indexes(&self, collection: &str) {
+        self.after_write(collection);
     }
 
     /// After a run or a write: new builds for segments the writes sealed. A failure here
@@ -970,7 +1061,7 @@ impl Engine {
     /// The flow's target for reading: the handle this engine writes through when it has one
     /// open, else a read-only snapshot (another process may be writing it).
     fn collection_of(&self, spec: &FlowSpec) -> Result<Arc<dyn VectorCollection>, EngineError> {
-        let name = spec.target.collection();
+        let name = &self.collections.resolve(spec.target.collection())?;
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = open.get(name) {
             return Ok(c.clone());

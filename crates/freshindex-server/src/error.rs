@@ -241,6 +241,12 @@ impl From<FenceError> for ApiError {
     }
 }
 
+impl From<freshindex_vector::VectorError> for ApiError {
+    fn from(e: freshindex_vector::VectorError) -> ApiError {
+        EngineError::from(e).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 //!   `POST /v1/index-builds/{id}:report`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -41,18 +41,35 @@ pub(crate) fn start(
     threads: usize,
     stop: Arc<AtomicBool>,
 ) -> Result<(), EngineError> {
-    let local = if threads > 0 {
-        let grant = service.register_node(
-            &format!("local:{}", std::process::id()),
-            threads as u32,
-            now_ms(),
-        )?;
-        Some(grant.node_id)
-    } else {
-        None
+    let address = format!("local:{}", std::process::id());
+    // The local node's id; 0 while it must register (again: declared lost after a stall).
+    let node = Arc::new(AtomicU64::new(0));
+    let register = {
+        let (service, node, address) = (service.clone(), node.clone(), address.clone());
+        move || -> u64 {
+            let current = node.load(Ordering::Acquire);
+            if current != 0 {
+                return current;
+            }
+            match service.register_node(&address, threads as u32, now_ms()) {
+                Ok(grant) => {
+                    node.store(grant.node_id, Ordering::Release);
+                    grant.node_id
+                }
+                Err(e) => {
+                    tracing::warn!("registering the local index node: {e}");
+                    0
+                }
+            }
+        }
     };
+    if threads > 0 {
+        register();
+    }
     {
-        let (engine, service, stop) = (engine.clone(), service.clone(), stop.clone());
+        let (engine, service, stop, node) =
+            (engine.clone(), service.clone(), stop.clone(), node.clone());
+        let register = register.clone();
         std::thread::Builder::new()
             .name("index-housekeeping".into())
             .spawn(move || {
@@ -61,8 +78,14 @@ pub(crate) fn start(
                     if let Err(e) = engine.sync_indexes() {
                         tracing::warn!("index builds not updated: {e}");
                     }
-                    if let Some(node) = local {
-                        let _ = service.heartbeat(node, now_ms());
+                    if threads > 0 {
+                        let id = register();
+                        if id != 0 && service.heartbeat(id, now_ms()).is_err() {
+                            // Declared lost (a stall, a clock jump): a new registration; the
+                            // builds it had were issued again.
+                            let _ =
+                                node.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
+                        }
                     }
                     if let Err(e) = service.expire(now_ms()) {
                         tracing::warn!("expiring index nodes: {e}");
@@ -76,33 +99,40 @@ pub(crate) fn start(
                     ticks += 1;
                     std::thread::sleep(Duration::from_millis(500));
                 }
-                if let Some(node) = local {
-                    let _ = service.deregister_node(node);
+                let id = node.load(Ordering::Acquire);
+                if id != 0 {
+                    let _ = service.deregister_node(id);
                 }
             })
             .map_err(|e| EngineError::Internal(format!("starting the index thread: {e}")))?;
     }
-    let Some(node) = local else {
-        return Ok(());
-    };
     // Each build uses the machine's cores; several build threads only overlap them.
     let build_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     for i in 0..threads {
-        let (engine, service, stop) = (engine.clone(), service.clone(), stop.clone());
+        let (engine, service, stop, node) =
+            (engine.clone(), service.clone(), stop.clone(), node.clone());
+        let register = register.clone();
         std::thread::Builder::new()
             .name(format!("index-build-{i}"))
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    match service.take(node, now_ms()) {
+                    let id = register();
+                    if id == 0 {
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                    match service.take(id, now_ms()) {
                         Ok(Some(build)) => {
-                            let outcome =
-                                freshindex_engine::indexing::execute_build(&build, build_threads);
+                            let outcome = std::panic::catch_unwind(|| {
+                                freshindex_engine::indexing::execute_build(&build, build_threads)
+                            })
+                            .unwrap_or_else(|_| Err("the build panicked".to_string()));
                             let reported = match outcome {
                                 Ok(_) => service.report_finished(
                                     engine.as_ref(),
                                     build.build_id,
                                     build.version,
-                                    node,
+                                    id,
                                     &build.output_path,
                                     now_ms(),
                                 ),
@@ -114,7 +144,7 @@ pub(crate) fn start(
                                     service.report_failed(
                                         build.build_id,
                                         build.version,
-                                        node,
+                                        id,
                                         &e,
                                         now_ms(),
                                     )
@@ -125,6 +155,10 @@ pub(crate) fn start(
                             }
                         }
                         Ok(None) => std::thread::sleep(Duration::from_millis(300)),
+                        Err(EngineError::Conflict(_) | EngineError::NotFound(_)) => {
+                            let _ =
+                                node.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
+                        }
                         Err(e) => {
                             tracing::warn!("taking an index build: {e}");
                             std::thread::sleep(Duration::from_secs(1));
@@ -141,7 +175,30 @@ pub(crate) fn start(
 pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/collections", get(list_collections))
-        .route("/v1/collections/{collection}", get(describe_collection))
+        .route(
+            "/v1/collections/{collection}",
+            get(describe_collection)
+                .put(create_collection)
+                .delete(drop_collection),
+        )
+        .route(
+            "/v1/collections/{collection}/points:upsert",
+            post(upsert_points),
+        )
+        .route(
+            "/v1/collections/{collection}/points:delete",
+            post(delete_points),
+        )
+        .route("/v1/collections/{collection}/points/{*key}", get(get_point))
+        .route(
+            "/v1/collections/{collection}/search",
+            post(search_collection),
+        )
+        .route("/v1/aliases", get(list_aliases))
+        .route(
+            "/v1/aliases/{alias}",
+            axum::routing::put(put_alias).delete(delete_alias),
+        )
         .route("/v1/collections/{collection}/indexes", post(build_index))
         .route(
             "/v1/collections/{collection}/indexes/{index}",
@@ -192,13 +249,312 @@ fn not_found(e: EngineError) -> ApiError {
     }
 }
 
+/// `GET /v1/collections`: every collection, the flow writing it, and the aliases.
 async fn list_collections(State(st): St) -> ApiResult {
-    let flows = st.blocking(|e| Ok(e.stored_flows()?)).await?;
-    let names: Vec<Value> = flows
-        .iter()
-        .map(|f| json!({ "collection": f.target.collection(), "flow": f.name }))
-        .collect();
-    Ok(Json(json!({ "collections": names })).into_response())
+    let v = st
+        .blocking(|e| {
+            let aliases = e.collections().aliases()?;
+            let mut list = Vec::new();
+            for name in e.collections().names()? {
+                let named_by: Vec<&String> = aliases
+                    .iter()
+                    .filter(|(_, c)| **c == name)
+                    .map(|(a, _)| a)
+                    .collect();
+                list.push(json!({
+                    "collection": name,
+                    "flow": e.collection_owner(&name)?,
+                    "aliases": named_by,
+                }));
+            }
+            Ok(json!({ "collections": list, "aliases": aliases }))
+        })
+        .await?;
+    Ok(Json(v).into_response())
+}
+
+/// The collection a path names (through an alias), open for writing in this server.
+fn collection(
+    e: &Engine,
+    name: &str,
+) -> Result<Arc<freshindex_vector::SegmentedCollection>, ApiError> {
+    e.open_collection(name)?
+        .ok_or_else(|| ApiError::new(Code::NotFound, format!("no collection named `{name}`")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CreateBody {
+    dimension: usize,
+    #[serde(default)]
+    metric: Option<freshindex_vector::Metric>,
+}
+
+/// `PUT /v1/collections/{c}`: creates a collection (201), or answers 200 when it exists with
+/// the same dimension and metric (409 otherwise).
+async fn create_collection(
+    State(st): St,
+    Path(name): Path<String>,
+    body: Result<ApiJson<CreateBody>, ApiError>,
+) -> ApiResult {
+    let body = body?.0;
+    let metric = body.metric.unwrap_or(freshindex_vector::Metric::Cosine);
+    let n = name.clone();
+    let created = st
+        .blocking(move |e| Ok(e.create_collection(&n, body.dimension, metric)?.1))
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "collection": name, "created": created, "dimension": body.dimension, "metric": metric })),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/collections/{c}`.
+async fn drop_collection(State(st): St, Path(name): Path<String>) -> ApiResult {
+    let n = name.clone();
+    let existed = st.blocking(move |e| Ok(e.drop_collection(&n)?)).await?;
+    if !existed {
+        return Err(ApiError::new(
+            Code::NotFound,
+            format!("no collection named `{name}`"),
+        ));
+    }
+    Ok(Json(json!({ "collection": name, "dropped": true })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Point {
+    key: String,
+    vector: Vec<f32>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    metadata: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpsertBody {
+    points: Vec<Point>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteBody {
+    keys: Vec<String>,
+}
+
+/// `POST /v1/collections/{c}/points:upsert`: one durable, atomic write.
+async fn upsert_points(
+    State(st): St,
+    Path(name): Path<String>,
+    body: Result<ApiJson<UpsertBody>, ApiError>,
+) -> ApiResult {
+    let body = body?.0;
+    let mut rows = Vec::with_capacity(body.points.len());
+    for (i, p) in body.points.into_iter().enumerate() {
+        if p.key.is_empty() || p.key.len() > 1024 {
+            return Err(ApiError::invalid(format!(
+                "points[{i}].key: 1 to 1024 bytes"
+            )));
+        }
+        if let Some(j) = p.vector.iter().position(|x| !x.is_finite()) {
+            return Err(ApiError::invalid(format!(
+                "points[{i}].vector[{j}]: not a finite number"
+            )));
+        }
+        rows.push(freshindex_vector::Row {
+            key: p.key,
+            vector: p.vector,
+            payload: freshindex_vector::RowPayload {
+                source: p.source.unwrap_or_default(),
+                range: [0, 0],
+                text: p.text.unwrap_or_default(),
+                metadata: p.metadata,
+            },
+        });
+    }
+    let n = rows.len();
+    st.blocking(move |e| {
+        let c = collection(e, &name)?;
+        c.upsert(&rows).map_err(|err| match err {
+            freshindex_vector::VectorError::Dimension { expected, got, .. } => {
+                ApiError::invalid(format!(
+                    "points: a vector of dimension {got} where the collection takes {expected}"
+                ))
+            }
+            err => EngineError::from(err).into(),
+        })?;
+        e.sync_collection_indexes(&name);
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({ "upserted": n })).into_response())
+}
+
+/// `POST /v1/collections/{c}/points:delete`: unknown keys are ignored.
+async fn delete_points(
+    State(st): St,
+    Path(name): Path<String>,
+    body: Result<ApiJson<DeleteBody>, ApiError>,
+) -> ApiResult {
+    let keys = body?.0.keys;
+    let n = keys.len();
+    st.blocking(move |e| {
+        collection(e, &name)?
+            .delete(&keys)
+            .map_err(EngineError::from)?;
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({ "deleted": n })).into_response())
+}
+
+fn row_json(r: &freshindex_vector::Row) -> Value {
+    json!({
+        "key": r.key,
+        "vector": r.vector,
+        "source": r.payload.source,
+        "text": r.payload.text,
+        "metadata": r.payload.metadata,
+    })
+}
+
+/// `GET /v1/collections/{c}/points/{key}`.
+async fn get_point(State(st): St, Path((name, key)): Path<(String, String)>) -> ApiResult {
+    let v = st
+        .blocking(move |e| {
+            let c = collection(e, &name)?;
+            c.get(&key).map(|r| row_json(&r)).ok_or_else(|| {
+                ApiError::new(
+                    Code::NotFound,
+                    format!("collection `{name}` has no point `{key}`"),
+                )
+            })
+        })
+        .await?;
+    Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VectorSearchBody {
+    vector: Vec<f32>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    source_prefix: Option<String>,
+}
+
+/// `POST /v1/collections/{c}/search`: the top `limit` (default 10, at most 1000) points by
+/// vector, optionally only those whose source starts with `sourcePrefix`.
+async fn search_collection(
+    State(st): St,
+    Path(name): Path<String>,
+    body: Result<ApiJson<VectorSearchBody>, ApiError>,
+) -> ApiResult {
+    let body = body?.0;
+    let limit = body.limit.unwrap_or(10);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit: 1 to 1000"));
+    }
+    let filter = body.source_prefix.map(|p| freshindex_vector::Filter {
+        source_prefix: Some(p),
+    });
+    let v = st
+        .blocking(move |e| {
+            let c = collection(e, &name)?;
+            let hits = c
+                .search(&body.vector, limit, filter.as_ref())
+                .map_err(|err| match err {
+                    freshindex_vector::VectorError::Dimension { expected, got, .. } => {
+                        ApiError::invalid(format!(
+                            "vector: dimension {got} where the collection takes {expected}"
+                        ))
+                    }
+                    err => EngineError::from(err).into(),
+                })?;
+            let hits: Vec<Value> = hits
+                .iter()
+                .map(|h| {
+                    json!({
+                        "key": h.key, "score": h.score, "source": h.payload.source,
+                        "text": h.payload.text, "metadata": h.payload.metadata,
+                    })
+                })
+                .collect();
+            Ok(json!({ "hits": hits }))
+        })
+        .await?;
+    Ok(Json(v).into_response())
+}
+
+/// `GET /v1/aliases`.
+async fn list_aliases(State(st): St) -> ApiResult {
+    let v = st
+        .blocking(|e| Ok(json!({ "aliases": e.collections().aliases()? })))
+        .await?;
+    Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AliasBody {
+    collection: String,
+}
+
+/// `PUT /v1/aliases/{alias}`: points the alias at a collection, atomically.
+async fn put_alias(
+    State(st): St,
+    Path(alias): Path<String>,
+    body: Result<ApiJson<AliasBody>, ApiError>,
+) -> ApiResult {
+    let target = body?.0.collection;
+    let (a, t) = (alias.clone(), target.clone());
+    let previous = st
+        .blocking(move |e| {
+            e.collections().set_alias(&a, &t).map_err(|err| match err {
+                freshindex_vector::VectorError::NotFound(c) => {
+                    ApiError::new(Code::NotFound, format!("no collection named `{c}`"))
+                }
+                freshindex_vector::VectorError::Storage { message, .. } => {
+                    ApiError::invalid(message)
+                }
+                err => EngineError::from(err).into(),
+            })
+        })
+        .await?;
+    Ok(Json(json!({ "alias": alias, "collection": target, "previous": previous })).into_response())
+}
+
+/// `DELETE /v1/aliases/{alias}`.
+async fn delete_alias(State(st): St, Path(alias): Path<String>) -> ApiResult {
+    let a = alias.clone();
+    let removed = st
+        .blocking(move |e| {
+            Ok(e.collections()
+                .remove_alias(&a)
+                .map_err(EngineError::from)?)
+        })
+        .await?;
+    match removed {
+        Some(c) => {
+            Ok(Json(json!({ "alias": alias, "collection": c, "removed": true })).into_response())
+        }
+        None => Err(ApiError::new(
+            Code::NotFound,
+            format!("no alias named `{alias}`"),
+        )),
+    }
 }
 
 /// `GET /v1/collections/{c}`: rows (total, indexed, pending), segments and the index.

@@ -11,6 +11,7 @@ pub mod segmented;
 mod sqlite;
 pub mod wal;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use freshindex_core::{Row, RowPayload};
@@ -133,6 +134,30 @@ pub trait VectorCollection: Send + Sync {
 pub struct Collections {
     dir: PathBuf,
     opts: SegmentOptions,
+    /// The aliases file as last read: (its modification stamp, alias → collection).
+    aliases: std::sync::Arc<std::sync::Mutex<AliasCache>>,
+}
+
+type AliasStamp = (std::time::SystemTime, u64);
+type AliasCache = (Option<AliasStamp>, BTreeMap<String, String>);
+
+/// Checks a collection or alias name: 1 to 128 of `A-Z a-z 0-9 _ - .`, not starting with a
+/// dot, and not ending like the files the folder keeps beside collections.
+pub fn check_collection_name(what: &str, name: &str) -> std::result::Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if name.is_empty() || name.len() > 128 || !ok_chars || name.starts_with('.') {
+        return Err(format!(
+            "{what}: `{name}` is not a valid name (1 to 128 of A-Z a-z 0-9 _ - ., not starting with a dot)"
+        ));
+    }
+    if name.ends_with(".sqlite") || name.ends_with(".migrating") {
+        return Err(format!(
+            "{what}: `{name}` ends like a file the collections folder keeps"
+        ));
+    }
+    Ok(())
 }
 
 impl Collections {
@@ -146,7 +171,169 @@ impl Collections {
         Collections {
             dir: dir.to_path_buf(),
             opts,
+            aliases: Default::default(),
         }
+    }
+
+    fn aliases_path(&self) -> PathBuf {
+        self.dir.join(".aliases.json")
+    }
+
+    /// Every alias and the collection it names (read again when another process changed
+    /// the file).
+    pub fn aliases(&self) -> Result<BTreeMap<String, String>> {
+        let path = self.aliases_path();
+        let stamp = match std::fs::metadata(&path) {
+            Ok(m) => Some((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(Self::storage(
+                    ".aliases",
+                    format!("{}: {e}", path.display()),
+                ));
+            }
+        };
+        let mut cache = self.aliases.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != stamp || stamp.is_none() {
+            let map = match std::fs::read(&path) {
+                Ok(bytes) => serde_json::from_slice(&bytes)
+                    .map_err(|e| Self::storage(".aliases", format!("{}: {e}", path.display())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+                Err(e) => {
+                    return Err(Self::storage(
+                        ".aliases",
+                        format!("{}: {e}", path.display()),
+                    ));
+                }
+            };
+            *cache = (stamp, map);
+        }
+        Ok(cache.1.clone())
+    }
+
+    /// The collection `name` stands for: the target of an alias of that name, else `name`.
+    pub fn resolve(&self, name: &str) -> Result<String> {
+        Ok(self
+            .aliases()?
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_string()))
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.folder(name).join("MANIFEST").exists() || self.legacy(name).exists()
+    }
+
+    /// Points alias `alias` at `collection`, atomically (one rename): a search through the
+    /// alias reads the old collection or the new one, never neither. Returns the collection
+    /// it named before.
+    pub fn set_alias(&self, alias: &str, collection: &str) -> Result<Option<String>> {
+        let invalid = |m: String| Self::storage(alias, m);
+        check_collection_name("alias", alias).map_err(invalid)?;
+        if self.exists(alias) {
+            return Err(invalid(format!(
+                "alias: a collection is named `{alias}`; an alias cannot hide it"
+            )));
+        }
+        if !self.exists(collection) {
+            return Err(VectorError::NotFound(collection.into()));
+        }
+        let mut map = self.aliases()?;
+        if map.contains_key(collection) {
+            return Err(invalid(format!(
+                "collection: `{collection}` is an alias; point `{alias}` at a collection"
+            )));
+        }
+        let old = map.insert(alias.into(), collection.into());
+        self.write_aliases(&map)?;
+        Ok(old)
+    }
+
+    /// Removes alias `alias`; returns the collection it named.
+    pub fn remove_alias(&self, alias: &str) -> Result<Option<String>> {
+        let mut map = self.aliases()?;
+        let old = map.remove(alias);
+        if old.is_some() {
+            self.write_aliases(&map)?;
+        }
+        Ok(old)
+    }
+
+    fn write_aliases(&self, map: &BTreeMap<String, String>) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| {
+            Self::storage(
+                ".aliases",
+                format!("cannot create {}: {e}", self.dir.display()),
+            )
+        })?;
+        let json =
+            serde_json::to_vec_pretty(map).map_err(|e| Self::storage(".aliases", e.to_string()))?;
+        segmented::write_durably(&self.aliases_path(), &json)
+            .map_err(|e| Self::storage(".aliases", e))?;
+        // The next read sees the new file.
+        self.aliases.lock().unwrap_or_else(|p| p.into_inner()).0 = None;
+        Ok(())
+    }
+
+    /// The names of the collections in the folder (not aliases).
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+            Err(e) => return Err(Self::storage("*", format!("{}: {e}", self.dir.display()))),
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".sqlite") {
+                names.push(stem.to_string());
+            } else if e.path().join("MANIFEST").exists() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Creates collection `name` with `dimension` and `metric` and opens it for writing; an
+    /// existing one of the same shape is opened, another shape is refused.
+    pub fn create(
+        &self,
+        name: &str,
+        dimension: usize,
+        metric: Metric,
+    ) -> Result<SegmentedCollection> {
+        check_collection_name("collection", name).map_err(|m| Self::storage(name, m))?;
+        if dimension == 0 || dimension > 65_536 {
+            return Err(Self::storage(
+                name,
+                format!("dimension: {dimension} is not in 1..=65536"),
+            ));
+        }
+        if self.aliases()?.contains_key(name) {
+            return Err(Self::storage(
+                name,
+                format!("collection: `{name}` is an alias"),
+            ));
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| {
+            Self::storage(name, format!("cannot create {}: {e}", self.dir.display()))
+        })?;
+        self.migrate(name)?;
+        let c = SegmentedCollection::open(
+            &self.folder(name),
+            name,
+            Some((dimension, metric)),
+            self.opts.clone(),
+        )?;
+        if c.metric() != metric {
+            return Err(Self::storage(
+                name,
+                format!("metric: the collection exists with {:?}", c.metric()),
+            ));
+        }
+        Ok(c)
     }
 
     /// The folder of collection `name`.
@@ -216,6 +403,15 @@ impl Collections {
         if !legacy.exists() {
             return Ok(());
         }
+        // One migration at a time across processes; the loser finds it done.
+        let lock_path = self.dir.join(format!(".migrate-{name}.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|e| Self::storage(name, format!("{}: {e}", lock_path.display())))?;
         if !folder.join("MANIFEST").exists() {
             let old = SqliteCollection::open(&legacy, name, None)?;
             let tmp = self.dir.join(format!("{name}.migrating"));
@@ -249,13 +445,19 @@ impl Collections {
             drop(new);
             drop(old);
             if folder.exists() {
-                // Only a lock file can be there (a failed open): nothing to keep.
+                // Only a lock file can be there (a failed open): nothing to keep, unless a
+                // handle holds it.
+                let held = segmented::lock_dir(&folder, name)?;
                 std::fs::remove_dir_all(&folder).map_err(|e| fs("removing", &folder, e))?;
+                drop(held);
             }
             std::fs::rename(&tmp, &folder).map_err(|e| fs("renaming", &tmp, e))?;
             wal::sync_dir(&folder)?;
         }
-        remove_sqlite_files(&legacy, name)
+        remove_sqlite_files(&legacy, name)?;
+        drop(lock);
+        let _ = std::fs::remove_file(&lock_path);
+        Ok(())
     }
 
     /// Removes the collection's files. Fails when another handle has it open for writing.

@@ -122,6 +122,9 @@ pub struct SegmentedCollection {
     /// The exclusive lock on `LOCK` a writable handle holds for its lifetime (`None`:
     /// read-only).
     lock: Option<std::fs::File>,
+    /// Set when a manifest write failed part-way: what is on disk may no longer be what this
+    /// handle holds, so it takes no more writes (reopening reads what is on disk).
+    broken: std::sync::atomic::AtomicBool,
 }
 
 /// A sealed segment, for the index service.
@@ -353,11 +356,14 @@ impl SegmentedCollection {
                 return Err(VectorError::NotFound(name.into()));
             };
             let loaded = (|| {
-                let wal_path = dir.join(format!("wal-{}.log", manifest.generation));
-                let replay = AppendLog::read(&wal_path)?;
+                // Segments (and their tombstone files) first, the log after: every deletion a
+                // `.del` file holds is then also in the log read, whose insertions come with it.
                 let mut c =
                     SegmentedCollection::empty(dir, name, &manifest, opts.clone(), None, None);
-                c.load(&manifest, &replay.records)?;
+                c.load_segments(&manifest)?;
+                let wal_path = dir.join(format!("wal-{}.log", manifest.generation));
+                let replay = AppendLog::read(&wal_path)?;
+                c.replay(&manifest, &replay.records)?;
                 Ok(c)
             })();
             attempt += 1;
@@ -391,11 +397,17 @@ impl SegmentedCollection {
                 dirty: BTreeSet::new(),
             }),
             lock,
+            broken: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Loads the segments `manifest` names and replays the log's `records` over them.
     fn load(&mut self, manifest: &Manifest, records: &[Vec<u8>]) -> Result<()> {
+        self.load_segments(manifest)?;
+        self.replay(manifest, records)
+    }
+
+    fn load_segments(&mut self, manifest: &Manifest) -> Result<()> {
         let mut sealed = Vec::with_capacity(manifest.segments.len());
         for entry in &manifest.segments {
             sealed.push(self.load_segment(entry)?);
@@ -408,12 +420,17 @@ impl SegmentedCollection {
                 }
             }
         }
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        state.sealed = sealed;
+        state.loc = loc;
+        Ok(())
+    }
+
+    fn replay(&mut self, manifest: &Manifest, records: &[Vec<u8>]) -> Result<()> {
         let dim = self.dimension;
         let wal_path = self.path(&format!("wal-{}.log", manifest.generation));
         let name = self.name.clone();
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        state.sealed = sealed;
-        state.loc = loc;
         for (i, rec) in records.iter().enumerate() {
             let (upserts, deletes) =
                 decode_apply(rec, dim).ok_or_else(|| VectorError::Storage {
@@ -432,7 +449,21 @@ impl SegmentedCollection {
         if self.lock.is_none() {
             return Err(VectorError::ReadOnly(self.name.clone()));
         }
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(self.err(
+                "a manifest write failed earlier; this handle takes no more writes — reopen the collection",
+            ));
+        }
         Ok(())
+    }
+
+    /// Writes the manifest; a failure breaks the handle (see `broken`).
+    fn commit_manifest(&self, m: &Manifest) -> Result<()> {
+        write_manifest(&self.dir, m).map_err(|e| {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.err(e)
+        })
     }
 
     /// Removes files the manifest does not name (a seal or compaction cut short).
@@ -556,7 +587,7 @@ impl SegmentedCollection {
             &self.path(&format!("wal-{}.log", m.generation)),
             m.generation,
         )?;
-        write_manifest(&self.dir, &m).map_err(|e| self.err(e))?;
+        self.commit_manifest(&m)?;
         // Committed: the old log is replaced.
         let _ = std::fs::remove_file(self.path(&format!("wal-{}.log", st.manifest.generation)));
         st.manifest = m;
@@ -699,7 +730,7 @@ impl SegmentedCollection {
             });
             Some(s)
         };
-        write_manifest(&self.dir, &m).map_err(|e| self.err(e))?;
+        self.commit_manifest(&m)?;
         for id in &gone {
             for ext in ["dat", "del", "hnsw"] {
                 let _ = std::fs::remove_file(self.path(&format!("seg-{id}.{ext}")));
@@ -748,6 +779,25 @@ impl SegmentedCollection {
     /// The metric.
     pub fn metric(&self) -> Metric {
         self.metric
+    }
+
+    /// The row with key `key`.
+    pub fn get(&self, key: &str) -> Option<Row> {
+        let st = self.read();
+        if let Some((v, p)) = st.growing.get(key) {
+            return Some(Row {
+                key: key.into(),
+                vector: v.clone(),
+                payload: p.clone(),
+            });
+        }
+        let &(si, row) = st.loc.get(key)?;
+        let s = st.sealed.get(si)?;
+        Some(Row {
+            key: key.into(),
+            vector: s.vector(row, self.dimension).to_vec(),
+            payload: s.payloads.get(row)?.clone(),
+        })
     }
 
     /// The collection's folder.
@@ -817,7 +867,10 @@ impl SegmentedCollection {
         sync_dir(&dest)?;
         let index = HnswIndex::open(&dest, true, params.ef_search)?;
         let rows = st.sealed[pos].keys.len();
-        if index.len() != rows || index.dimension() != self.dimension {
+        if index.len() != rows
+            || index.dimension() != self.dimension
+            || index.metric() != self.metric
+        {
             let _ = std::fs::remove_file(&dest);
             return Err(VectorError::Index(format!(
                 "the index built for segment {id} holds {} vectors of dimension {}, the segment {rows} of {}",
@@ -830,7 +883,7 @@ impl SegmentedCollection {
         for e in m.segments.iter_mut().filter(|e| e.id == id) {
             e.indexed = true;
         }
-        write_manifest(&self.dir, &m).map_err(|e| self.err(e))?;
+        self.commit_manifest(&m)?;
         st.manifest = m;
         st.sealed[pos].index = Some(index);
         Ok(())
@@ -856,7 +909,7 @@ impl SegmentedCollection {
         if dropped == 0 {
             return Ok(0);
         }
-        write_manifest(&self.dir, &m).map_err(|e| self.err(e))?;
+        self.commit_manifest(&m)?;
         st.manifest = m;
         for s in st.sealed.iter_mut() {
             #[cfg(feature = "hnsw")]
@@ -912,7 +965,7 @@ fn apply_in_memory(st: &mut State, upserts: Vec<Row>, deletes: &[String]) {
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename, then fsyncs the
 /// folder: readers see the old file or the new one, never a part.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::result::Result<(), String> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     f.write_all(bytes)
