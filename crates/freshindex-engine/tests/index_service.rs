@@ -402,3 +402,138 @@ fn a_restarted_service_resumes_with_the_same_ids_and_reissues_builds_in_progress
     let newest = s.builds_of(None).iter().map(|b| b.build_id).max();
     assert_eq!(newest, ids.iter().max().map(|m| m + 1));
 }
+
+#[test]
+fn a_stale_report_never_deletes_the_path_it_names() {
+    let f = fixture();
+    let s = service(&f, 30_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    let node = s.register_node("n", 1, 0).expect("node").node_id;
+    let precious = f.collection.dir().join("MANIFEST");
+    for (id, version) in [(9_999, 1), (1, 7)] {
+        let r = s
+            .report_finished(&f.host, id, version, node, &precious, 1)
+            .expect("report");
+        assert!(matches!(r, ReportOutcome::Ignored(_)), "{r:?}");
+        assert!(
+            precious.exists(),
+            "a report for build {id} removed {precious:?}"
+        );
+    }
+}
+
+#[test]
+fn a_build_without_a_report_times_out_and_is_issued_again() {
+    let f = fixture();
+    let mut opts = IndexServiceOptions::new(f.build_dir.clone());
+    opts.build_timeout_ms = 10_000;
+    opts.retry_pause_ms = 0;
+    let s = IndexService::open(f.store.clone(), opts).expect("service");
+    s.sync(&f.host, "c", 0).expect("sync");
+    let node = s.register_node("n", 1, 0).expect("node").node_id;
+    let lost = s.take(node, 0).expect("take").expect("a build");
+    // The node keeps heart-beating but never reports (it lost the answer, or crashed a
+    // thread): after the timeout the build is issued again, with a failure counted.
+    s.heartbeat(node, 9_000).expect("beat");
+    assert_eq!(state(&s, lost.build_id), IndexState::InProgress);
+    s.heartbeat(node, 10_500).expect("beat");
+    let b = s.builds(&[lost.build_id])[0].1.clone().expect("build");
+    assert_eq!(b.state, IndexState::Unissued);
+    assert_eq!(b.retries, 1);
+    assert!(
+        b.fail_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("timed out"))
+    );
+    // Least retried first: the others come before it, then it comes back.
+    let again = loop {
+        let t = s.take(node, 10_600).expect("take").expect("issued again");
+        if t.build_id == lost.build_id {
+            break t;
+        }
+        execute_build(&t, 1).expect("build");
+        s.report_finished(&f.host, t.build_id, t.version, node, &t.output_path, 10_600)
+            .expect("report");
+    };
+    assert_eq!(again.version, lost.version + 1);
+}
+
+#[test]
+fn a_node_for_one_collection_takes_only_its_builds() {
+    let f = fixture();
+    let other = Arc::new(
+        SegmentedCollection::open(
+            &f.build_dir.with_file_name("d"),
+            "d",
+            Some((DIM, Metric::Cosine)),
+            SegmentOptions {
+                seal_rows: 50,
+                ..Default::default()
+            },
+        )
+        .expect("open"),
+    );
+    other.upsert(&rows(0..50)).expect("upsert");
+    f.host.0.lock().expect("lock").insert("d".into(), other);
+    let s = service(&f, 30_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    s.sync(&f.host, "d", 0).expect("sync");
+    let node = s
+        .register_node_for("inline", 1, Some("d"), 0)
+        .expect("node")
+        .node_id;
+    let b = s.take(node, 1).expect("take").expect("d's build");
+    assert_eq!(b.collection, "d");
+    execute_build(&b, 1).expect("build");
+    s.report_finished(&f.host, b.build_id, b.version, node, &b.output_path, 2)
+        .expect("report");
+    assert!(
+        s.take(node, 3).expect("take").is_none(),
+        "c's builds are not its"
+    );
+    assert!(
+        s.builds_of(Some("c"))
+            .iter()
+            .all(|b| b.state == IndexState::Unissued && b.retries == 0)
+    );
+}
+
+#[test]
+fn a_dropped_and_recreated_collection_gets_new_builds() {
+    let f = fixture();
+    let s = service(&f, 30_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    let old: Vec<u64> = s.builds_of(Some("c")).iter().map(|b| b.build_id).collect();
+    // The collection goes (its folder with it) and one of the same name comes back.
+    let dir = f.collection.dir().to_path_buf();
+    f.host.0.lock().expect("lock").remove("c");
+    s.forget_collection("c", 1).expect("forget");
+    assert!(
+        s.builds(&old)
+            .iter()
+            .all(|(_, b)| b.as_ref().is_some_and(|b| b.state == IndexState::Deleted))
+    );
+    let fresh = Arc::new(
+        SegmentedCollection::open(
+            &dir.with_file_name("c2"),
+            "c",
+            Some((DIM, Metric::Dot)),
+            SegmentOptions {
+                seal_rows: 50,
+                ..Default::default()
+            },
+        )
+        .expect("open"),
+    );
+    fresh.upsert(&rows(0..50)).expect("upsert");
+    f.host.0.lock().expect("lock").insert("c".into(), fresh);
+    s.sync(&f.host, "c", 2).expect("sync");
+    let new: Vec<_> = s
+        .builds_of(Some("c"))
+        .into_iter()
+        .filter(|b| b.state == IndexState::Unissued)
+        .collect();
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].index_params.metric, Metric::Dot);
+    assert!(!old.contains(&new[0].build_id));
+}

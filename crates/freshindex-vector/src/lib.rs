@@ -235,14 +235,14 @@ impl Collections {
                 "alias: a collection is named `{alias}`; an alias cannot hide it"
             )));
         }
-        if !self.exists(collection) {
-            return Err(VectorError::NotFound(collection.into()));
-        }
         let mut map = self.aliases()?;
         if map.contains_key(collection) {
             return Err(invalid(format!(
                 "collection: `{collection}` is an alias; point `{alias}` at a collection"
             )));
+        }
+        if !self.exists(collection) {
+            return Err(VectorError::NotFound(collection.into()));
         }
         let old = map.insert(alias.into(), collection.into());
         self.write_aliases(&map)?;

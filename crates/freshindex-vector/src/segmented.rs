@@ -129,6 +129,7 @@ pub struct SegmentedCollection {
 
 /// A sealed segment, for the index service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SegmentInfo {
     /// Segment id (unique within the collection, never reused).
     pub id: u64,
