@@ -6,6 +6,7 @@
 //! clock (the scheduler is handed the time).
 
 pub mod config;
+pub mod failpoint;
 pub mod fingerprint;
 pub mod history;
 pub mod queue;

@@ -9,7 +9,7 @@
 //! pending keys → write the target → commit lineage, item state and cache together). A
 //! one-slot channel connects them, so CPU work overlaps SQLite writes and memory stays flat.
 
-pub mod failpoint;
+pub use freshindex_core::failpoint;
 pub mod history;
 pub mod indexing;
 pub mod items;

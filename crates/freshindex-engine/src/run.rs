@@ -670,6 +670,27 @@ impl Engine {
         Ok(summary)
     }
 
+    /// Compacts the collections this engine has open (segments past their tombstone ratio are
+    /// rewritten); new segments get index builds. Returns how many segments were rewritten.
+    pub fn compact_collections(&self) -> Result<usize, EngineError> {
+        let open: Vec<(String, Arc<SegmentedCollection>)> = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect();
+        let mut rewritten = 0;
+        for (name, c) in open {
+            let n = c.compact()?;
+            if n > 0 {
+                rewritten += n;
+                self.after_write(&name);
+            }
+        }
+        Ok(rewritten)
+    }
+
     /// New index builds for segments that writes to `collection` sealed (logged on failure).
     pub fn sync_collection_indexes(&self, collection: &str) {
         self.after_write(collection);

@@ -90,6 +90,13 @@ pub(crate) fn start(
                     if let Err(e) = service.expire(now_ms()) {
                         tracing::warn!("expiring index nodes: {e}");
                     }
+                    if ticks.is_multiple_of(20) {
+                        match engine.compact_collections() {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(segments = n, "compacted"),
+                            Err(e) => tracing::warn!("compaction: {e}"),
+                        }
+                    }
                     if ticks.is_multiple_of(60) {
                         let n = service.sweep_orphans();
                         if n > 0 {
@@ -179,7 +186,8 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
             "/v1/collections/{collection}",
             get(describe_collection)
                 .put(create_collection)
-                .delete(drop_collection),
+                .delete(drop_collection)
+                .post(collection_verb),
         )
         .route(
             "/v1/collections/{collection}/points:upsert",
@@ -313,6 +321,27 @@ async fn create_collection(
         Json(json!({ "collection": name, "created": created, "dimension": body.dimension, "metric": metric })),
     )
         .into_response())
+}
+
+/// `POST /v1/collections/{c}:compact`: rewrites the segments past their tombstone ratio now
+/// (the server also does it every 10 s).
+async fn collection_verb(State(st): St, Path(rest): Path<String>) -> ApiResult {
+    let Some((name, "compact")) = rest.rsplit_once(':') else {
+        return Err(ApiError::new(
+            Code::RouteNotFound,
+            format!("no method on collections at `{rest}`; expected `{{collection}}:compact`"),
+        ));
+    };
+    let name = name.to_string();
+    let n = st
+        .blocking(move |e| {
+            let c = collection(e, &name)?;
+            let n = c.compact().map_err(EngineError::from)?;
+            e.sync_collection_indexes(&name);
+            Ok(n)
+        })
+        .await?;
+    Ok(Json(json!({ "segmentsRewritten": n })).into_response())
 }
 
 /// `DELETE /v1/collections/{c}`.

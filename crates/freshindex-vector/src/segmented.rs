@@ -583,6 +583,7 @@ impl SegmentedCollection {
         for s in st.sealed.iter().filter(|s| st.dirty.contains(&s.id)) {
             self.write_deletions(s)?;
         }
+        freshindex_core::failpoint::hit("seal-written");
         m.generation += 1;
         let wal = AppendLog::create(
             &self.path(&format!("wal-{}.log", m.generation)),
@@ -731,6 +732,7 @@ impl SegmentedCollection {
             });
             Some(s)
         };
+        freshindex_core::failpoint::hit("compact-written");
         self.commit_manifest(&m)?;
         for id in &gone {
             for ext in ["dat", "del", "hnsw"] {
@@ -866,6 +868,7 @@ impl SegmentedCollection {
             let _ = std::fs::remove_file(built);
         }
         sync_dir(&dest)?;
+        freshindex_core::failpoint::hit("attach-moved");
         let index = HnswIndex::open(&dest, true, params.ef_search)?;
         let rows = st.sealed[pos].keys.len();
         if index.len() != rows

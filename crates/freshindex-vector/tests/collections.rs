@@ -83,3 +83,135 @@ fn a_sqlite_collection_is_migrated_on_its_first_write() {
     drop(c);
     assert_eq!(scan(&cols.open_writable("c").expect("reopen")), before);
 }
+
+/// Searches keep answering right while writes seal segments, compactions rewrite them and
+/// indexes built elsewhere are attached: every stable point is found first by its own vector.
+#[cfg(feature = "hnsw")]
+#[test]
+fn search_stays_correct_during_seals_compactions_and_index_attachments() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use freshindex_vector::ann::HnswParams;
+    use freshindex_vector::{Metric, SegmentOptions, SegmentedCollection, build_segment_index};
+
+    const DIM: usize = 16;
+    fn v(seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..DIM)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+    fn point(key: String, seed: u64) -> Row {
+        Row {
+            key,
+            vector: v(seed),
+            payload: RowPayload {
+                source: String::new(),
+                range: [0, 0],
+                text: String::new(),
+                metadata: None,
+            },
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = SegmentOptions {
+        seal_rows: 40,
+        compact_ratio: 0.3,
+        index: Some(HnswParams::default()),
+        build_at_seal: false,
+    };
+    let c = Arc::new(
+        SegmentedCollection::open(
+            &dir.path().join("c"),
+            "c",
+            Some((DIM, Metric::Cosine)),
+            opts,
+        )
+        .expect("open"),
+    );
+    let stable: Vec<Row> = (0..60).map(|i| point(format!("s{i}"), 1_000 + i)).collect();
+    c.upsert(&stable).expect("stable points");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (c, stop) = (c.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let batch: Vec<Row> = (0..10)
+                    .map(|j| point(format!("x{}", (n + j) % 97), n + j + 50_000))
+                    .collect();
+                c.upsert(&batch).expect("upsert");
+                c.delete(&[format!("x{}", (n * 7) % 97), format!("x{}", (n * 11) % 97)])
+                    .expect("delete");
+                if n % 5 == 0 {
+                    c.compact().expect("compact");
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let builder = {
+        let (c, stop) = (c.clone(), stop.clone());
+        let out_dir = dir.path().join("builds");
+        std::fs::create_dir_all(&out_dir).expect("mkdir");
+        std::thread::spawn(move || {
+            let mut attached = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for seg in c.segments().into_iter().filter(|s| !s.indexed) {
+                    let out = out_dir.join(format!("{}.hnsw", seg.id));
+                    // The segment may be compacted away meanwhile: then its data file is gone
+                    // or the attachment is refused.
+                    if build_segment_index(
+                        &seg.data_path,
+                        Metric::Cosine,
+                        &HnswParams::default(),
+                        &out,
+                        1,
+                    )
+                    .is_ok()
+                        && c.attach_index(seg.id, &out).expect("attach")
+                    {
+                        attached += 1;
+                    }
+                    let _ = std::fs::remove_file(&out);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            attached
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut searches = 0;
+    while std::time::Instant::now() < deadline {
+        for r in &stable {
+            let hits = c.search(&r.vector, 3, None).expect("search");
+            assert_eq!(hits.first().map(|h| h.key.as_str()), Some(r.key.as_str()));
+            searches += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().expect("writer");
+    let attached = builder.join().expect("builder");
+    assert!(
+        writes > 20 && attached > 2,
+        "writes {writes}, indexes attached {attached}"
+    );
+    assert!(searches > 100);
+    assert_eq!(
+        c.count().expect("count") as usize,
+        60 + 97 - scan_missing(c.as_ref())
+    );
+}
+
+/// How many of the churned keys `x0..x96` are absent now.
+fn scan_missing(c: &dyn VectorCollection) -> usize {
+    let rows = scan(c);
+    97 - rows.iter().filter(|r| r.key.starts_with('x')).count()
+}

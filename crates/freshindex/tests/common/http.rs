@@ -120,6 +120,23 @@ impl Resp {
     }
 }
 
+/// Like [`http`], but `None` when the connection fails or the server dies before answering
+/// (crash tests).
+#[allow(dead_code)]
+pub fn try_http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<Resp> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).ok()?;
+    s.set_read_timeout(Some(TIMEOUT)).ok()?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    parse_response(&raw)
+}
+
 /// Sends one request on a fresh connection and reads the whole answer.
 pub fn http(
     addr: SocketAddr,
