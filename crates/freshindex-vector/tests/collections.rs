@@ -149,7 +149,7 @@ fn search_stays_correct_during_seals_compactions_and_index_attachments() {
                 c.upsert(&batch).expect("upsert");
                 c.delete(&[format!("x{}", (n * 7) % 97), format!("x{}", (n * 11) % 97)])
                     .expect("delete");
-                if n % 5 == 0 {
+                if n.is_multiple_of(5) {
                     c.compact().expect("compact");
                 }
                 n += 1;
