@@ -376,6 +376,19 @@ impl Collections {
         SegmentedCollection::open(&self.folder(name), name, None, self.opts.clone())
     }
 
+    /// A read-only snapshot of segmented collection `name` (with its segment statistics);
+    /// `None` for a collection still in the one-file format.
+    pub fn open_snapshot(&self, name: &str) -> Result<Option<SegmentedCollection>> {
+        let folder = self.folder(name);
+        if folder.join("MANIFEST").exists() {
+            return SegmentedCollection::open_read_only(&folder, name, self.opts.clone()).map(Some);
+        }
+        if self.legacy(name).exists() {
+            return Ok(None);
+        }
+        Err(VectorError::NotFound(name.into()))
+    }
+
     /// Opens an existing collection to read it, without writing anything: usable while
     /// another process has it open for writing.
     pub fn open(&self, name: &str) -> Result<Box<dyn VectorCollection>> {

@@ -3,6 +3,7 @@
 //! One process, one thread doing the work (see `freshindex-engine`); progress bars are drawn
 //! by indicatif's own ticker thread when stderr is a terminal.
 
+mod collections_cmd;
 mod index_node;
 mod progress;
 mod queue_cmd;
@@ -187,6 +188,12 @@ enum Command {
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         index_heartbeat_timeout_secs: u64,
     },
+    /// The collections of the local data directory: list, describe, create, drop, alias,
+    /// unalias, compact, build-indexes.
+    Collections {
+        #[command(subcommand)]
+        command: collections_cmd::CollectionsCommand,
+    },
     /// The indexing queue of the local data directory (no server): list, show, push, poll,
     /// unreserve, delete-queue-items.
     Queue {
@@ -293,6 +300,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 address,
                 threads: threads.map_or_else(default_workers, usize::from),
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Collections { command } => {
+            collections_cmd::run(&cli.data_dir, command)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue { command } => {

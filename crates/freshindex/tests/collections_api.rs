@@ -217,3 +217,121 @@ fn collections_points_and_aliases_over_http() {
     server.delete("/v1/collections/green").ok();
     server.stop();
 }
+
+/// `freshindex collections …` on a data directory: a one-shot `index` leaves its sealed
+/// segments indexed; list, describe, create, alias, drop; and a collection a running `serve`
+/// owns is refused for changes with a message saying so, while reading it works.
+#[test]
+fn collections_cli_manages_the_local_collections() {
+    let ws = Workspace::new(FlowConfig::with_chunks(200, 0));
+    let mut rng = common::Rng::new(3);
+    for i in 0..40 {
+        ws.write(format!("d{i}.md"), common::paragraph(&mut rng, 60));
+    }
+    let out = ws
+        .fi()
+        .args(["index"])
+        .env("FRESHINDEX_SEAL_ROWS", "40")
+        .run()
+        .ok();
+    assert!(
+        out.stdout.contains("segment(s) of `docs` indexed"),
+        "{}",
+        out.stdout
+    );
+    let d = ws
+        .fi()
+        .args(["collections", "describe", "docs", "--json"])
+        .run()
+        .ok()
+        .json();
+    assert_eq!(d["flow"], "docs");
+    assert_eq!(d["rows"]["sealedUnindexed"], 0, "{d}");
+    assert!(d["rows"]["indexed"].as_u64() > Some(0), "{d}");
+    assert!(
+        d["builds"]
+            .as_array()
+            .is_some_and(|b| !b.is_empty() && b.iter().all(|b| b["state"] == "Finished")),
+        "{d}"
+    );
+    // Search still answers (through the indexes) from another process.
+    let hits = ws
+        .fi()
+        .args(["search", "--json", "-k", "3", "quartz"])
+        .run()
+        .ok()
+        .json();
+    assert!(hits.as_array().is_some_and(|h| h.len() == 3), "{hits}");
+
+    ws.fi()
+        .args([
+            "collections",
+            "create",
+            "extra",
+            "--dimension",
+            "8",
+            "--metric",
+            "l2",
+        ])
+        .run()
+        .ok();
+    ws.fi()
+        .args(["collections", "alias", "current", "extra"])
+        .run()
+        .ok();
+    let list = ws
+        .fi()
+        .args(["collections", "list", "--json"])
+        .run()
+        .ok()
+        .json();
+    assert_eq!(list["aliases"]["current"], "extra", "{list}");
+    let names: Vec<&str> = list["collections"]
+        .as_array()
+        .expect("collections")
+        .iter()
+        .filter_map(|c| c["collection"].as_str())
+        .collect();
+    assert_eq!(names, ["docs", "extra"]);
+    let refused = ws
+        .fi()
+        .args(["collections", "drop", "extra"])
+        .run()
+        .failed();
+    assert!(
+        refused.stderr.contains("alias `current`"),
+        "{}",
+        refused.stderr
+    );
+    let refused = ws.fi().args(["collections", "drop", "docs"]).run().failed();
+    assert!(refused.stderr.contains("flow `docs`"), "{}", refused.stderr);
+    ws.fi()
+        .args(["collections", "unalias", "current"])
+        .run()
+        .ok();
+    ws.fi().args(["collections", "drop", "extra"]).run().ok();
+
+    // While a server owns the flow's collection: reads work, changes are refused clearly.
+    let server = Server::start(&ws);
+    server.post("/v1/flows/docs:run", &json!({})).ok();
+    let d = ws
+        .fi()
+        .args(["collections", "describe", "docs", "--json"])
+        .run()
+        .ok()
+        .json();
+    assert!(d["rows"]["total"].as_u64() > Some(0), "{d}");
+    let refused = ws
+        .fi()
+        .args(["collections", "compact", "docs"])
+        .run()
+        .failed();
+    assert!(
+        refused
+            .stderr
+            .contains("another process has it open for writing"),
+        "{}",
+        refused.stderr
+    );
+    server.stop();
+}
