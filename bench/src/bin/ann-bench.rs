@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use freshindex_bench::vectors::{clustered, exact_top, percentile, qps};
 use freshindex_vector::ann::{AnnIndex, HnswIndex, HnswParams};
 use freshindex_vector::{Metric, Row, RowPayload, SqliteCollection, VectorCollection};
 
@@ -21,73 +22,6 @@ usage: ann-bench [--n N] [--dim D] [--queries Q] [--clusters C] [--ef E] [--sqli
   --clusters C       cluster centres (default 1000)
   --ef E             ef_search values, comma-separated (default 32,64,128)
   --sqlite-queries S queries timed on the SQLite collection (default 20; 0 skips it)";
-
-struct Rng(u64);
-
-impl Rng {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f32 / (1u64 << 53) as f32 - 0.5
-    }
-}
-
-/// `n` unit vectors around `clusters` random centres, flat.
-fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng(seed);
-    let centres: Vec<f32> = (0..clusters * dim).map(|_| rng.next_f32()).collect();
-    let mut out = Vec::with_capacity(n * dim);
-    for i in 0..n {
-        let c = &centres[(i % clusters) * dim..][..dim];
-        let start = out.len();
-        // Points spread from the centre at different distances, as documents about one
-        // topic do: near neighbours are nearer than the rest of the cluster.
-        let spread = 0.05 + 0.5 * (rng.next_f32() + 0.5);
-        out.extend(c.iter().map(|x| x + spread * rng.next_f32()));
-        let v = &mut out[start..];
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-    out
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// Exact top-k by brute force (unit vectors: dot = cosine).
-fn exact_top(data: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<u64> {
-    let mut best: Vec<(f32, u64)> = Vec::with_capacity(k + 1);
-    for (i, v) in data.chunks_exact(dim).enumerate() {
-        let s = dot(q, v);
-        if best.len() < k || s > best[best.len() - 1].0 {
-            let at = best.partition_point(|(b, _)| *b >= s);
-            best.insert(at, (s, i as u64));
-            best.truncate(k);
-        }
-    }
-    best.into_iter().map(|(_, i)| i).collect()
-}
-
-/// Runs `f` over the queries on `threads` threads; queries per second.
-fn qps(queries: &[f32], dim: usize, threads: usize, f: &(dyn Fn(&[f32]) + Sync)) -> f64 {
-    let n = queries.len() / dim;
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for part in 0..threads {
-            s.spawn(move || {
-                for (i, q) in queries.chunks_exact(dim).enumerate() {
-                    if i % threads == part {
-                        f(q);
-                    }
-                }
-            });
-        }
-    });
-    n as f64 / t.elapsed().as_secs_f64()
-}
 
 /// The pure-Rust alternative, hnsw_rs, with the same M and ef_construction (built with its
 /// parallel insert, which uses every core).
@@ -134,11 +68,6 @@ fn hnsw_rs_lines(
         ));
     }
     out
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 fn main() -> std::process::ExitCode {
