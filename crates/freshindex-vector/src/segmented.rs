@@ -34,6 +34,10 @@ use crate::ann::{AnnIndex, HnswIndex};
 use crate::wal::{AppendLog, sync_dir};
 use crate::{Filter, Metric, Result, Row, RowPayload, SearchHit, VectorCollection, VectorError};
 
+/// A filtered search scores a segment exactly when at most this many of its rows (or a tenth
+/// of them) pass the filter.
+const EXACT_BELOW: usize = 2_000;
+
 /// Segment file magic, version 1.
 const SEG_MAGIC: &[u8; 8] = b"FISEG001";
 
@@ -1158,16 +1162,36 @@ impl VectorCollection for SegmentedCollection {
             }
         }
         for s in &st.sealed {
+            // With a filter, the rows that pass decide the plan: few of them are scored
+            // exactly (cheaper and surer than a graph search that must skip most nodes).
+            let passing = match filter {
+                Some(_) => (0..s.keys.len())
+                    .filter(|&r| !s.deleted[r] && pass(&s.payloads[r]))
+                    .count(),
+                None => s.live,
+            };
+            if passing == 0 {
+                continue;
+            }
             #[cfg(feature = "hnsw")]
-            if let Some(index) = &s.index {
+            if let Some(index) = &s.index
+                && (filter.is_none() || passing > EXACT_BELOW.max(s.keys.len() / 10))
+            {
                 let keep = |id: u64| {
                     let i = id as usize;
                     i < s.deleted.len() && !s.deleted[i] && pass(&s.payloads[i])
                 };
-                let found = index.search(vector, k, Some(&keep))?;
+                // Without deletions or a filter every node may answer: the plain search.
+                let keep: Option<&(dyn Fn(u64) -> bool + Sync)> =
+                    if filter.is_none() && s.live == s.keys.len() {
+                        None
+                    } else {
+                        Some(&keep)
+                    };
+                let found = index.search(vector, k, keep)?;
                 // Fewer than k: a selective filter or many tombstones can cut the graph
                 // search short, so the segment is searched exactly instead.
-                if found.len() >= k.min(s.live) {
+                if found.len() >= k.min(passing) {
                     for (id, sc) in found {
                         let i = id as usize;
                         hits.push((sc, &s.keys[i], &s.payloads[i]));

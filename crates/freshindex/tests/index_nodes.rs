@@ -232,3 +232,122 @@ fn a_killed_index_node_loses_its_build_to_another_and_every_segment_gets_indexed
     let _ = healthy.wait();
     server.stop();
 }
+
+/// A node frozen (SIGSTOP) in the middle of a build stops heart-beating: its build goes to
+/// another node, which finishes it. Thawed, the first node finishes too and reports late: the
+/// report is refused (fenced by version), its file is removed, and it registers again.
+#[test]
+fn a_frozen_node_s_late_report_is_refused() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let ws = Workspace::new(FlowConfig::with_chunks(200, 0));
+    corpus(&ws, 60);
+    let server = Server::start_with(
+        &ws,
+        &ws.data(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--index-threads",
+            "0",
+            "--index-heartbeat-timeout-secs",
+            "2",
+        ],
+        &[("FRESHINDEX_SEAL_ROWS", "50")],
+    )
+    .unwrap_or_else(|f| panic!("server did not start: {f:?}"));
+    let run = server.post("/v1/flows/docs:run", &json!({})).ok();
+    assert_eq!(run["status"], "success", "{run}");
+    wait_for("builds of the sealed segments", || {
+        !builds(&server).is_empty()
+    });
+
+    let resume = ws.root().join("resume-frozen");
+    let resume_s = resume.to_string_lossy().into_owned();
+    let (mut frozen, lines) = node(
+        &ws,
+        &server,
+        &[
+            ("FRESHINDEX_FAILPOINT", "index-build-started"),
+            ("FRESHINDEX_FAILPOINT_RESUME", &resume_s),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the node reaches its failpoint");
+        if line.contains("failpoint index-build-started reached") {
+            break;
+        }
+    }
+    let taken: Vec<Value> = builds(&server)
+        .into_iter()
+        .filter(|b| b["state"] == "InProgress")
+        .collect();
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    let id = taken[0]["buildId"].as_u64().expect("id");
+    let old_version = taken[0]["version"].as_u64().expect("version");
+    let pid = Pid::from_raw(frozen.id() as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+
+    // Another node gets the build once the frozen one is declared lost, and finishes all.
+    let (mut healthy, healthy_lines) = node(&ws, &server, &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut healthy_seen = Vec::new();
+    while !builds(&server).iter().all(|b| b["state"] == "Finished") {
+        healthy_seen.extend(healthy_lines.try_iter());
+        assert!(
+            Instant::now() < deadline,
+            "the healthy node did not finish: {:?}\nnodes {}\nnode: {healthy_seen:?}\nserver: {}",
+            builds(&server),
+            server.get("/v1/index-nodes").ok(),
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let finished = server.get(&format!("/v1/index-builds?ids={id}")).ok();
+    let new_version = finished["builds"][0]["version"].as_u64().expect("version");
+    assert!(new_version > old_version, "{finished}");
+    let files = server.get(&format!("/v1/index-builds/{id}/files")).ok();
+
+    // Thawed, it builds and reports the old version: refused; it registers again.
+    std::fs::write(&resume, b"go").expect("resume file");
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains(&format!("build {id}: report refused: 409")))
+    {
+        assert!(Instant::now() < deadline, "no refused report: {seen:?}");
+        if let Ok(l) = lines.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+        }
+    }
+    let after = server.get(&format!("/v1/index-builds?ids={id}")).ok();
+    assert_eq!(after["builds"][0]["state"], "Finished", "{after}");
+    assert_eq!(after["builds"][0]["version"], new_version, "{after}");
+    assert_eq!(
+        server.get(&format!("/v1/index-builds/{id}/files")).ok(),
+        files,
+        "the finished build's files are the healthy node's"
+    );
+    let stale = ws
+        .data()
+        .join("index-builds")
+        .join(format!("b{id}-v{old_version}.hnsw"));
+    assert!(!stale.exists(), "the late file is removed");
+    wait_for("the thawed node registers again", || {
+        seen.extend(lines.try_iter());
+        seen.iter().any(|l| l.contains("registered again"))
+    });
+    let d = server.get("/v1/collections/docs").ok();
+    assert_eq!(d["rows"]["sealedUnindexed"], 0, "{d}");
+    let _ = frozen.kill();
+    let _ = frozen.wait();
+    let _ = healthy.kill();
+    let _ = healthy.wait();
+    server.stop();
+}
