@@ -172,11 +172,42 @@ pub struct SegmentStats {
     pub tombstones: u64,
 }
 
-fn score(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
+/// Lanes of the exact scorer: independent partial sums the compiler keeps in vector
+/// registers (one running sum would force it to add one product at a time).
+const LANES: usize = 16;
+
+/// Sums `f(x, y)` over pairs, in `LANES` partial sums.
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += f(x[i], y[i]);
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        sum += f(*x, *y);
+    }
+    sum
+}
+
+/// The exact score of `row` for a query `q` whose norm is `q_norm`.
+fn score_with(metric: Metric, q: &[f32], q_norm: f32, row: &[f32]) -> f32 {
     match metric {
-        Metric::Cosine => crate::cosine(a, b),
-        Metric::Dot => a.iter().zip(b).map(|(x, y)| x * y).sum(),
-        Metric::L2 => -a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>(),
+        Metric::Cosine => {
+            let dot = lane_sum(q, row, |x, y| x * y);
+            let norm = lane_sum(row, row, |x, y| x * y).sqrt();
+            if q_norm == 0.0 || norm == 0.0 {
+                0.0
+            } else {
+                dot / (q_norm * norm)
+            }
+        }
+        Metric::Dot => lane_sum(q, row, |x, y| x * y),
+        Metric::L2 => -lane_sum(q, row, |x, y| (x - y) * (x - y)),
     }
 }
 
@@ -1154,11 +1185,12 @@ impl VectorCollection for SegmentedCollection {
         }
         let st = self.read();
         let dim = self.dimension;
+        let q_norm = lane_sum(vector, vector, |x, y| x * y).sqrt();
         let pass = |p: &RowPayload| filter.is_none_or(|f| f.matches(p));
         let mut hits: Vec<(f32, &str, &RowPayload)> = Vec::new();
         for (key, (v, p)) in &st.growing {
             if pass(p) {
-                hits.push((score(self.metric, vector, v), key, p));
+                hits.push((score_with(self.metric, vector, q_norm, v), key, p));
             }
         }
         for s in &st.sealed {
@@ -1202,7 +1234,7 @@ impl VectorCollection for SegmentedCollection {
             for row in 0..s.keys.len() {
                 if !s.deleted[row] && pass(&s.payloads[row]) {
                     hits.push((
-                        score(self.metric, vector, s.vector(row, dim)),
+                        score_with(self.metric, vector, q_norm, s.vector(row, dim)),
                         &s.keys[row],
                         &s.payloads[row],
                     ));
