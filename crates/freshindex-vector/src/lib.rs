@@ -493,8 +493,14 @@ impl Collections {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(gone(e)),
             }
+            // Moved aside while still locked: a collection created under the name meanwhile
+            // gets a folder of its own, which this removal never touches.
+            let aside = self
+                .dir
+                .join(format!(".removing-{name}-{}", std::process::id()));
+            std::fs::rename(&folder, &aside).map_err(gone)?;
             drop(lock);
-            std::fs::remove_dir_all(&folder).map_err(gone)?;
+            std::fs::remove_dir_all(&aside).map_err(gone)?;
         }
         Ok(existed)
     }

@@ -197,6 +197,19 @@ impl AppendLog {
     }
 }
 
+/// Whether `bytes` starts with an intact record.
+fn intact_at(bytes: &[u8]) -> bool {
+    if bytes.len() < FRAME_LEN {
+        return false;
+    }
+    let mut len = [0u8; 4];
+    len.copy_from_slice(&bytes[..4]);
+    let n = u32::from_le_bytes(len) as usize;
+    n <= MAX_RECORD
+        && bytes.len() >= FRAME_LEN + n
+        && checksum(&len, &bytes[FRAME_LEN..FRAME_LEN + n]) == bytes[4..12]
+}
+
 /// Parses a log's bytes: the replay, and the offset where the intact records end.
 fn parse(path: &Path, bytes: &[u8]) -> Result<(Replay, usize)> {
     if bytes.len() < HEADER_LEN as usize || &bytes[..8] != MAGIC {
@@ -227,6 +240,17 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<(Replay, usize)> {
                     rest.len() - FRAME_LEN
                 ))
             } else if checksum(&len, &rest[FRAME_LEN..FRAME_LEN + n]) != rest[4..12] {
+                // A torn append leaves nothing intact after it (one fsynced append at a time):
+                // an intact record right after a damaged one is damage in the middle of
+                // acknowledged data, which truncating would throw away.
+                if intact_at(&rest[FRAME_LEN + n..]) {
+                    return Err(VectorError::Storage {
+                        collection: path.display().to_string(),
+                        message: format!(
+                            "the record at byte {at} is damaged but intact records follow it: the log is corrupt in the middle (disk damage?); it is left as it is — move it aside to open the collection without the records from there on"
+                        ),
+                    });
+                }
                 Some("checksum mismatch".to_string())
             } else {
                 records.push(rest[FRAME_LEN..FRAME_LEN + n].to_vec());
@@ -318,17 +342,30 @@ mod tests {
         let path = dir.path().join("c.log");
         let mut log = AppendLog::create(&path, 1).expect("create");
         log.append(&[b"first"]).expect("append");
-        let at = log.len_bytes();
-        log.append(&[b"second", b"third"]).expect("append");
+        let second = log.len_bytes() as usize;
+        log.append(&[b"second"]).expect("append");
+        let third = log.len_bytes() as usize;
+        log.append(&[b"third"]).expect("append");
         drop(log);
-        let mut bytes = std::fs::read(&path).expect("read");
-        bytes[at as usize + FRAME_LEN + 2] ^= 0x40;
+        let clean = std::fs::read(&path).expect("read");
+        // Damage in the last record: a tail, cut.
+        let mut bytes = clean.clone();
+        bytes[third + FRAME_LEN + 2] ^= 0x40;
         std::fs::write(&path, &bytes).expect("write");
         let replay = reopen(&path);
-        assert_eq!(replay.records, [b"first".to_vec()]);
+        assert_eq!(replay.records, [b"first".to_vec(), b"second".to_vec()]);
         let torn = replay.torn.expect("torn");
-        assert_eq!(torn.offset, at);
+        assert_eq!(torn.offset, third as u64);
         assert_eq!(torn.why, "checksum mismatch");
+        // Damage with an intact record after it: corruption in the middle, refused, and the
+        // file left as it is.
+        let mut bytes = clean.clone();
+        bytes[second + FRAME_LEN + 2] ^= 0x40;
+        std::fs::write(&path, &bytes).expect("write");
+        let e = AppendLog::open(&path).expect_err("corrupt in the middle");
+        assert!(e.to_string().contains("corrupt in the middle"), "{e}");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes);
+        std::fs::write(&path, &clean[..third]).expect("write");
         // A length field gone wild is not allocated.
         let mut bytes = std::fs::read(&path).expect("read");
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());

@@ -351,3 +351,58 @@ fn a_frozen_node_s_late_report_is_refused() {
     let _ = healthy.wait();
     server.stop();
 }
+
+/// Builds that fail (`FRESHINDEX_FAIL_BUILDS`: the server's first four builds fail on purpose)
+/// are retried after growing pauses, then stay `Failed` with their reason while search goes on
+/// exactly; dropping and defining the index again builds it.
+#[test]
+fn failing_builds_are_retried_then_failed_with_their_reason() {
+    let ws = Workspace::new(FlowConfig::with_chunks(200, 0));
+    corpus(&ws, 60);
+    let server = Server::start_with(
+        &ws,
+        &ws.data(),
+        &["--listen", "127.0.0.1:0", "--index-threads", "1"],
+        &[
+            ("FRESHINDEX_SEAL_ROWS", "50"),
+            ("FRESHINDEX_FAIL_BUILDS", "4"),
+        ],
+    )
+    .unwrap_or_else(|f| panic!("server did not start: {f:?}"));
+    let t = Instant::now();
+    server.post("/v1/flows/docs:run", &json!({})).ok();
+    wait_for("the build to fail for good", || {
+        builds(&server)
+            .first()
+            .is_some_and(|b| b["state"] == "Failed")
+    });
+    // Three retries after pauses of 1, 2 and 4 s.
+    assert!(t.elapsed() >= Duration::from_secs(7), "{:?}", t.elapsed());
+    let b = builds(&server)[0].clone();
+    assert_eq!(b["retries"], 4, "{b}");
+    assert!(
+        b["failReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("injected failure")),
+        "{b}"
+    );
+    let metrics = server.get("/v1/index-metrics").ok();
+    assert_eq!(metrics["builds"]["Failed"], 1, "{metrics}");
+    // Exact search still answers.
+    let hits = server
+        .post(
+            "/v1/flows/docs/search",
+            &json!({ "query": "quartz", "limit": 3 }),
+        )
+        .ok();
+    assert_eq!(hits["hits"].as_array().map(Vec::len), Some(3), "{hits}");
+    // Dropped and defined again: a new build, which succeeds (the injected failures are used up).
+    server.delete("/v1/collections/docs/indexes/hnsw").ok();
+    let again = server.post("/v1/collections/docs/indexes", &json!({})).ok();
+    let id = again["buildIds"][0].as_u64().expect("a new build");
+    assert_ne!(Some(id), b["buildId"].as_u64());
+    wait_for("the new build to finish", || {
+        server.get(&format!("/v1/index-builds?ids={id}")).ok()["builds"][0]["state"] == "Finished"
+    });
+    server.stop();
+}
