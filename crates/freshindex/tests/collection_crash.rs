@@ -1,5 +1,6 @@
 //! kill -9 of `serve` while points are written to a collection: during appends (at random
-//! moments), and stopped at failpoints inside a seal, a compaction and an index attachment.
+//! moments), and stopped at failpoints inside a seal, a compaction, an index build and an index
+//! attachment.
 //! After a restart no acknowledged write is lost, no deleted point comes back (the one write
 //! in flight may or may not have happened), search finds each point by its own vector, and
 //! index builds resume until every sealed segment is indexed.
@@ -192,12 +193,17 @@ fn acknowledged_writes_survive_kill_9_at_random_moments() {
 }
 
 #[test]
-fn kill_9_inside_a_seal_a_compaction_or_an_index_attachment_loses_nothing() {
+fn kill_9_inside_a_seal_a_compaction_a_build_or_an_attachment_loses_nothing() {
     let ws = Workspace::new(FlowConfig::default());
     let mut model = Model::new();
-    for (i, point) in ["seal-written", "compact-written", "attach-moved"]
-        .into_iter()
-        .enumerate()
+    for (i, point) in [
+        "seal-written",
+        "compact-written",
+        "index-build-started",
+        "attach-moved",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let server = start(&ws, &[("FRESHINDEX_FAILPOINT", point)]);
         let addr = server.addr;
