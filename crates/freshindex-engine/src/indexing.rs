@@ -279,8 +279,15 @@ pub trait SegmentHost: Send + Sync {
         &self,
         collection: &str,
     ) -> Result<Option<(Metric, usize, Vec<SegmentInfo>)>, EngineError>;
-    /// Attaches a built file to a segment; `false` when the segment is gone or indexed.
-    fn attach(&self, collection: &str, segment: u64, file: &Path) -> Result<bool, EngineError>;
+    /// Attaches a built file to a segment, searched with `ef_search`; `false` when the
+    /// segment is gone or indexed.
+    fn attach(
+        &self,
+        collection: &str,
+        segment: u64,
+        file: &Path,
+        ef_search: usize,
+    ) -> Result<bool, EngineError>;
     /// Removes every index of the collection.
     fn drop_indexes(&self, collection: &str) -> Result<(), EngineError>;
 }
@@ -293,6 +300,9 @@ struct State {
     next_index: u64,
     next_build: u64,
     next_node: u64,
+    /// Builds whose file is being attached right now (outside the lock): nothing reissues,
+    /// deletes or fails them meanwhile, and drops wait for them.
+    attaching: std::collections::BTreeSet<u64>,
 }
 
 /// The index service (see the module documentation).
@@ -300,6 +310,8 @@ pub struct IndexService {
     store: Arc<dyn StateStore>,
     opts: IndexServiceOptions,
     state: Mutex<State>,
+    /// Signalled when an attachment ends.
+    attached: std::sync::Condvar,
 }
 
 impl std::fmt::Debug for IndexService {
@@ -369,11 +381,13 @@ impl IndexService {
             indexes,
             builds,
             nodes,
+            attaching: Default::default(),
         };
         let service = IndexService {
             store,
             opts,
             state: Mutex::new(st),
+            attached: std::sync::Condvar::new(),
         };
         {
             let mut st = service.lock();
@@ -397,6 +411,19 @@ impl IndexService {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lock, once no build of `collection` is being attached.
+    fn lock_settled(&self, collection: &str) -> MutexGuard<'_, State> {
+        let mut st = self.lock();
+        while st.attaching.iter().any(|id| {
+            st.builds
+                .get(id)
+                .is_some_and(|b| b.collection == collection)
+        }) {
+            st = self.attached.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st
     }
 
     /// The folder nodes write into.
@@ -530,7 +557,7 @@ impl IndexService {
         name: &str,
         now_ms: i64,
     ) -> Result<(u64, usize), EngineError> {
-        let mut st = self.lock();
+        let mut st = self.lock_settled(collection);
         let Some(mut def) = st
             .indexes
             .values()
@@ -603,10 +630,12 @@ impl IndexService {
         };
         let mut changed = Vec::new();
         let live: std::collections::BTreeSet<u64> = segments.iter().map(|s| s.id).collect();
+        let attaching = st.attaching.clone();
         for b in st.builds.values_mut().filter(|b| {
             b.index_id == def.index_id
                 && !matches!(b.state, IndexState::Deleted)
                 && !live.contains(&b.segment)
+                && !attaching.contains(&b.build_id)
         }) {
             let _ = std::fs::remove_file(&b.output_path);
             b.state = IndexState::Deleted;
@@ -655,7 +684,7 @@ impl IndexService {
     /// Forgets the indexes of a dropped collection: its builds become `Deleted` and its
     /// index definitions dropped.
     pub fn forget_collection(&self, collection: &str, now_ms: i64) -> Result<(), EngineError> {
-        let mut st = self.lock();
+        let mut st = self.lock_settled(collection);
         let defs: Vec<u64> = st
             .indexes
             .values()
@@ -728,8 +757,12 @@ impl IndexService {
     pub fn deregister_node(&self, node_id: u64) -> Result<(), EngineError> {
         let mut st = self.lock();
         let mut changed = Vec::new();
+        let attaching = st.attaching.clone();
         for b in st.builds.values_mut() {
-            if b.state == IndexState::InProgress && b.node_id == Some(node_id) {
+            if b.state == IndexState::InProgress
+                && b.node_id == Some(node_id)
+                && !attaching.contains(&b.build_id)
+            {
                 reissue(b, &self.opts.build_dir);
                 changed.push(b.clone());
             }
@@ -774,6 +807,7 @@ impl IndexService {
                 b.state == IndexState::InProgress
                     && b.issued_ms
                         .is_some_and(|t| now_ms.saturating_sub(t) > limit)
+                    && !st.attaching.contains(&b.build_id)
             })
             .map(|b| b.build_id)
             .collect();
@@ -802,9 +836,11 @@ impl IndexService {
             return Ok(());
         }
         let mut changed = Vec::new();
+        let attaching = st.attaching.clone();
         for b in st.builds.values_mut() {
             if b.state == IndexState::InProgress
                 && lost.iter().any(|n| Some(n.node_id) == b.node_id)
+                && !attaching.contains(&b.build_id)
             {
                 reissue(b, &self.opts.build_dir);
                 changed.push(b.clone());
@@ -906,6 +942,9 @@ impl IndexService {
         node_id: u64,
     ) -> Result<&mut IndexBuild, String> {
         let node_alive = st.nodes.get(&node_id).is_some_and(|n| n.alive);
+        if st.attaching.contains(&build_id) {
+            return Err(format!("build {build_id} is being attached"));
+        }
         let Some(b) = st.builds.get_mut(&build_id) else {
             return Err(format!("no build {build_id}"));
         };
@@ -954,8 +993,25 @@ impl IndexService {
                 file.display()
             )));
         }
-        let (collection, segment) = (b.collection.clone(), b.segment);
-        let attached = host.attach(&collection, segment, file);
+        let (collection, segment, ef) = (b.collection.clone(), b.segment, b.index_params.ef_search);
+        // Attached without the service's lock (it may wait for the collection): heartbeats and
+        // other builds go on; nothing changes this build meanwhile (see `attaching`).
+        st.attaching.insert(build_id);
+        drop(st);
+        let attached = host.attach(&collection, segment, file, ef);
+        let file_paths = match attached {
+            Ok(true) => host
+                .segments(&collection)
+                .ok()
+                .flatten()
+                .and_then(|(_, _, segs)| segs.into_iter().find(|s| s.id == segment))
+                .map(|s| vec![s.data_path.with_extension("hnsw")])
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let mut st = self.lock();
+        st.attaching.remove(&build_id);
+        self.attached.notify_all();
         let b = st
             .builds
             .get_mut(&build_id)
@@ -963,13 +1019,7 @@ impl IndexService {
         match attached {
             Ok(true) => {
                 b.state = IndexState::Finished;
-                b.file_paths = host
-                    .segments(&collection)
-                    .ok()
-                    .flatten()
-                    .and_then(|(_, _, segs)| segs.into_iter().find(|s| s.id == segment))
-                    .map(|s| vec![s.data_path.with_extension("hnsw")])
-                    .unwrap_or_default();
+                b.file_paths = file_paths;
                 b.node_id = None;
                 b.ended_ms = Some(now_ms);
                 b.fail_reason = None;

@@ -152,9 +152,15 @@ impl SegmentHost for Engine {
             .map(|c| (c.metric(), c.dimension(), c.segments())))
     }
 
-    fn attach(&self, collection: &str, segment: u64, file: &Path) -> Result<bool, EngineError> {
+    fn attach(
+        &self,
+        collection: &str,
+        segment: u64,
+        file: &Path,
+        ef_search: usize,
+    ) -> Result<bool, EngineError> {
         match self.existing_collection(collection)? {
-            Some(c) => Ok(c.attach_index(segment, file)?),
+            Some(c) => Ok(c.attach_index_with(segment, file, Some(ef_search))?),
             None => Ok(false),
         }
     }
@@ -453,8 +459,9 @@ impl Engine {
         let Some(service) = self.index_service()? else {
             return Ok(());
         };
-        for spec in self.stored_flows()? {
-            match service.sync(self, spec.target.collection(), now_ms()) {
+        // Every collection of the folder, flows' or not (by their own names, never aliases).
+        for name in self.collections.names()? {
+            match service.sync(self, &name, now_ms()) {
                 Ok(()) | Err(EngineError::Busy(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -472,6 +479,7 @@ impl Engine {
         let Some(service) = self.index_service()? else {
             return Ok(0);
         };
+        let collection = &self.collections.resolve(collection)?;
         service.sync(self, collection, now_ms())?;
         if !service
             .builds_of(Some(collection))
@@ -700,7 +708,7 @@ impl Engine {
     /// costs speed, not data (the segments are searched exactly), so it is only logged.
     pub(crate) fn after_write(&self, collection: &str) {
         let synced = self.index_service().and_then(|s| match s {
-            Some(s) => s.sync(self, collection, now_ms()),
+            Some(s) => s.sync(self, &self.collections.resolve(collection)?, now_ms()),
             None => Ok(()),
         });
         if let Err(e) = synced {

@@ -37,9 +37,15 @@ impl SegmentHost for Host {
             .get(collection)
             .map(|c| (c.metric(), c.dimension(), c.segments())))
     }
-    fn attach(&self, collection: &str, segment: u64, file: &Path) -> Result<bool, EngineError> {
+    fn attach(
+        &self,
+        collection: &str,
+        segment: u64,
+        file: &Path,
+        ef_search: usize,
+    ) -> Result<bool, EngineError> {
         match self.get(collection) {
-            Some(c) => Ok(c.attach_index(segment, file)?),
+            Some(c) => Ok(c.attach_index_with(segment, file, Some(ef_search))?),
             None => Ok(false),
         }
     }
@@ -536,4 +542,85 @@ fn a_dropped_and_recreated_collection_gets_new_builds() {
     assert_eq!(new.len(), 1);
     assert_eq!(new[0].index_params.metric, Metric::Dot);
     assert!(!old.contains(&new[0].build_id));
+}
+
+/// A host whose attachments wait for a signal: shows what goes on during one.
+struct SlowHost<'h> {
+    inner: &'h Host,
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl SegmentHost for SlowHost<'_> {
+    fn segments(
+        &self,
+        collection: &str,
+    ) -> Result<Option<(Metric, usize, Vec<SegmentInfo>)>, EngineError> {
+        self.inner.segments(collection)
+    }
+    fn attach(
+        &self,
+        collection: &str,
+        segment: u64,
+        file: &Path,
+        ef_search: usize,
+    ) -> Result<bool, EngineError> {
+        let _ = self.entered.send(());
+        let _ = self.release.lock().expect("lock").recv();
+        self.inner.attach(collection, segment, file, ef_search)
+    }
+    fn drop_indexes(&self, collection: &str) -> Result<(), EngineError> {
+        self.inner.drop_indexes(collection)
+    }
+}
+
+#[test]
+fn an_attachment_holds_up_neither_heartbeats_nor_takes_and_a_drop_waits_for_it() {
+    let f = fixture();
+    let s = service(&f, 30_000);
+    s.sync(&f.host, "c", 0).expect("sync");
+    let a = s.register_node("a", 1, 0).expect("a").node_id;
+    let b = s.register_node("b", 1, 0).expect("b").node_id;
+    let first = s.take(a, 1).expect("take").expect("a build");
+    execute_build(&first, 1).expect("build");
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let slow = SlowHost {
+        inner: &f.host,
+        entered: entered_tx,
+        release: Mutex::new(release_rx),
+    };
+    std::thread::scope(|scope| {
+        let report = scope.spawn(|| {
+            s.report_finished(
+                &slow,
+                first.build_id,
+                first.version,
+                a,
+                &first.output_path,
+                2,
+            )
+        });
+        entered.recv().expect("the attachment started");
+        // Meanwhile the service answers.
+        s.heartbeat(a, 3).expect("heartbeat");
+        assert!(s.take(b, 3).expect("take").is_some());
+        // A second report of the same build is refused while it is attached.
+        let again = s
+            .report_failed(first.build_id, first.version, a, "twice", 3)
+            .expect("report");
+        assert!(matches!(again, ReportOutcome::Ignored(_)), "{again:?}");
+        // A drop waits for the attachment, then deletes what it attached.
+        let dropping = scope.spawn(|| s.drop_index(&f.host, "c", "hnsw", 4));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!dropping.is_finished(), "the drop waits for the attachment");
+        release.send(()).expect("release");
+        assert_eq!(
+            report.join().expect("report thread").expect("report"),
+            ReportOutcome::Accepted
+        );
+        dropping.join().expect("drop thread").expect("drop");
+    });
+    assert_eq!(state(&s, first.build_id), IndexState::Deleted);
+    assert_eq!(f.collection.stats().indexed_rows, 0);
 }

@@ -597,7 +597,8 @@ async fn describe_collection(State(st): St, Path(collection): Path<String>) -> A
                 ));
             };
             let stats = c.stats();
-            let index = e.index_service()?.and_then(|s| s.index_of(&collection));
+            let physical = e.collections().resolve(&collection)?;
+            let index = e.index_service()?.and_then(|s| s.index_of(&physical));
             Ok(json!({
                 "collection": collection,
                 "dimension": c.dimension(),
@@ -645,7 +646,8 @@ async fn build_index(
     let (index_id, builds) = st
         .blocking(move |e| {
             let s = service(e)?;
-            s.build_index(e, &collection, &name, params, now_ms())
+            let physical = e.collections().resolve(&collection)?;
+            s.build_index(e, &physical, &name, params, now_ms())
                 .map_err(not_found)
         })
         .await?;
@@ -657,7 +659,8 @@ async fn drop_index(State(st): St, Path((collection, index)): Path<(String, Stri
     let (index_id, n) = st
         .blocking(move |e| {
             let s = service(e)?;
-            s.drop_index(e, &collection, &index, now_ms())
+            let physical = e.collections().resolve(&collection)?;
+            s.drop_index(e, &physical, &index, now_ms())
                 .map_err(not_found)
         })
         .await?;

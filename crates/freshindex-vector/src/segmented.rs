@@ -74,6 +74,9 @@ struct SegmentEntry {
     rows: u64,
     /// Whether `seg-ID.hnsw` exists.
     indexed: bool,
+    /// The search breadth its index was attached with (the collection's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ef_search: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -561,7 +564,7 @@ impl SegmentedCollection {
             (true, Some(p)) => Some(HnswIndex::open(
                 &self.path(&format!("seg-{}.hnsw", entry.id)),
                 true,
-                p.ef_search,
+                entry.ef_search.unwrap_or(p.ef_search),
             )?),
             _ => None,
         };
@@ -612,6 +615,7 @@ impl SegmentedCollection {
                 id,
                 rows: sealed.keys.len() as u64,
                 indexed: has_index(&sealed),
+                ef_search: None,
             });
             Some(sealed)
         };
@@ -764,6 +768,7 @@ impl SegmentedCollection {
                 id,
                 rows: s.keys.len() as u64,
                 indexed: has_index(&s),
+                ef_search: None,
             });
             Some(s)
         };
@@ -868,6 +873,17 @@ impl SegmentedCollection {
     /// manifest records it, and searches use it from then on. Returns `false`, leaving `built`
     /// in place, when the segment no longer exists (compacted away) or already has an index.
     pub fn attach_index(&self, segment: u64, built: &Path) -> Result<bool> {
+        self.attach_index_with(segment, built, None)
+    }
+
+    /// [`attach_index`](Self::attach_index), searching the index with `ef_search` (kept in the
+    /// manifest) instead of the collection's default.
+    pub fn attach_index_with(
+        &self,
+        segment: u64,
+        built: &Path,
+        ef_search: Option<usize>,
+    ) -> Result<bool> {
         self.writable()?;
         let mut st = self.write();
         let Some(pos) = st.sealed.iter().position(|s| s.id == segment) else {
@@ -876,12 +892,18 @@ impl SegmentedCollection {
         if has_index(&st.sealed[pos]) {
             return Ok(false);
         }
-        self.attach_locked(&mut st, pos, built)?;
+        self.attach_locked(&mut st, pos, built, ef_search)?;
         Ok(true)
     }
 
     #[cfg(feature = "hnsw")]
-    fn attach_locked(&self, st: &mut State, pos: usize, built: &Path) -> Result<()> {
+    fn attach_locked(
+        &self,
+        st: &mut State,
+        pos: usize,
+        built: &Path,
+        ef_search: Option<usize>,
+    ) -> Result<()> {
         let Some(params) = &self.opts.index else {
             return Err(VectorError::Index(format!(
                 "collection `{}` has no index configured",
@@ -904,7 +926,7 @@ impl SegmentedCollection {
         }
         sync_dir(&dest)?;
         freshindex_core::failpoint::hit("attach-moved");
-        let index = HnswIndex::open(&dest, true, params.ef_search)?;
+        let index = HnswIndex::open(&dest, true, ef_search.unwrap_or(params.ef_search))?;
         let rows = st.sealed[pos].keys.len();
         if index.len() != rows
             || index.dimension() != self.dimension
@@ -921,6 +943,7 @@ impl SegmentedCollection {
         let mut m = st.manifest.clone();
         for e in m.segments.iter_mut().filter(|e| e.id == id) {
             e.indexed = true;
+            e.ef_search = ef_search;
         }
         self.commit_manifest(&m)?;
         st.manifest = m;
@@ -929,7 +952,7 @@ impl SegmentedCollection {
     }
 
     #[cfg(not(feature = "hnsw"))]
-    fn attach_locked(&self, _: &mut State, _: usize, _: &Path) -> Result<()> {
+    fn attach_locked(&self, _: &mut State, _: usize, _: &Path, _: Option<usize>) -> Result<()> {
         Err(VectorError::Index(
             "this build has no HNSW support (cargo feature `hnsw`)".into(),
         ))
@@ -943,6 +966,7 @@ impl SegmentedCollection {
         let mut dropped = 0;
         for e in m.segments.iter_mut().filter(|e| e.indexed) {
             e.indexed = false;
+            e.ef_search = None;
             dropped += 1;
         }
         if dropped == 0 {

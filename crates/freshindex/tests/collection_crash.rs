@@ -161,7 +161,17 @@ fn wait_until_indexed(server: &Server, context: &str) {
         }
         assert!(
             Instant::now() < deadline,
-            "{context}: builds did not resume: {d}"
+            "{context}: builds did not resume: {d}\nbuilds not deleted: {:?}\nnodes: {}\nserver: {}",
+            server.get("/v1/index-builds").ok()["builds"]
+                .as_array()
+                .map(|b| b
+                    .iter()
+                    .filter(|b| b["state"] != "Deleted")
+                    .cloned()
+                    .collect::<Vec<_>>())
+                .unwrap_or_default(),
+            server.get("/v1/index-nodes").ok(),
+            server.stderr()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
