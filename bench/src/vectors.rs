@@ -77,3 +77,51 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
 }
+
+/// Search latencies in ms, sorted: `search` over each query once.
+pub fn latencies(
+    queries: &[f32],
+    dim: usize,
+    mut search: impl FnMut(&[f32]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(queries.len() / dim);
+    for q in queries.chunks_exact(dim) {
+        let t = Instant::now();
+        search(q)?;
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+/// Search latencies in ms, sorted: `search` over the queries in turn for as long as `work`
+/// runs on another thread (an index build on the other core).
+pub fn latencies_during(
+    queries: &[f32],
+    dim: usize,
+    work: impl FnOnce() -> anyhow::Result<()> + Send,
+    mut search: impl FnMut(&[f32]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let mut out = Vec::new();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let worker = s.spawn(|| {
+            let r = work();
+            running.store(false, std::sync::atomic::Ordering::Relaxed);
+            r
+        });
+        let n = queries.len() / dim;
+        let mut i = 0;
+        while running.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            search(&queries[(i % n) * dim..][..dim])?;
+            out.push(t.elapsed().as_secs_f64() * 1000.0);
+            i += 1;
+        }
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the work thread panicked"))?
+    })?;
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}

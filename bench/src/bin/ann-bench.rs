@@ -5,11 +5,12 @@
 //! vectors in memory (the best an exact collection can do), and the built-in SQLite
 //! collection's exact search on a sample of queries.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use freshindex_bench::vectors::{clustered, exact_top, percentile, qps};
+use freshindex_bench::vectors::{
+    clustered, exact_top, latencies, latencies_during, percentile, qps,
+};
 use freshindex_vector::ann::{AnnIndex, HnswIndex, HnswParams};
 use freshindex_vector::{Metric, Row, RowPayload, SqliteCollection, VectorCollection};
 
@@ -200,35 +201,23 @@ fn run() -> Result<()> {
 
     // Search latency while another index builds on the other core.
     let index = HnswIndex::open(&built[0], false, 64)?;
-    let building = AtomicBool::new(true);
-    let mut during = Vec::new();
-    std::thread::scope(|s| -> Result<()> {
-        let builder = s.spawn(|| {
-            let r = HnswIndex::build(dim, Metric::Cosine, &HnswParams::default(), &pairs, 1);
-            building.store(false, Ordering::Relaxed);
-            r.map(|_| ())
-        });
-        let mut i = 0;
-        while building.load(Ordering::Relaxed) {
-            let q = &queries[(i % nq) * dim..][..dim];
-            let t = Instant::now();
+    let during = latencies_during(
+        &queries,
+        dim,
+        || {
+            HnswIndex::build(dim, Metric::Cosine, &HnswParams::default(), &pairs, 1)
+                .map(|_| ())
+                .map_err(Into::into)
+        },
+        |q| {
             std::hint::black_box(index.search(q, 10, None)?);
-            during.push(t.elapsed().as_secs_f64() * 1000.0);
-            i += 1;
-        }
-        builder
-            .join()
-            .map_err(|_| anyhow::anyhow!("build thread panicked"))??;
+            Ok(())
+        },
+    )?;
+    let idle = latencies(&queries, dim, |q| {
+        std::hint::black_box(index.search(q, 10, None)?);
         Ok(())
     })?;
-    let mut idle = Vec::new();
-    for q in queries.chunks_exact(dim) {
-        let t = Instant::now();
-        std::hint::black_box(index.search(q, 10, None)?);
-        idle.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    during.sort_by(f64::total_cmp);
-    idle.sort_by(f64::total_cmp);
 
     // The built-in SQLite collection (exact, on disk) on a sample of queries.
     let sqlite_line = if sqlite_q > 0 {

@@ -6,11 +6,12 @@
 //! same run, is the same collection before its segments are indexed (exact search over every
 //! segment — what searches cost until the builds finish, and what an exact collection costs).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use freshindex_bench::vectors::{clustered, exact_top, percentile, qps};
+use freshindex_bench::vectors::{
+    clustered, exact_top, latencies, latencies_during, percentile, qps,
+};
 use freshindex_vector::ann::HnswParams;
 use freshindex_vector::{
     Filter, Metric, Row, RowPayload, SegmentOptions, SegmentedCollection, VectorCollection,
@@ -172,43 +173,28 @@ fn run() -> Result<()> {
     let filt1 = qps(&queries, dim, 1, &filtered);
 
     // Latency while another index builds on the other core.
-    let mut idle = Vec::new();
-    for q in queries.chunks_exact(dim) {
-        let t = Instant::now();
+    let search_one = |q: &[f32]| -> Result<()> {
         std::hint::black_box(c.search(q, 10, None)?);
-        idle.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    let building = AtomicBool::new(true);
-    let mut during = Vec::new();
-    let seg = &segments[0];
-    let out = build_dir.join("again.hnsw");
-    std::thread::scope(|s| -> Result<()> {
-        let builder = s.spawn(|| {
-            let r = build_segment_index(
+        Ok(())
+    };
+    let idle = latencies(&queries, dim, search_one)?;
+    let (seg, out) = (&segments[0], build_dir.join("again.hnsw"));
+    let during = latencies_during(
+        &queries,
+        dim,
+        || {
+            build_segment_index(
                 &seg.data_path,
                 Metric::Cosine,
                 &HnswParams::default(),
                 &out,
                 1,
-            );
-            building.store(false, Ordering::Relaxed);
-            r.map(|_| ())
-        });
-        let mut i = 0;
-        while building.load(Ordering::Relaxed) {
-            let q = &queries[(i % nq) * dim..][..dim];
-            let t = Instant::now();
-            std::hint::black_box(c.search(q, 10, None)?);
-            during.push(t.elapsed().as_secs_f64() * 1000.0);
-            i += 1;
-        }
-        builder
-            .join()
-            .map_err(|_| anyhow::anyhow!("build thread panicked"))??;
-        Ok(())
-    })?;
-    idle.sort_by(f64::total_cmp);
-    during.sort_by(f64::total_cmp);
+            )
+            .map(|_| ())
+            .map_err(Into::into)
+        },
+        search_one,
+    )?;
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 

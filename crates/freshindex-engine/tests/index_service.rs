@@ -132,6 +132,19 @@ fn service(f: &Fixture, timeout_ms: u64) -> IndexService {
     IndexService::open(f.store.clone(), opts).expect("service")
 }
 
+/// Builds `b` as a node does and reports it finished.
+fn build_and_report(
+    s: &IndexService,
+    host: &dyn SegmentHost,
+    node: u64,
+    b: &freshindex_engine::indexing::IndexBuild,
+    now: i64,
+) -> ReportOutcome {
+    execute_build(b, 1).expect("build");
+    s.report_finished(host, b.build_id, b.version, node, &b.output_path, now)
+        .expect("report")
+}
+
 fn state(s: &IndexService, id: u64) -> IndexState {
     s.builds(&[id])[0]
         .1
@@ -180,10 +193,7 @@ fn builds_go_from_unissued_to_finished_and_requests_are_idempotent() {
                 .count(),
             1
         );
-        execute_build(&b, 1).expect("build");
-        let r = s
-            .report_finished(&f.host, b.build_id, b.version, node, &b.output_path, 30)
-            .expect("report");
+        let r = build_and_report(&s, &f.host, node, &b, 30);
         assert_eq!(r, ReportOutcome::Accepted);
         assert_eq!(state(&s, b.build_id), IndexState::Finished);
         let done = &s.builds(&[b.build_id])[0].1;
@@ -211,16 +221,7 @@ fn dropping_an_index_deletes_its_builds_and_a_later_report_is_ignored() {
     s.sync(&f.host, "c", 0).expect("sync");
     let node = s.register_node("n", 3, 0).expect("node").node_id;
     let first = s.take(node, 1).expect("take").expect("a build");
-    execute_build(&first, 1).expect("build");
-    s.report_finished(
-        &f.host,
-        first.build_id,
-        first.version,
-        node,
-        &first.output_path,
-        2,
-    )
-    .expect("report");
+    build_and_report(&s, &f.host, node, &first, 2);
     let second = s.take(node, 3).expect("take").expect("a build");
     assert_eq!(state(&s, second.build_id), IndexState::InProgress);
     execute_build(&second, 1).expect("build");
@@ -316,9 +317,7 @@ fn a_lost_node_loses_its_builds_and_its_late_report_is_ignored() {
         if t.build_id == taken.build_id {
             break t;
         }
-        execute_build(&t, 1).expect("build");
-        s.report_finished(&f.host, t.build_id, t.version, b, &t.output_path, 1_900)
-            .expect("report");
+        build_and_report(&s, &f.host, b, &t, 1_900);
     };
     assert_eq!(moved.version, taken.version + 1);
     // a comes back: its report is fenced off and its file removed; it must register again.
@@ -363,9 +362,7 @@ fn a_lost_node_loses_its_builds_and_its_late_report_is_ignored() {
         .expect("report");
     assert_eq!(r, ReportOutcome::Accepted);
     while let Some(t) = s.take(b, 2_200).expect("take") {
-        execute_build(&t, 1).expect("build");
-        s.report_finished(&f.host, t.build_id, t.version, b, &t.output_path, 2_300)
-            .expect("report");
+        build_and_report(&s, &f.host, b, &t, 2_300);
     }
     assert_eq!(f.collection.stats().indexed_rows, 150);
 }
@@ -457,9 +454,7 @@ fn a_build_without_a_report_times_out_and_is_issued_again() {
         if t.build_id == lost.build_id {
             break t;
         }
-        execute_build(&t, 1).expect("build");
-        s.report_finished(&f.host, t.build_id, t.version, node, &t.output_path, 10_600)
-            .expect("report");
+        build_and_report(&s, &f.host, node, &t, 10_600);
     };
     assert_eq!(again.version, lost.version + 1);
 }
@@ -490,9 +485,7 @@ fn a_node_for_one_collection_takes_only_its_builds() {
         .node_id;
     let b = s.take(node, 1).expect("take").expect("d's build");
     assert_eq!(b.collection, "d");
-    execute_build(&b, 1).expect("build");
-    s.report_finished(&f.host, b.build_id, b.version, node, &b.output_path, 2)
-        .expect("report");
+    build_and_report(&s, &f.host, node, &b, 2);
     assert!(
         s.take(node, 3).expect("take").is_none(),
         "c's builds are not its"

@@ -67,8 +67,10 @@ fn node(ws: &Workspace, server: &Server, env: &[(&str, &str)]) -> (Child, mpsc::
     (child, rx)
 }
 
-#[test]
-fn a_killed_index_node_loses_its_build_to_another_and_every_segment_gets_indexed() {
+/// A flow indexed by `serve` with no index node of its own (`--index-threads 0`, nodes lost
+/// after 2 s without a heartbeat, segments sealed at 50 rows): its sealed segments' builds
+/// wait `Unissued`.
+fn indexed_flow_without_nodes() -> (Workspace, Server) {
     let ws = Workspace::new(FlowConfig::with_chunks(200, 0));
     corpus(&ws, 60);
     let server = Server::start_with(
@@ -87,11 +89,29 @@ fn a_killed_index_node_loses_its_build_to_another_and_every_segment_gets_indexed
     .unwrap_or_else(|f| panic!("server did not start: {f:?}"));
     let run = server.post("/v1/flows/docs:run", &json!({})).ok();
     assert_eq!(run["status"], "success", "{run}");
-
-    // Sealed segments get builds; with no node they wait.
     wait_for("builds of the sealed segments", || {
         !builds(&server).is_empty()
     });
+    (ws, server)
+}
+
+/// Waits until a node's stderr says it stopped at the `index-build-started` failpoint.
+fn wait_for_failpoint(lines: &mpsc::Receiver<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the node reaches its failpoint");
+        if line.contains("failpoint index-build-started reached") {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_killed_index_node_loses_its_build_to_another_and_every_segment_gets_indexed() {
+    let (ws, server) = indexed_flow_without_nodes();
+
     let first = builds(&server);
     assert!(first.iter().all(|b| b["state"] == "Unissued"), "{first:?}");
     let described = server.get("/v1/collections/docs").ok();
@@ -105,15 +125,7 @@ fn a_killed_index_node_loses_its_build_to_another_and_every_segment_gets_indexed
         &server,
         &[("FRESHINDEX_FAILPOINT", "index-build-started")],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the node reaches its failpoint");
-        if line.contains("failpoint index-build-started reached") {
-            break;
-        }
-    }
+    wait_for_failpoint(&lines);
     let in_progress: Vec<Value> = builds(&server)
         .into_iter()
         .filter(|b| b["state"] == "InProgress")
@@ -241,27 +253,7 @@ fn a_frozen_node_s_late_report_is_refused() {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
 
-    let ws = Workspace::new(FlowConfig::with_chunks(200, 0));
-    corpus(&ws, 60);
-    let server = Server::start_with(
-        &ws,
-        &ws.data(),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--index-threads",
-            "0",
-            "--index-heartbeat-timeout-secs",
-            "2",
-        ],
-        &[("FRESHINDEX_SEAL_ROWS", "50")],
-    )
-    .unwrap_or_else(|f| panic!("server did not start: {f:?}"));
-    let run = server.post("/v1/flows/docs:run", &json!({})).ok();
-    assert_eq!(run["status"], "success", "{run}");
-    wait_for("builds of the sealed segments", || {
-        !builds(&server).is_empty()
-    });
+    let (ws, server) = indexed_flow_without_nodes();
 
     let resume = ws.root().join("resume-frozen");
     let resume_s = resume.to_string_lossy().into_owned();
@@ -273,15 +265,7 @@ fn a_frozen_node_s_late_report_is_refused() {
             ("FRESHINDEX_FAILPOINT_RESUME", &resume_s),
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the node reaches its failpoint");
-        if line.contains("failpoint index-build-started reached") {
-            break;
-        }
-    }
+    wait_for_failpoint(&lines);
     let taken: Vec<Value> = builds(&server)
         .into_iter()
         .filter(|b| b["state"] == "InProgress")
