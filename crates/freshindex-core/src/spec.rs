@@ -549,12 +549,29 @@ impl TryFrom<RawSplitSpec> for SplitSpec {
 
 /// Embeds chunk texts with a model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "RawEmbedSpec")]
+#[serde(try_from = "RawEmbedSpec", into = "RawEmbedSpec")]
 pub struct EmbedSpec {
-    /// The model: `builtin` (hashed n-gram features, 384 dimensions, no download).
+    /// The model, as written: `builtin`, `local:PATH`, `hf:ORG/NAME` or `openai:MODEL`
+    /// (see [`ModelRef`]).
     pub model: String,
     /// Texts per embedding call. Does not change results, so it is not part of the cache key.
     pub batch_size: usize,
+    /// `openai:` models: the API's base URL (default `https://api.openai.com/v1`).
+    pub base_url: Option<String>,
+    /// `openai:` models: the environment variable holding the API key (default
+    /// `OPENAI_API_KEY`; a missing variable sends no key, for local servers).
+    pub api_key_env: Option<String>,
+    /// `openai:` models: the `dimensions` request parameter (models that can shorten vectors).
+    pub dimensions: Option<usize>,
+    /// `openai:` models: seconds a request may take before it is retried (default 60).
+    pub timeout_secs: Option<u64>,
+    /// `openai:` models: requests in flight at once (default 4).
+    pub max_concurrency: Option<usize>,
+    /// `openai:` models: retries of a throttled (429), failed (5xx) or timed-out request
+    /// (default 6).
+    pub max_retries: Option<u32>,
+    /// Local models: CPU threads of the model (default: one per core).
+    pub threads: Option<usize>,
 }
 
 impl Default for EmbedSpec {
@@ -562,24 +579,126 @@ impl Default for EmbedSpec {
         EmbedSpec {
             model: "builtin".into(),
             batch_size: 64,
+            base_url: None,
+            api_key_env: None,
+            dimensions: None,
+            timeout_secs: None,
+            max_concurrency: None,
+            max_retries: None,
+            threads: None,
         }
     }
 }
 
 impl EmbedSpec {
+    /// A spec of this model with every other setting at its default.
+    pub fn of_model(model: &str) -> Result<EmbedSpec, String> {
+        ModelRef::parse(model)?;
+        Ok(EmbedSpec {
+            model: model.to_string(),
+            ..EmbedSpec::default()
+        })
+    }
+
+    /// The parsed model reference.
+    pub fn model_ref(&self) -> ModelRef {
+        // Validated at construction; a spec built by hand with a bad model reads as builtin's
+        // error at embedder construction instead.
+        ModelRef::parse(&self.model).unwrap_or(ModelRef::Invalid(self.model.clone()))
+    }
+
     /// The part of the spec that decides the vectors (the memo-cache key uses only this).
     pub fn identity(&self) -> String {
-        format!("model={}", self.model)
+        let mut id = format!("model={}", self.model);
+        if let ModelRef::OpenAi(_) = self.model_ref() {
+            id.push_str(&format!(
+                ";base_url={}",
+                self.base_url.as_deref().unwrap_or(DEFAULT_OPENAI_BASE_URL)
+            ));
+            if let Some(d) = self.dimensions {
+                id.push_str(&format!(";dimensions={d}"));
+            }
+        }
+        id
     }
 }
 
-#[derive(Deserialize)]
+/// Base URL of `openai:` models when the flow names none.
+pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// A model reference, parsed from `EmbedSpec::model`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelRef {
+    /// The built-in hashed n-gram model.
+    Builtin,
+    /// A sentence-embedding model in Hugging Face format in a local folder.
+    Local(String),
+    /// A model of the local Hugging Face cache (`HF_HOME` or `~/.cache/huggingface`), by id.
+    Hf(String),
+    /// A model served over the OpenAI embeddings protocol.
+    OpenAi(String),
+    /// Not a model reference (only from a spec built by hand).
+    Invalid(String),
+}
+
+impl ModelRef {
+    /// Parses `builtin`, `local:PATH`, `hf:ORG/NAME` or `openai:MODEL`.
+    pub fn parse(model: &str) -> Result<ModelRef, String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "model: `{model}` {why}; expected `builtin`, `local:PATH`, `hf:ORG/NAME` or `openai:MODEL`"
+            ))
+        };
+        if model == "builtin" {
+            return Ok(ModelRef::Builtin);
+        }
+        let Some((scheme, rest)) = model.split_once(':') else {
+            return bad("is not a known model");
+        };
+        let rest = rest.trim();
+        if rest.is_empty() {
+            return bad("names no model after the colon");
+        }
+        match scheme {
+            "local" => Ok(ModelRef::Local(rest.to_string())),
+            "hf" => {
+                let parts: Vec<&str> = rest.split('/').collect();
+                if parts.len() != 2
+                    || parts
+                        .iter()
+                        .any(|p| p.is_empty() || *p == "." || *p == "..")
+                {
+                    return bad("is not a Hugging Face id of the form ORG/NAME");
+                }
+                Ok(ModelRef::Hf(rest.to_string()))
+            }
+            "openai" => Ok(ModelRef::OpenAi(rest.to_string())),
+            _ => bad("has an unknown scheme"),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEmbedSpec {
     #[serde(default = "default_model")]
     model: String,
     #[serde(default = "default_batch_size")]
     batch_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dimensions: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    timeout_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_concurrency: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    threads: Option<usize>,
 }
 
 fn default_model() -> String {
@@ -590,29 +709,84 @@ fn default_batch_size() -> usize {
     64
 }
 
-/// Models this build knows.
-pub const KNOWN_MODELS: [&str; 1] = ["builtin"];
+impl From<EmbedSpec> for RawEmbedSpec {
+    fn from(s: EmbedSpec) -> RawEmbedSpec {
+        RawEmbedSpec {
+            model: s.model,
+            batch_size: s.batch_size,
+            base_url: s.base_url,
+            api_key_env: s.api_key_env,
+            dimensions: s.dimensions,
+            timeout_secs: s.timeout_secs,
+            max_concurrency: s.max_concurrency,
+            max_retries: s.max_retries,
+            threads: s.threads,
+        }
+    }
+}
 
 impl TryFrom<RawEmbedSpec> for EmbedSpec {
     type Error = String;
 
     fn try_from(raw: RawEmbedSpec) -> Result<Self, Self::Error> {
-        if !KNOWN_MODELS.contains(&raw.model.as_str()) {
-            return Err(format!(
-                "model: unknown model `{}`; this build knows: {}",
-                raw.model,
-                KNOWN_MODELS.join(", ")
-            ));
-        }
+        let model = ModelRef::parse(&raw.model)?;
         if raw.batch_size == 0 || raw.batch_size > 4096 {
             return Err(format!(
                 "batch_size: {} is out of range 1..=4096",
                 raw.batch_size
             ));
         }
+        let openai_only = [
+            ("base_url", raw.base_url.is_some()),
+            ("api_key_env", raw.api_key_env.is_some()),
+            ("dimensions", raw.dimensions.is_some()),
+            ("timeout_secs", raw.timeout_secs.is_some()),
+            ("max_concurrency", raw.max_concurrency.is_some()),
+            ("max_retries", raw.max_retries.is_some()),
+        ];
+        if !matches!(model, ModelRef::OpenAi(_)) {
+            if let Some((field, _)) = openai_only.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "{field}: only `openai:` models take it (the model is `{}`)",
+                    raw.model
+                ));
+            }
+        }
+        if raw.threads.is_some() && !matches!(model, ModelRef::Local(_) | ModelRef::Hf(_)) {
+            return Err(format!(
+                "threads: only local models (`local:`, `hf:`) take it (the model is `{}`)",
+                raw.model
+            ));
+        }
+        if let Some(url) = &raw.base_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "base_url: `{url}` is not an http:// or https:// URL"
+            ));
+        }
+        for (field, value) in [
+            ("dimensions", raw.dimensions),
+            ("max_concurrency", raw.max_concurrency),
+            ("threads", raw.threads),
+        ] {
+            if value == Some(0) {
+                return Err(format!("{field}: must be at least 1"));
+            }
+        }
+        if raw.timeout_secs == Some(0) {
+            return Err("timeout_secs: must be at least 1".into());
+        }
         Ok(EmbedSpec {
             model: raw.model,
             batch_size: raw.batch_size,
+            base_url: raw.base_url,
+            api_key_env: raw.api_key_env,
+            dimensions: raw.dimensions,
+            timeout_secs: raw.timeout_secs,
+            max_concurrency: raw.max_concurrency,
+            max_retries: raw.max_retries,
+            threads: raw.threads,
         })
     }
 }

@@ -277,7 +277,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) spec: &'a FlowSpec,
     pub(crate) spec_fp: Fingerprint,
     pub(crate) embed_fp: Fingerprint,
-    pub(crate) embedder: Box<dyn Embedder>,
+    pub(crate) embedder: std::sync::Arc<dyn Embedder>,
     pub(crate) splitter: Splitter,
     pub(crate) memo: RunMemo,
     pub(crate) collection: Arc<SegmentedCollection>,

@@ -1,39 +1,10 @@
-//! Embed: chunk texts to vectors through the [`Embedder`] trait.
-//!
 //! The built-in model needs no download: it hashes lowercase words, word bigrams and character
 //! trigrams of words (with boundary marks, so prefixes and suffixes count) into 384 signed
 //! buckets and L2-normalises the sum. It is deterministic across runs and machines and fast
 //! (a few microseconds per chunk), and good enough for keyword-ish semantic search; real
 //! transformer models plug into the same trait.
 
-use freshindex_core::EmbedSpec;
-
-/// An embedding model.
-pub trait Embedder: Send + Sync {
-    /// Output dimension.
-    fn dimension(&self) -> usize;
-    /// Embeds each text; the result has one vector per text, in order.
-    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, String>;
-}
-
-/// Dimension of the built-in model.
-pub const BUILTIN_DIMENSION: usize = 384;
-
-/// Behaviour version of a model: part of every cache key of its results.
-pub fn behavior_version(model: &str) -> u64 {
-    match model {
-        "builtin" => 1,
-        _ => 0,
-    }
-}
-
-/// The embedder for a spec.
-pub fn embedder_for(spec: &EmbedSpec) -> Result<Box<dyn Embedder>, String> {
-    match spec.model.as_str() {
-        "builtin" => Ok(Box::new(BuiltinEmbedder)),
-        other => Err(format!("model: unknown model `{other}`")),
-    }
-}
+use super::{BUILTIN_DIMENSION, Embedder};
 
 /// The built-in hashed n-gram embedder.
 #[derive(Clone, Copy, Debug, Default)]
