@@ -230,6 +230,13 @@ impl FlowSpec {
         }
     }
 
+    /// The same flow with another embed step (a reindex's destination model).
+    pub fn with_embed(&self, embed: EmbedSpec) -> FlowSpec {
+        let mut spec = self.clone();
+        spec.steps[2] = StepSpec::Embed(embed);
+        spec
+    }
+
     /// The files source, if the flow reads a folder.
     pub fn files(&self) -> Option<&FilesSource> {
         match &self.source {

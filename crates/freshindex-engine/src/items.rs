@@ -73,6 +73,7 @@ impl Engine {
     /// with [`EngineError::Busy`] while a run of the flow is going (a new target would move
     /// rows under it).
     pub fn define_flow(&self, spec: &FlowSpec) -> Result<FlowId, EngineError> {
+        let spec = &self.effective(spec)?;
         check_steps(spec)?;
         let _lock = self.lock(&spec.name)?;
         self.register(spec)
@@ -98,6 +99,9 @@ impl Engine {
             s.forget_collection(collection, crate::run::now_ms())?;
         }
         self.store().delete_flow(id)?;
+        drop(_writer);
+        // What reindex tasks kept for the flow goes with it.
+        self.forget_reindex_state(flow)?;
         Ok(DeleteReport {
             flow: spec.name,
             collection: collection.to_string(),

@@ -16,6 +16,7 @@ pub mod items;
 pub mod live;
 pub mod plan;
 pub(crate) mod process;
+pub mod reindex;
 pub mod run;
 pub mod source;
 pub mod steps;
@@ -25,7 +26,11 @@ pub use freshindex_core::{RunState, Trigger};
 pub use history::{HistoryItems, ResetItemsReport, ResetReport, RunEntry};
 pub use items::{DeleteReport, IndexOutcome, IndexRequest};
 pub use live::{FullRunReply, LiveControl, LiveEvent, LiveOptions};
-pub use run::{Engine, Phase, Progress, RUN_OWNER, RunOptions, default_workers};
+pub use reindex::{
+    Deployment, FailedItem, ReindexRequest, ReindexTask, RollbackReport, SubTask, TaskPhase,
+    TaskRunOptions, TaskStatus,
+};
+pub use run::{Engine, Phase, Progress, RUN_OWNER, RunOptions, Searched, default_workers};
 pub use source::recent::{Change, ChangeKind, ChangePage, RecentChanges};
 pub use summary::{Issue, IssueLevel, RunStatus, RunSummary};
 

@@ -193,6 +193,7 @@ impl Engine {
             )));
         };
         let _lock = self.lock(&spec.name)?;
+        let spec = &self.effective(spec)?;
         let flow = self.register(spec)?;
         self.recorded(flow, Trigger::Live, now_ms(), || {
             self.refresh_locked(spec, source, flow, keys, opts, started)

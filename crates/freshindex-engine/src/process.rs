@@ -274,6 +274,9 @@ impl Tally {
 pub(crate) struct Ctx<'a> {
     pub(crate) engine: &'a Engine,
     pub(crate) flow: FlowId,
+    /// The name the flow's state has in the store: the flow's own, or the hidden name of a
+    /// reindex task's state (see [`crate::reindex`]).
+    pub(crate) record: String,
     pub(crate) spec: &'a FlowSpec,
     pub(crate) spec_fp: Fingerprint,
     pub(crate) embed_fp: Fingerprint,
@@ -687,7 +690,7 @@ impl Ctx<'_> {
         let _writer = self.engine.writer();
         // A flow deleted since this context was built takes no more writes: its collection
         // is gone and its state with it.
-        if store.flow(&self.spec.name)?.map(|r| r.id) != Some(self.flow) {
+        if store.flow(&self.record)?.map(|r| r.id) != Some(self.flow) {
             return Err(EngineError::NotFound(format!(
                 "flow `{}` was deleted while this work was in progress",
                 self.spec.name

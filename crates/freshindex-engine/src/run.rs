@@ -90,6 +90,8 @@ pub struct RunOptions<'a> {
     /// Set from another thread to stop the run between two batches: it ends with
     /// [`EngineError::Cancelled`], and what it committed stays.
     pub cancel: Option<&'a AtomicBool>,
+    /// Workers poll only entries with this label (a reindex task's batch); all when `None`.
+    pub queue: Option<&'a str>,
 }
 
 impl Default for RunOptions<'_> {
@@ -101,6 +103,7 @@ impl Default for RunOptions<'_> {
             progress: &NoProgress,
             trigger: Trigger::Manual,
             cancel: None,
+            queue: None,
         }
     }
 }
@@ -118,6 +121,14 @@ pub const RUN_OWNER: &str = "engine";
 /// flow records it.
 pub const INTERRUPTED: &str = "interrupted: the process running it stopped before it finished (killed, crashed or the machine went down); found by the next run of the flow";
 
+/// Where a processing context writes.
+pub(crate) enum Target {
+    /// The flow's own state, to its collection (through its alias).
+    Flow,
+    /// A hidden state of the flow (a blue reindex), to a collection by physical name.
+    Hidden { record: String, collection: String },
+}
+
 /// The label after `label` in the alternation of full traversals.
 fn next_label(label: &str) -> &'static str {
     if label == "A" { "B" } else { "A" }
@@ -127,7 +138,7 @@ fn next_label(label: &str) -> &'static str {
 pub struct Engine {
     store: Arc<dyn StateStore>,
     collections: Collections,
-    skip_dirs: Vec<(u64, u64)>,
+    pub(crate) skip_dirs: Vec<(u64, u64)>,
     /// The data directory (`None` for an engine over a bare store): its `locks/` folder holds
     /// a lock per flow, held for the whole of a run of that flow.
     dir: Option<PathBuf>,
@@ -140,6 +151,10 @@ pub struct Engine {
     indexes: Mutex<Option<(Arc<IndexService>, Option<std::fs::File>)>>,
     /// Where index nodes write their files.
     build_dir: PathBuf,
+    /// Serializes changes to task records in this process.
+    tasks: Mutex<()>,
+    /// Cancel flags of the tasks this process runs.
+    task_flags: Mutex<HashMap<u64, Arc<AtomicBool>>>,
 }
 
 impl SegmentHost for Engine {
@@ -179,6 +194,17 @@ impl std::fmt::Debug for Engine {
             .field("collections", &self.collections)
             .finish_non_exhaustive()
     }
+}
+
+/// Search hits with the collection and model that answered.
+#[derive(Clone, Debug)]
+pub struct Searched {
+    /// Hits, best first.
+    pub hits: Vec<SearchHit>,
+    /// The collection searched (its physical name).
+    pub collection: String,
+    /// The model the query was embedded with.
+    pub model: String,
 }
 
 /// A flow's state, for `freshindex status`.
@@ -240,6 +266,8 @@ impl Engine {
             dir: None,
             open: Mutex::new(HashMap::new()),
             writer: Mutex::new(()),
+            tasks: Mutex::new(()),
+            task_flags: Mutex::new(HashMap::new()),
         }
     }
 
@@ -255,6 +283,27 @@ impl Engine {
 
     pub(crate) fn writer(&self) -> MutexGuard<'_, ()> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn tasks_guard(&self) -> MutexGuard<'_, ()> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cancel flag of task `id` in this process (made when `create`).
+    pub(crate) fn task_flag(&self, id: u64, create: bool) -> Option<Arc<AtomicBool>> {
+        let mut flags = self.task_flags.lock().unwrap_or_else(|p| p.into_inner());
+        if create {
+            Some(flags.entry(id).or_default().clone())
+        } else {
+            flags.get(&id).cloned()
+        }
+    }
+
+    pub(crate) fn drop_task_flag(&self, id: u64) {
+        self.task_flags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     /// The collection `name`, opened once and shared; created with `dimension` if missing.
@@ -359,6 +408,11 @@ impl Engine {
             )));
         }
         let _writer = self.writer();
+        self.remove_collection(name)
+    }
+
+    /// Closes and removes collection `name` (a physical name) and forgets its index builds.
+    pub(crate) fn remove_collection(&self, name: &str) -> Result<bool, EngineError> {
         self.close_collection(name);
         let existed = self.collections.remove(name)?;
         if let Some(s) = self.index_service()? {
@@ -559,6 +613,7 @@ impl Engine {
         self.store
             .flows()?
             .into_iter()
+            .filter(|f| !crate::reindex::is_hidden(&f.name))
             .map(|f| {
                 serde_json::from_str(&f.spec_json).map_err(|e| {
                     EngineError::Config(format!("stored spec of flow `{}`: {e}", f.name))
@@ -619,12 +674,34 @@ impl Engine {
         progress: &'a dyn Progress,
         owner: Option<String>,
     ) -> Result<Ctx<'a>, EngineError> {
+        self.ctx_into(flow, spec, progress, owner, &Target::Flow)
+    }
+
+    /// The processing context of a flow's state, writing to `target`.
+    pub(crate) fn ctx_into<'a>(
+        &'a self,
+        flow: FlowId,
+        spec: &'a FlowSpec,
+        progress: &'a dyn Progress,
+        owner: Option<String>,
+        target: &Target,
+    ) -> Result<Ctx<'a>, EngineError> {
         let embedder = embedder_for(spec.embed()).map_err(EngineError::Config)?;
         let splitter = Splitter::new(spec.split()).map_err(EngineError::Config)?;
-        let collection = self.collection(spec.target.collection(), embedder.dimension())?;
+        let (record, collection) = match target {
+            Target::Flow => (
+                spec.name.clone(),
+                self.collection(spec.target.collection(), embedder.dimension())?,
+            ),
+            Target::Hidden { record, collection } => (
+                record.clone(),
+                self.collection(collection, embedder.dimension())?,
+            ),
+        };
         Ok(Ctx {
             engine: self,
             flow,
+            record,
             spec,
             spec_fp: processing_fingerprint(spec),
             embed_fp: embed_fingerprint(spec),
@@ -649,6 +726,7 @@ impl Engine {
     /// by another run ([`EngineError::Busy`]) leave no entry.
     pub fn run(&self, spec: &FlowSpec, opts: &RunOptions<'_>) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
+        let spec = &self.effective(spec)?;
         let Some(source) = spec.files() else {
             return Err(EngineError::Config(format!(
                 "flow `{}` has a push source: its items arrive through the queue API (`freshindex serve`), not through runs",
@@ -672,7 +750,7 @@ impl Engine {
             }
         };
         let summary = self.recorded(flow, opts.trigger, started_ms, || {
-            self.run_locked(spec, source, flow, opts, started)
+            self.run_locked(spec, source, flow, opts, started, &Target::Flow)
         })?;
         self.after_write(spec.target.collection());
         Ok(summary)
@@ -785,14 +863,16 @@ impl Engine {
         }
     }
 
-    /// The run itself, under the run lock, with the flow registered.
-    fn run_locked(
+    /// The run itself, under the run lock, with the flow registered: a full traversal of the
+    /// flow's state `flow`, written to `target`.
+    pub(crate) fn run_locked(
         &self,
         spec: &FlowSpec,
         source: &FilesSource,
         flow: FlowId,
         opts: &RunOptions<'_>,
         started: Instant,
+        target: &Target,
     ) -> Result<RunSummary, EngineError> {
         let store = self.store.as_ref();
         let progress = opts.progress;
@@ -808,7 +888,7 @@ impl Engine {
             (items, scan)
         });
         let (prior, mut scan): (Vec<ItemRecord>, _) = (prior?, scan?);
-        let ctx = self.ctx(flow, spec, progress, Some(RUN_OWNER.to_string()))?;
+        let ctx = self.ctx_into(flow, spec, progress, Some(RUN_OWNER.to_string()), target)?;
         ctx.tally().summary.items.seen = scan.files.len() as u64;
         ctx.tally().issues(&scan.issues);
 
@@ -931,7 +1011,7 @@ impl Engine {
                                 ));
                             }
                             let req = PollRequest {
-                                queue: None,
+                                queue: opts.queue.map(str::to_string),
                                 limit: size,
                                 statuses: Vec::new(),
                                 owner: RUN_OWNER.to_string(),
@@ -1090,7 +1170,12 @@ impl Engine {
     /// The flow's target for reading: the handle this engine writes through when it has one
     /// open, else a read-only snapshot (another process may be writing it).
     fn collection_of(&self, spec: &FlowSpec) -> Result<Arc<dyn VectorCollection>, EngineError> {
-        let name = &self.collections.resolve(spec.target.collection())?;
+        self.reader(&self.collections.resolve(spec.target.collection())?)
+    }
+
+    /// Collection `name` (a physical name) for reading: this process's open handle, or a
+    /// read-only snapshot.
+    fn reader(&self, name: &str) -> Result<Arc<dyn VectorCollection>, EngineError> {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = open.get(name) {
             return Ok(c.clone());
@@ -1107,8 +1192,27 @@ impl Engine {
         k: usize,
         filter: Option<&Filter>,
     ) -> Result<Vec<SearchHit>, EngineError> {
+        Ok(self.search_with_model(flow, query, k, filter)?.hits)
+    }
+
+    /// A search of the flow's target that says which collection and model answered: the
+    /// flow's collection name is resolved first, and the query is embedded with the model of
+    /// the collection found — so a search during a reindex switch reads one collection with
+    /// its own model, never a mix.
+    pub fn search_with_model(
+        &self,
+        flow: &str,
+        query: &str,
+        k: usize,
+        filter: Option<&Filter>,
+    ) -> Result<Searched, EngineError> {
         let (_, spec) = self.stored_flow(flow)?;
-        let embedder = embedder_for(spec.embed()).map_err(EngineError::Config)?;
+        let physical = self.collections.resolve(spec.target.collection())?;
+        let model = match self.collection_model(&physical)? {
+            Some(m) => m,
+            None => spec.embed().clone(),
+        };
+        let embedder = embedder_for(&model).map_err(EngineError::Config)?;
         let v = embedder
             .embed(&[query])
             .map_err(|e| EngineError::Config(format!("embedding the query: {e}")))?;
@@ -1116,7 +1220,12 @@ impl Engine {
             .into_iter()
             .next()
             .ok_or_else(|| EngineError::Config("embedder returned no vector".into()))?;
-        Ok(self.collection_of(&spec)?.search(&v, k, filter)?)
+        let hits = self.reader(&physical)?.search(&v, k, filter)?;
+        Ok(Searched {
+            hits,
+            collection: physical,
+            model: model.model,
+        })
     }
 
     /// Every row of the flow's target, in key order.

@@ -78,6 +78,9 @@ pub trait FlowStore {
     /// flow's target first (rows forgotten here could not be found again). Returns whether
     /// the flow existed; its name is free for a new flow afterwards.
     fn delete_flow(&self, flow: FlowId) -> Result<bool>;
+    /// Gives flows new names, in one transaction (names may be swapped between them); each
+    /// keeps its id and all its state. Refused when a new name belongs to a flow not renamed.
+    fn rename_flows(&self, renames: &[(FlowId, String)]) -> Result<()>;
 }
 
 /// Per-item state.

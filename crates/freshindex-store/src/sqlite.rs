@@ -443,6 +443,28 @@ impl FlowStore for SqliteStore {
         .map_err(backend)
     }
 
+    fn rename_flows(&self, renames: &[(FlowId, String)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(backend)?;
+        // Temporary names first, so that two flows can swap theirs.
+        for (id, _) in renames {
+            tx.execute(
+                "UPDATE flows SET name = '#renaming-' || id WHERE id = ?1",
+                [id.0],
+            )
+            .map_err(backend)?;
+        }
+        for (id, name) in renames {
+            let n = tx
+                .execute("UPDATE flows SET name = ?1 WHERE id = ?2", params![name, id.0])
+                .map_err(|e| StoreError::Invalid(format!("renaming flow {} to `{name}`: {e}", id.0)))?;
+            if n != 1 {
+                return Err(StoreError::Invalid(format!("no flow has id {}", id.0)));
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
     fn flow(&self, name: &str) -> Result<Option<FlowRecord>> {
         self.conn()
             .query_row(

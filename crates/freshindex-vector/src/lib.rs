@@ -249,6 +249,50 @@ impl Collections {
         Ok(old)
     }
 
+    /// Turns collection `name` into an alias of `target`, moving its own folder to `move_to`.
+    /// The alias is written first — names resolve through aliases first — and the folder
+    /// moves after, so a reader of `name` finds the old collection or `target`, never
+    /// neither. The caller closes its own handle of `name` first. Called again after a crash
+    /// between the two steps, it finishes the move.
+    pub fn replace_with_alias(&self, name: &str, target: &str, move_to: &str) -> Result<()> {
+        check_collection_name("collection", move_to).map_err(|m| Self::storage(move_to, m))?;
+        if !self.exists(target) {
+            return Err(VectorError::NotFound(target.into()));
+        }
+        if self.legacy(name).exists() {
+            return Err(Self::storage(
+                name,
+                "collection: still in the one-file format; write to it once to migrate it".into(),
+            ));
+        }
+        let mut map = self.aliases()?;
+        if map.contains_key(target) {
+            return Err(Self::storage(
+                target,
+                format!("collection: `{target}` is an alias"),
+            ));
+        }
+        if map.get(name).map(String::as_str) != Some(target) {
+            map.insert(name.into(), target.into());
+            self.write_aliases(&map)?;
+        }
+        let (from, to) = (self.folder(name), self.folder(move_to));
+        if from.exists() {
+            if to.exists() {
+                return Err(Self::storage(
+                    move_to,
+                    format!("cannot move `{name}` here: {} exists", to.display()),
+                ));
+            }
+            std::fs::rename(&from, &to).map_err(|e| {
+                Self::storage(name, format!("moving {} to {}: {e}", from.display(), to.display()))
+            })?;
+            // The folder's entry in the collections folder is durable.
+            wal::sync_dir(&to)?;
+        }
+        Ok(())
+    }
+
     /// Removes alias `alias`; returns the collection it named.
     pub fn remove_alias(&self, alias: &str) -> Result<Option<String>> {
         let mut map = self.aliases()?;

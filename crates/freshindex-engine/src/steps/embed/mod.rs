@@ -41,8 +41,12 @@ pub fn behavior_version(model: &str) -> u64 {
 }
 
 /// Environment variable of a test hook: a text that contains its value fails to embed, with
-/// every model (`FRESHINDEX_EMBED_FAIL=poison`).
+/// every model (`FRESHINDEX_EMBED_FAIL=poison`). `FRESHINDEX_EMBED_FAIL_FILE=PATH` does the
+/// same with each line of a file, read again at every call (so a test can heal the model).
 pub const FAIL_ENV: &str = "FRESHINDEX_EMBED_FAIL";
+
+/// See [`FAIL_ENV`].
+pub const FAIL_FILE_ENV: &str = "FRESHINDEX_EMBED_FAIL_FILE";
 
 /// The embedder for a spec, loaded once per process and identity.
 pub fn embedder_for(spec: &EmbedSpec) -> Result<Arc<dyn Embedder>, String> {
@@ -98,16 +102,35 @@ fn load_local(spec: &EmbedSpec, _model: LocalModel) -> Result<Arc<dyn Embedder>,
 }
 
 fn with_fail_hook(e: Arc<dyn Embedder>) -> Arc<dyn Embedder> {
-    match std::env::var(FAIL_ENV) {
-        Ok(marker) if !marker.is_empty() => Arc::new(FailOn { inner: e, marker }),
-        _ => e,
+    let marker = std::env::var(FAIL_ENV).ok().filter(|m| !m.is_empty());
+    let file = std::env::var_os(FAIL_FILE_ENV).map(std::path::PathBuf::from);
+    if marker.is_none() && file.is_none() {
+        return e;
     }
+    Arc::new(FailOn {
+        inner: e,
+        marker,
+        file,
+    })
 }
 
 /// The [`FAIL_ENV`] test hook.
 struct FailOn {
     inner: Arc<dyn Embedder>,
-    marker: String,
+    marker: Option<String>,
+    file: Option<std::path::PathBuf>,
+}
+
+impl FailOn {
+    fn markers(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.marker.iter().cloned().collect();
+        if let Some(f) = &self.file
+            && let Ok(text) = std::fs::read_to_string(f)
+        {
+            out.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+        }
+        out
+    }
 }
 
 impl Embedder for FailOn {
@@ -116,7 +139,11 @@ impl Embedder for FailOn {
     }
 
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, String> {
-        if let Some(t) = texts.iter().find(|t| t.contains(&self.marker)) {
+        let markers = self.markers();
+        if let Some(t) = texts
+            .iter()
+            .find(|t| markers.iter().any(|m| t.contains(m.as_str())))
+        {
             let head: String = t.chars().take(40).collect();
             return Err(format!(
                 "model refused the text `{head}` (test hook {FAIL_ENV})"
