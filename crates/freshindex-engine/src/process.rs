@@ -619,30 +619,32 @@ impl Ctx<'_> {
             }
             for part in mine.chunks(self.spec.embed().batch_size.max(1)) {
                 let texts: Vec<&str> = part.iter().map(|(_, t)| *t).collect();
-                let result = match self.embedder.embed(&texts) {
-                    Ok(vs) if vs.len() == texts.len() => Ok(vs),
-                    Ok(vs) => Err(format!(
-                        "embedder returned {} vectors for {} texts",
-                        vs.len(),
-                        texts.len()
-                    )),
-                    Err(e) => Err(format!("embedding failed: {e}")),
+                let mut results: Vec<Result<Vec<f32>, String>> = match self.embed_texts(&texts) {
+                    Ok(vs) => vs.into_iter().map(Ok).collect(),
+                    // One bad text must not fail its neighbours: each goes alone.
+                    Err(_) if texts.len() > 1 => texts
+                        .iter()
+                        .map(|t| {
+                            self.embed_texts(&[t])
+                                .and_then(|mut v| v.pop().ok_or_else(|| "no vector".into()))
+                        })
+                        .collect(),
+                    Err(e) => vec![Err(e)],
                 };
+                results.resize_with(part.len(), || Err("no vector".into()));
                 let mut st = self.memo.lock();
-                match result {
-                    Ok(vs) => {
-                        for ((k, _), v) in part.iter().zip(vs) {
+                for ((k, _), r) in part.iter().zip(results) {
+                    match r {
+                        Ok(v) => {
                             new_memo.push((*k, encode_vector(&v)));
                             st.inflight.insert(*k, Slot::Done(Arc::new(v.clone())));
                             vectors.insert(*k, v);
                         }
-                    }
-                    Err(e) => {
-                        for (k, _) in part {
+                        Err(e) => {
                             st.inflight.remove(k);
                             st.computed.remove(k);
+                            embed_error = Some(e);
                         }
-                        embed_error = Some(e);
                     }
                 }
                 drop(st);
@@ -674,6 +676,23 @@ impl Ctx<'_> {
             reused,
             embed_error,
         })
+    }
+
+    /// Embeds texts with the flow's model, checking the answer's shape.
+    fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, String> {
+        let dimension = self.embedder.dimension();
+        match self.embedder.embed(texts) {
+            Ok(vs) if vs.len() != texts.len() => Err(format!(
+                "embedding failed: the model returned {} vectors for {} texts",
+                vs.len(),
+                texts.len()
+            )),
+            Ok(vs) if vs.iter().any(|v| v.len() != dimension) => Err(format!(
+                "embedding failed: the model returned a vector of another dimension than {dimension}"
+            )),
+            Ok(vs) => Ok(vs),
+            Err(e) => Err(format!("embedding failed: {e}")),
+        }
     }
 
     /// Fences, diffs against lineage and writes a prepared batch: pending keys, then the

@@ -617,10 +617,17 @@ impl Engine {
             if was == TaskStatus::Running {
                 if let Some(flag) = self.task_flag(id, false) {
                     flag.store(true, Ordering::Relaxed);
+                    return Ok(t);
                 }
-                return Ok(t);
             }
             t
+        };
+        // A runner that holds the task cleans up when it stops; a task no process runs (its
+        // runner died) is cleaned here.
+        let _runner = match self.lock(&format!("{HIDDEN_PREFIX}task-{id}")) {
+            Ok(l) => l,
+            Err(EngineError::Busy(_)) => return Ok(t),
+            Err(e) => return Err(e),
         };
         self.clean_canceled(&mut t)?;
         Ok(t)
@@ -1127,7 +1134,7 @@ impl Engine {
             EngineError::Internal(format!("task {}: no new collection", t.id))
         })?;
         let alias = flow_spec.target.collection().to_string();
-        let _w = self.writer();
+        let w = self.writer();
         let current = self.collections().resolve(&alias)?;
         let old = if current == alias {
             // The first switch: the collection moves aside, its name becomes the alias.
@@ -1144,6 +1151,7 @@ impl Engine {
                 .and_then(|d| d.previous.map(|p| p.collection))
                 .unwrap_or_default()
         };
+        drop(w);
         if self.collection_model(&old)?.is_none() && !old.is_empty() {
             self.set_collection_model(&old, &t.source)?;
         }

@@ -19,6 +19,7 @@ pub mod extract;
 mod indexes;
 pub mod metrics;
 mod routes;
+mod tasks;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -172,6 +173,12 @@ impl AppState {
     }
 
     /// The id of a served flow, or `flow_not_found`.
+    /// Forgets the cached id of flow `name` (a reindex switch or a rollback gave the name
+    /// another state).
+    pub(crate) fn forget_flow_id(&self, name: &str) {
+        lock(&self.flows).remove(name);
+    }
+
     pub(crate) async fn flow_id(&self, name: &str) -> Result<FlowId, ApiError> {
         if let Some(id) = lock(&self.flows).get(name) {
             return Ok(*id);
@@ -279,6 +286,9 @@ fn prepare(opts: &ServeOptions) -> Result<Arc<AppState>, ServeError> {
         }
     }
     for rec in engine.store().flows()? {
+        if freshindex_engine::reindex::is_hidden(&rec.name) {
+            continue;
+        }
         flows.entry(rec.name).or_insert(rec.id);
     }
     let default_owner = format!("http-{}", std::process::id());
@@ -347,6 +357,22 @@ pub fn run(
                 source,
             })?;
         let index_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            // Reindex tasks: started or resumed by their own thread. A switch gives a flow's
+            // name another state (id): the name is looked up again.
+            let weak = Arc::downgrade(&state);
+            tasks::start(
+                Arc::clone(&state.engine),
+                freshindex_engine::default_workers(),
+                Arc::clone(&index_stop),
+                move |flow| {
+                    if let Some(st) = weak.upgrade() {
+                        st.forget_flow_id(flow);
+                    }
+                },
+            )
+            .map_err(io("starting the reindex task runner"))?;
+        }
         let engine = Arc::clone(&state.engine);
         let (threads, timeout) = (opts.index_threads, opts.index_heartbeat_timeout);
         let stop = Arc::clone(&index_stop);

@@ -67,6 +67,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/flows/{flow}/status", get(flow_status))
         .route("/v1/flows/{flow}/history", get(flow_history))
         .merge(crate::indexes::routes())
+        .merge(crate::tasks::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
@@ -572,14 +573,17 @@ async fn search(
         });
         let hits = st
             .blocking(
-                move |e| match e.search(&flow, &body.query, k, filter.as_ref()) {
-                    Ok(hits) => Ok(hits),
+                move |e| match e.search_with_model(&flow, &body.query, k, filter.as_ref()) {
+                    Ok(s) => Ok((s.hits, Some(s.collection), Some(s.model))),
                     // Nothing was ever indexed into the flow's collection.
-                    Err(EngineError::Target(VectorError::NotFound(_))) => Ok(Vec::new()),
+                    Err(EngineError::Target(VectorError::NotFound(_))) => {
+                        Ok((Vec::new(), None, None))
+                    }
                     Err(e) => Err(e.into()),
                 },
             )
             .await?;
+        let (hits, collection, model) = hits;
         let hits: Vec<Hit> = hits
             .into_iter()
             .map(|h| Hit {
@@ -591,7 +595,7 @@ async fn search(
                 metadata: h.payload.metadata,
             })
             .collect();
-        reply(json!({ "hits": hits }))
+        reply(json!({ "hits": hits, "collection": collection, "model": model }))
     }
     .await;
     counted(&st.metrics, Verb::Search, r)
@@ -729,9 +733,37 @@ async fn flow_verb(State(st): St, uri: Uri, req: Request) -> ApiResult {
                 "unknown": r.unknown,
             }))
         }
+        "rollback" => {
+            OptionalJson::<serde::de::IgnoredAny>::from_request(req, &()).await?;
+            st.flow_id(&flow).await?;
+            let f = flow.clone();
+            let r = st
+                .blocking(move |e| {
+                    e.rollback(&f, &freshindex_engine::RunOptions::default())
+                        .map_err(run_lock_error)
+                })
+                .await;
+            st.forget_flow_id(&flow);
+            let r = r?;
+            reply(json!({
+                "flow": r.flow,
+                "collection": r.collection,
+                "model": r.model,
+                "left": r.left,
+                "caughtUp": r.caught_up,
+            }))
+        }
+        "dropPrevious" => {
+            OptionalJson::<serde::de::IgnoredAny>::from_request(req, &()).await?;
+            st.flow_id(&flow).await?;
+            let r = st
+                .blocking(move |e| e.drop_previous(&flow).map_err(run_lock_error))
+                .await?;
+            reply(json!({ "dropped": r }))
+        }
         other => Err(ApiError::new(
             Code::RouteNotFound,
-            format!("no method `:{other}` on flows; expected `:run`, `:reset` or `:resetItems`"),
+            format!("no method `:{other}` on flows; expected `:run`, `:reset`, `:resetItems`, `:rollback` or `:dropPrevious`"),
         )),
     }
 }

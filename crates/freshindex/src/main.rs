@@ -7,6 +7,7 @@ mod collections_cmd;
 mod index_node;
 mod progress;
 mod queue_cmd;
+mod reindex_cmd;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -194,6 +195,15 @@ enum Command {
         #[command(subcommand)]
         command: collections_cmd::CollectionsCommand,
     },
+    /// Move a flow to another embedding model (a reindex task, run here), or: rollback,
+    /// drop-previous, list, show, cancel, retry-failed.
+    #[command(args_conflicts_with_subcommands = true)]
+    Reindex {
+        #[command(flatten)]
+        args: reindex_cmd::ReindexArgs,
+        #[command(subcommand)]
+        command: Option<reindex_cmd::ReindexCommand>,
+    },
     /// The indexing queue of the local data directory (no server): list, show, push, poll,
     /// unreserve, delete-queue-items.
     Queue {
@@ -305,6 +315,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Collections { command } => {
             collections_cmd::run(&cli.data_dir, command)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reindex { args, command } => {
+            if reindex_cmd::run(&cli.data_dir, args, command)? {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::from(EXIT_TOO_MANY_FAILURES))
+            }
         }
         Command::Queue { command } => {
             queue_cmd::run(&cli.data_dir, cli.config.as_deref(), command)?;
