@@ -744,13 +744,13 @@ impl TryFrom<RawEmbedSpec> for EmbedSpec {
             ("max_concurrency", raw.max_concurrency.is_some()),
             ("max_retries", raw.max_retries.is_some()),
         ];
-        if !matches!(model, ModelRef::OpenAi(_)) {
-            if let Some((field, _)) = openai_only.iter().find(|(_, set)| *set) {
-                return Err(format!(
-                    "{field}: only `openai:` models take it (the model is `{}`)",
-                    raw.model
-                ));
-            }
+        if !matches!(model, ModelRef::OpenAi(_))
+            && let Some((field, _)) = openai_only.iter().find(|(_, set)| *set)
+        {
+            return Err(format!(
+                "{field}: only `openai:` models take it (the model is `{}`)",
+                raw.model
+            ));
         }
         if raw.threads.is_some() && !matches!(model, ModelRef::Local(_) | ModelRef::Hf(_)) {
             return Err(format!(

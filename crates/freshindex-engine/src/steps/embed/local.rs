@@ -130,7 +130,11 @@ impl LocalEmbedder {
     fn load_folder(folder: PathBuf, pool: rayon::ThreadPool) -> Result<LocalEmbedder, String> {
         let config_path = require(&folder, "config.json")?;
         let config: BertConfig = read_json(&config_path)?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(format!(
                 "{}: hidden_size {} is not a multiple of num_attention_heads {}",
                 config_path.display(),
