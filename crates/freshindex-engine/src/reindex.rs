@@ -904,6 +904,7 @@ impl Engine {
                 self.count_subtask(work_flow, &mut subs[i])?;
                 self.tally_task(t, work_flow, &subs)?;
                 self.save_progress(t, &subs[i..=i])?;
+                crate::failpoint::hit("reindex-batch-done");
             }
             t.phase = TaskPhase::Finishing;
             self.save_progress(t, &[])?;

@@ -17,7 +17,10 @@ fn write_docs(dir: &Path, n: usize) {
     for i in 0..n {
         std::fs::write(
             dir.join(format!("doc{i:03}.md")),
-            format!("# Document {i}\n\nThis is document number {i} about topic {}.\n", i % 7),
+            format!(
+                "# Document {i}\n\nThis is document number {i} about topic {}.\n",
+                i % 7
+            ),
         )
         .expect("write");
     }
@@ -28,7 +31,9 @@ fn setup(n: usize) -> (tempfile::TempDir, Engine, FlowSpec) {
     write_docs(&dir.path().join("src"), n);
     let engine = Engine::open(&dir.path().join("data")).expect("engine");
     let spec = FlowSpec::quick_start("docs", dir.path().join("src")).expect("spec");
-    engine.run(&spec, &RunOptions::default()).expect("first run");
+    engine
+        .run(&spec, &RunOptions::default())
+        .expect("first run");
     (dir, engine, spec)
 }
 
@@ -105,8 +110,14 @@ fn a_blue_task_counts_every_item_switches_and_rolls_back() {
     let r = engine
         .rollback("docs", &RunOptions::default())
         .expect("rollback");
-    assert_eq!((r.collection.as_str(), r.left.as_str()), ("docs.t0", new.as_str()));
-    assert_eq!(engine.collections().resolve("docs").expect("resolve"), "docs.t0");
+    assert_eq!(
+        (r.collection.as_str(), r.left.as_str()),
+        ("docs.t0", new.as_str())
+    );
+    assert_eq!(
+        engine.collections().resolve("docs").expect("resolve"),
+        "docs.t0"
+    );
     assert_eq!(rows(&engine), before);
     // A second rollback switches forward again.
     let r = engine
@@ -118,7 +129,13 @@ fn a_blue_task_counts_every_item_switches_and_rolls_back() {
         engine.drop_previous("docs").expect("drop"),
         Some("docs.t0".to_string())
     );
-    assert!(!engine.collections().names().expect("names").contains(&"docs.t0".to_string()));
+    assert!(
+        !engine
+            .collections()
+            .names()
+            .expect("names")
+            .contains(&"docs.t0".to_string())
+    );
     let e = engine
         .rollback("docs", &RunOptions::default())
         .expect_err("nothing to roll back to");
@@ -169,12 +186,20 @@ fn a_second_task_is_refused_or_waits_for_the_first() {
         .expect("waits");
     assert_eq!(second.status, TaskStatus::Waiting);
     assert_eq!(engine.runnable_tasks().expect("runnable"), vec![first.id]);
-    let still = engine.run_task(second.id, &opts(), None).expect("run second");
-    assert_eq!(still.status, TaskStatus::Waiting, "it waits while the first is active");
+    let still = engine
+        .run_task(second.id, &opts(), None)
+        .expect("run second");
+    assert_eq!(
+        still.status,
+        TaskStatus::Waiting,
+        "it waits while the first is active"
+    );
     let first = engine.run_task(first.id, &opts(), None).expect("run first");
     assert_eq!(first.status, TaskStatus::Succeeded);
     assert_eq!(engine.runnable_tasks().expect("runnable"), vec![second.id]);
-    let second = engine.run_task(second.id, &opts(), None).expect("run second");
+    let second = engine
+        .run_task(second.id, &opts(), None)
+        .expect("run second");
     assert_eq!(second.status, TaskStatus::Succeeded, "{second:?}");
     assert_eq!(
         engine.collections().resolve("docs").expect("resolve"),
@@ -194,7 +219,10 @@ fn a_canceled_task_leaves_nothing_behind_and_never_switches() {
     let t = engine.cancel_task(t.id).expect("cancel");
     assert_eq!(t.status, TaskStatus::Canceled);
     assert!(!engine.collections().names().expect("names").contains(&new));
-    assert_eq!(engine.collections().resolve("docs").expect("resolve"), "docs");
+    assert_eq!(
+        engine.collections().resolve("docs").expect("resolve"),
+        "docs"
+    );
     assert_eq!(rows(&engine), before);
     let e = engine.cancel_task(t.id).expect_err("ended");
     assert!(matches!(e, EngineError::Conflict(_)), "{e:?}");
@@ -212,7 +240,10 @@ fn an_in_place_task_rewrites_the_flows_own_collection() {
     assert_eq!((t.total, t.count), (7, 7));
     assert!(!t.switched);
     assert!(t.new_collection.is_none());
-    assert_eq!(engine.collections().resolve("docs").expect("resolve"), "docs");
+    assert_eq!(
+        engine.collections().resolve("docs").expect("resolve"),
+        "docs"
+    );
     assert_eq!(rows(&engine), before);
 }
 

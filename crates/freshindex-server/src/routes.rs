@@ -763,7 +763,9 @@ async fn flow_verb(State(st): St, uri: Uri, req: Request) -> ApiResult {
         }
         other => Err(ApiError::new(
             Code::RouteNotFound,
-            format!("no method `:{other}` on flows; expected `:run`, `:reset`, `:resetItems`, `:rollback` or `:dropPrevious`"),
+            format!(
+                "no method `:{other}` on flows; expected `:run`, `:reset`, `:resetItems`, `:rollback` or `:dropPrevious`"
+            ),
         )),
     }
 }

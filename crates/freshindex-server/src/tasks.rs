@@ -123,7 +123,9 @@ struct ReindexBody {
 async fn create_reindex(State(st): St, body: Result<ApiJson<ReindexBody>, ApiError>) -> ApiResult {
     let body = body?.0;
     let to = match body.to {
-        ModelArg::Name(m) => EmbedSpec::of_model(&m).map_err(|m| ApiError::invalid(format!("to: {m}")))?,
+        ModelArg::Name(m) => {
+            EmbedSpec::of_model(&m).map_err(|m| ApiError::invalid(format!("to: {m}")))?
+        }
         ModelArg::Spec(s) => s,
     };
     st.flow_id(&body.flow).await?;
@@ -206,7 +208,9 @@ async fn task_verb(
                 other => {
                     return Err(ApiError::new(
                         Code::RouteNotFound,
-                        format!("no method `:{other}` on tasks; expected `:cancel` or `:retryFailed`"),
+                        format!(
+                            "no method `:{other}` on tasks; expected `:cancel` or `:retryFailed`"
+                        ),
                     ));
                 }
             };

@@ -456,8 +456,13 @@ impl FlowStore for SqliteStore {
         }
         for (id, name) in renames {
             let n = tx
-                .execute("UPDATE flows SET name = ?1 WHERE id = ?2", params![name, id.0])
-                .map_err(|e| StoreError::Invalid(format!("renaming flow {} to `{name}`: {e}", id.0)))?;
+                .execute(
+                    "UPDATE flows SET name = ?1 WHERE id = ?2",
+                    params![name, id.0],
+                )
+                .map_err(|e| {
+                    StoreError::Invalid(format!("renaming flow {} to `{name}`: {e}", id.0))
+                })?;
             if n != 1 {
                 return Err(StoreError::Invalid(format!("no flow has id {}", id.0)));
             }

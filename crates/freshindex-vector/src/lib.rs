@@ -285,7 +285,10 @@ impl Collections {
                 ));
             }
             std::fs::rename(&from, &to).map_err(|e| {
-                Self::storage(name, format!("moving {} to {}: {e}", from.display(), to.display()))
+                Self::storage(
+                    name,
+                    format!("moving {} to {}: {e}", from.display(), to.display()),
+                )
             })?;
             // The folder's entry in the collections folder is durable.
             wal::sync_dir(&to)?;

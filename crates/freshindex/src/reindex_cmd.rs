@@ -137,7 +137,9 @@ pub fn run(data_dir: &Path, args: ReindexArgs, command: Option<ReindexCommand>) 
     match command {
         None => {
             let (Some(flow), Some(to)) = (args.flow, args.to) else {
-                bail!("reindex: --flow and --to are required (or a subcommand: rollback, list, show, cancel, retry-failed, drop-previous)");
+                bail!(
+                    "reindex: --flow and --to are required (or a subcommand: rollback, list, show, cancel, retry-failed, drop-previous)"
+                );
             };
             let to = EmbedSpec::of_model(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
             let t = engine.create_reindex(&ReindexRequest {
