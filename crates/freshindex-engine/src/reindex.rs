@@ -184,7 +184,11 @@ impl ReindexTask {
     fn set_count(&mut self, count: u64) {
         self.count = count;
         self.progress = if self.total == 0 {
-            if self.phase == TaskPhase::Done { 1.0 } else { 0.0 }
+            if self.phase == TaskPhase::Done {
+                1.0
+            } else {
+                0.0
+            }
         } else {
             (count as f64 / self.total as f64).min(1.0)
         };
@@ -308,7 +312,9 @@ fn json<T: Serialize>(v: &T) -> Result<String, EngineError> {
 
 fn parse<T: for<'de> Deserialize<'de>>(what: &str, doc: &str) -> Result<T, EngineError> {
     serde_json::from_str(doc).map_err(|e| {
-        EngineError::Store(freshindex_store::StoreError::Corrupt(format!("{what}: {e}")))
+        EngineError::Store(freshindex_store::StoreError::Corrupt(format!(
+            "{what}: {e}"
+        )))
     })
 }
 
@@ -350,7 +356,10 @@ impl Engine {
         let _g = self.tasks_guard();
         if self.task(t.id)?.status == TaskStatus::Canceled {
             t.status = TaskStatus::Canceled;
-            return Err(EngineError::Cancelled(format!("task {} was canceled", t.id)));
+            return Err(EngineError::Cancelled(format!(
+                "task {} was canceled",
+                t.id
+            )));
         }
         t.updated_ms = now_ms();
         self.put_task(t, subs)
@@ -376,7 +385,7 @@ impl Engine {
                 out.push(t);
             }
         }
-        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out.sort_by_key(|t| std::cmp::Reverse(t.id));
         Ok(out)
     }
 
@@ -406,7 +415,10 @@ impl Engine {
         Ok(top(TASK)?.max(top(SUBTASK)?) + 1)
     }
 
-    fn single_doc<T: for<'de> Deserialize<'de>>(&self, kind: &str) -> Result<Option<T>, EngineError> {
+    fn single_doc<T: for<'de> Deserialize<'de>>(
+        &self,
+        kind: &str,
+    ) -> Result<Option<T>, EngineError> {
         self.store()
             .index_records(kind)?
             .into_iter()
@@ -461,8 +473,11 @@ impl Engine {
     }
 
     fn set_collection_model(&self, physical: &str, model: &EmbedSpec) -> Result<(), EngineError> {
-        self.store()
-            .put_index_records(&[(&format!("{COLLECTION_MODEL}{physical}"), 0, json(model)?)])?;
+        self.store().put_index_records(&[(
+            &format!("{COLLECTION_MODEL}{physical}"),
+            0,
+            json(model)?,
+        )])?;
         Ok(())
     }
 
@@ -614,11 +629,11 @@ impl Engine {
             t.finished_ms = Some(now_ms());
             t.updated_ms = now_ms();
             self.put_task(&t, &[])?;
-            if was == TaskStatus::Running {
-                if let Some(flag) = self.task_flag(id, false) {
-                    flag.store(true, Ordering::Relaxed);
-                    return Ok(t);
-                }
+            if was == TaskStatus::Running
+                && let Some(flag) = self.task_flag(id, false)
+            {
+                flag.store(true, Ordering::Relaxed);
+                return Ok(t);
             }
             t
         };
@@ -668,7 +683,9 @@ impl Engine {
         if t.status.is_active() || t.status == TaskStatus::Canceled {
             return Err(EngineError::Conflict(format!(
                 "task {id} is {}: only a task that ended (succeeded or failed) can retry its failed items",
-                serde_json::to_string(&t.status).unwrap_or_default().trim_matches('"')
+                serde_json::to_string(&t.status)
+                    .unwrap_or_default()
+                    .trim_matches('"')
             )));
         }
         let mut subs = self.subtasks(id)?;
@@ -843,9 +860,10 @@ impl Engine {
         cancel: &AtomicBool,
     ) -> Result<(), EngineError> {
         let (_, flow_spec) = self.flow(&t.flow)?;
-        let source = flow_spec.files().cloned().ok_or_else(|| {
-            EngineError::Invalid(format!("flow `{}` has a push source", t.flow))
-        })?;
+        let source = flow_spec
+            .files()
+            .cloned()
+            .ok_or_else(|| EngineError::Invalid(format!("flow `{}` has a push source", t.flow)))?;
         let in_place = !t.deploy_as_blue || t.switched;
         // In place, the task is a run of the flow: it holds the flow's run lock throughout.
         let _flow_lock = if in_place {
@@ -867,11 +885,8 @@ impl Engine {
         let batch_items = t.batch_size.clamp(1, 256);
         if t.phase == TaskPhase::Batches {
             let scan = files::scan(&source, &self.skip_dirs)?;
-            let files: HashMap<String, files::ScannedFile> = scan
-                .files
-                .into_iter()
-                .map(|f| (f.key.clone(), f))
-                .collect();
+            let files: HashMap<String, files::ScannedFile> =
+                scan.files.into_iter().map(|f| (f.key.clone(), f)).collect();
             let ctx = self.ctx_into(
                 work_flow,
                 &work_spec,
@@ -910,21 +925,28 @@ impl Engine {
             self.save_progress(t, &[])?;
         }
         if t.phase == TaskPhase::Finishing {
-            self.finish(t, &flow_spec, &source, work_flow, &work_spec, &target, opts, cancel)?;
+            self.finish(
+                t, &flow_spec, &source, work_flow, &work_spec, &target, opts, cancel,
+            )?;
         }
         Ok(())
     }
 
     /// Lists the source, makes the subtasks and queues every item under its subtask's label.
     fn plan(&self, t: &mut ReindexTask, flow_spec: &FlowSpec) -> Result<(), EngineError> {
-        let source = flow_spec.files().ok_or_else(|| {
-            EngineError::Invalid(format!("flow `{}` has a push source", t.flow))
-        })?;
+        let source = flow_spec
+            .files()
+            .ok_or_else(|| EngineError::Invalid(format!("flow `{}` has a push source", t.flow)))?;
         let dest = embedder_for(&t.dest).map_err(EngineError::Config)?;
         let work_spec = flow_spec.with_embed(t.dest.clone());
         let work_flow = if t.deploy_as_blue {
             let alias = flow_spec.target.collection();
             let name = format!("{alias}.t{}", t.id);
+            // Searches read each collection with its own model, the serving one's too.
+            let current = self.collections().resolve(alias)?;
+            if self.collection_model(&current)?.is_none() {
+                self.set_collection_model(&current, &t.source)?;
+            }
             self.collection(&name, dest.dimension())?;
             self.set_collection_model(&name, &t.dest)?;
             t.new_collection = Some(name);
@@ -1077,7 +1099,8 @@ impl Engine {
         opts: &TaskRunOptions,
         cancel: &AtomicBool,
     ) -> Result<(), EngineError> {
-        let over = |t: &ReindexTask| t.max_failed_items >= 0 && t.failed_count as i64 > t.max_failed_items;
+        let over =
+            |t: &ReindexTask| t.max_failed_items >= 0 && t.failed_count as i64 > t.max_failed_items;
         self.collect_failures(t, work_flow)?;
         if over(t) {
             return Err(EngineError::Invalid(format!(
@@ -1094,13 +1117,34 @@ impl Engine {
         let in_place = !t.deploy_as_blue || t.switched;
         if in_place {
             // Holding the flow's lock: one traversal brings in what changed meanwhile.
-            self.run_locked(work_spec, source, work_flow, &run_opts, Instant::now(), target)?;
+            self.run_locked(
+                work_spec,
+                source,
+                work_flow,
+                &run_opts,
+                Instant::now(),
+                target,
+            )?;
         } else {
             // The bulk of the changes made during the task first, without the flow's lock...
-            self.run_locked(work_spec, source, work_flow, &run_opts, Instant::now(), target)?;
+            self.run_locked(
+                work_spec,
+                source,
+                work_flow,
+                &run_opts,
+                Instant::now(),
+                target,
+            )?;
             // ...then the rest, and the switch, with it: no run of the flow writes meanwhile.
             let _lock = self.lock_waiting(&t.flow, opts.lock_wait, cancel)?;
-            self.run_locked(work_spec, source, work_flow, &run_opts, Instant::now(), target)?;
+            self.run_locked(
+                work_spec,
+                source,
+                work_flow,
+                &run_opts,
+                Instant::now(),
+                target,
+            )?;
             self.collect_failures(t, work_flow)?;
             if over(t) {
                 return Err(EngineError::Invalid(format!(
@@ -1110,7 +1154,14 @@ impl Engine {
             }
             self.switch(t, flow_spec, work_flow)?;
         }
-        self.collect_failures(t, if in_place { work_flow } else { self.flow(&t.flow)?.0 })?;
+        self.collect_failures(
+            t,
+            if in_place {
+                work_flow
+            } else {
+                self.flow(&t.flow)?.0
+            },
+        )?;
         t.phase = TaskPhase::Done;
         t.status = TaskStatus::Succeeded;
         t.finished_ms = Some(now_ms());
@@ -1131,17 +1182,21 @@ impl Engine {
         flow_spec: &FlowSpec,
         work_flow: FlowId,
     ) -> Result<(), EngineError> {
-        let new = t.new_collection.clone().ok_or_else(|| {
-            EngineError::Internal(format!("task {}: no new collection", t.id))
-        })?;
+        let new = t
+            .new_collection
+            .clone()
+            .ok_or_else(|| EngineError::Internal(format!("task {}: no new collection", t.id)))?;
         let alias = flow_spec.target.collection().to_string();
         let w = self.writer();
         let current = self.collections().resolve(&alias)?;
         let old = if current == alias {
             // The first switch: the collection moves aside, its name becomes the alias.
             let moved = format!("{alias}.t0");
+            // Its model is known under its next name before it moves.
+            self.set_collection_model(&moved, &t.source)?;
             self.close_collection(&alias);
-            self.collections().replace_with_alias(&alias, &new, &moved)?;
+            self.collections()
+                .replace_with_alias(&alias, &new, &moved)?;
             moved
         } else if current != new {
             self.collections().set_alias(&alias, &new)?;
@@ -1192,14 +1247,22 @@ impl Engine {
             },
         )?;
         t.switched = true;
-        tracing::info!(flow = t.flow, collection = new, "reindex switched the flow's collection");
+        tracing::info!(
+            flow = t.flow,
+            collection = new,
+            "reindex switched the flow's collection"
+        );
         Ok(())
     }
 
     /// Switches flow `flow` back to its state and collection before the last switch (the
     /// state it leaves is kept: a second rollback switches forward again), then brings it up
     /// to date with a run (what changed in the source since the switch).
-    pub fn rollback(&self, flow: &str, opts: &RunOptions<'_>) -> Result<RollbackReport, EngineError> {
+    pub fn rollback(
+        &self,
+        flow: &str,
+        opts: &RunOptions<'_>,
+    ) -> Result<RollbackReport, EngineError> {
         let report = {
             let _lock = self.lock(flow)?;
             let (_, spec) = self.flow(flow)?;
@@ -1229,9 +1292,10 @@ impl Engine {
             let _w = self.writer();
             let current = self.collections().resolve(&alias)?;
             self.collections().set_alias(&alias, &prev.collection)?;
-            let cur_rec = self.store().flow(flow)?.ok_or_else(|| {
-                EngineError::NotFound(format!("flow `{flow}` is not defined"))
-            })?;
+            let cur_rec = self
+                .store()
+                .flow(flow)?
+                .ok_or_else(|| EngineError::NotFound(format!("flow `{flow}` is not defined")))?;
             self.store().rename_flows(&[
                 (prev_rec.id, flow.to_string()),
                 (cur_rec.id, prev.record.clone()),
@@ -1267,7 +1331,10 @@ impl Engine {
                 None
             }
         };
-        Ok(RollbackReport { caught_up, ..report })
+        Ok(RollbackReport {
+            caught_up,
+            ..report
+        })
     }
 
     /// Drops the state and collection a switch kept for a rollback.
@@ -1360,7 +1427,10 @@ mod tests {
         assert_eq!(t.progress, 1.0);
         t.total = 0;
         t.set_count(0);
-        assert_eq!(t.progress, 0.0, "an empty source is not done before it is done");
+        assert_eq!(
+            t.progress, 0.0,
+            "an empty source is not done before it is done"
+        );
         t.phase = TaskPhase::Done;
         t.set_count(0);
         assert_eq!(t.progress, 1.0);

@@ -1207,20 +1207,35 @@ impl Engine {
         filter: Option<&Filter>,
     ) -> Result<Searched, EngineError> {
         let (_, spec) = self.stored_flow(flow)?;
-        let physical = self.collections.resolve(spec.target.collection())?;
-        let model = match self.collection_model(&physical)? {
-            Some(m) => m,
-            None => spec.embed().clone(),
+        // A reindex switch moves a collection right after pointing the name elsewhere: a
+        // search that resolved the name just before reads the new collection on its retry.
+        let mut attempt = 0;
+        let (physical, model, hits) = loop {
+            attempt += 1;
+            let physical = self.collections.resolve(spec.target.collection())?;
+            let model = match self.collection_model(&physical)? {
+                Some(m) => m,
+                None => spec.embed().clone(),
+            };
+            let embedder = embedder_for(&model).map_err(EngineError::Config)?;
+            let v = embedder
+                .embed(&[query])
+                .map_err(|e| EngineError::Config(format!("embedding the query: {e}")))?;
+            let v = v
+                .into_iter()
+                .next()
+                .ok_or_else(|| EngineError::Config("embedder returned no vector".into()))?;
+            match self
+                .reader(&physical)
+                .and_then(|c| Ok(c.search(&v, k, filter)?))
+            {
+                Ok(hits) => break (physical, model, hits),
+                Err(EngineError::Target(freshindex_vector::VectorError::NotFound(_)))
+                    if attempt < 3
+                        && self.collections.resolve(spec.target.collection())? != physical => {}
+                Err(e) => return Err(e),
+            }
         };
-        let embedder = embedder_for(&model).map_err(EngineError::Config)?;
-        let v = embedder
-            .embed(&[query])
-            .map_err(|e| EngineError::Config(format!("embedding the query: {e}")))?;
-        let v = v
-            .into_iter()
-            .next()
-            .ok_or_else(|| EngineError::Config("embedder returned no vector".into()))?;
-        let hits = self.reader(&physical)?.search(&v, k, filter)?;
         Ok(Searched {
             hits,
             collection: physical,

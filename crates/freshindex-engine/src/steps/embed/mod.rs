@@ -127,7 +127,12 @@ impl FailOn {
         if let Some(f) = &self.file
             && let Ok(text) = std::fs::read_to_string(f)
         {
-            out.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+            out.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from),
+            );
         }
         out
     }
