@@ -15,7 +15,9 @@ pub mod local;
 pub mod openai;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 pub use builtin::BuiltinEmbedder;
 use freshindex_core::{EmbedSpec, ModelRef};
@@ -48,6 +50,32 @@ pub const FAIL_ENV: &str = "FRESHINDEX_EMBED_FAIL";
 /// See [`FAIL_ENV`].
 pub const FAIL_FILE_ENV: &str = "FRESHINDEX_EMBED_FAIL_FILE";
 
+/// Nanoseconds this process spent inside embedding models (summed over threads).
+static MODEL_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Time this process spent inside embedding models so far (summed over the threads that
+/// called them): what the model costs in a run, next to the run's own time.
+pub fn model_time() -> std::time::Duration {
+    std::time::Duration::from_nanos(MODEL_NS.load(Ordering::Relaxed))
+}
+
+/// Counts the time of the model's calls in [`model_time`].
+struct Timed(Arc<dyn Embedder>);
+
+impl Embedder for Timed {
+    fn dimension(&self) -> usize {
+        self.0.dimension()
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, String> {
+        let started = Instant::now();
+        let r = self.0.embed(texts);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        MODEL_NS.fetch_add(ns, Ordering::Relaxed);
+        r
+    }
+}
+
 /// The embedder for a spec, loaded once per process and identity.
 pub fn embedder_for(spec: &EmbedSpec) -> Result<Arc<dyn Embedder>, String> {
     static LOADED: Mutex<Option<HashMap<String, Arc<dyn Embedder>>>> = Mutex::new(None);
@@ -67,6 +95,7 @@ pub fn embedder_for(spec: &EmbedSpec) -> Result<Arc<dyn Embedder>, String> {
         ModelRef::Hf(id) => load_local(spec, LocalModel::Hub(id))?,
         ModelRef::Invalid(m) => return Err(format!("model: unknown model `{m}`")),
     };
+    let model: Arc<dyn Embedder> = Arc::new(Timed(model));
     // Two threads loading the same model at once both load it; the first one kept wins.
     let kept = LOADED
         .lock()
