@@ -257,6 +257,12 @@ chunk_overlap = 200
 # in the flow is embedded once. Changing the model re-embeds everything.
 op = "embed"
 # "builtin": hashed word and character n-gram features, 384 dimensions, no download.
+# "local:PATH": a sentence-transformers model in Hugging Face format in folder PATH, on the CPU
+#   (threads = N bounds its threads). "hf:ORG/NAME": the same from the local Hugging Face cache
+#   (nothing is downloaded). "openai:MODEL": a server of the OpenAI embeddings protocol, with
+#   base_url, api_key_env (the variable holding the key), dimensions, timeout_secs,
+#   max_concurrency and max_retries. To move a serving flow to another model without downtime,
+#   use `freshindex reindex --flow NAME --to MODEL --blue`.
 model = "builtin"
 # Texts per embedding call.
 batch_size = 64
