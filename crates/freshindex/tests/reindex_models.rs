@@ -368,3 +368,75 @@ fn a_task_resumes_after_its_server_is_killed_and_conflicts_are_named() {
     // The same model: the switched collection holds exactly what the flow held.
     assert_eq!(ws.export(), before);
 }
+
+#[test]
+fn the_cli_runs_a_task_rolls_it_back_and_names_a_missing_model() {
+    let ws = Workspace::new(FlowConfig::default());
+    corpus(&ws, 12);
+    ws.index();
+    let before = ws.export();
+    let t = ws
+        .fi()
+        .args([
+            "reindex",
+            "--flow",
+            "docs",
+            "--to",
+            "builtin",
+            "--blue",
+            "--batch-size",
+            "5",
+            "--json",
+        ])
+        .run()
+        .ok()
+        .json();
+    assert_eq!(t["status"], "succeeded", "{t}");
+    assert_eq!(
+        (t["total"].as_u64(), t["count"].as_u64()),
+        (Some(13), Some(13)),
+        "{t}"
+    );
+    assert_eq!(t["children"].as_array().map(Vec::len), Some(3), "{t}");
+    let new = t["newCollection"].as_str().expect("collection").to_string();
+    let list = ws
+        .fi()
+        .args(["collections", "list", "--json"])
+        .run()
+        .ok()
+        .stdout;
+    assert!(list.contains(&new) && list.contains("docs.t0"), "{list}");
+    assert_eq!(ws.export(), before, "the same model: the same rows");
+    let out = ws
+        .fi()
+        .args(["reindex", "rollback", "--flow", "docs"])
+        .run()
+        .ok();
+    assert!(out.stdout.contains("docs.t0"), "{}", out.stdout);
+    let out = ws.fi().args(["reindex", "list"]).run().ok();
+    assert!(out.stdout.contains("succeeded"), "{}", out.stdout);
+
+    // A model that is not there: the error says where it looked, and nothing changed.
+    let empty = ws.root().join("empty-hf-home");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let out = ws
+        .fi()
+        .env("HF_HOME", &empty)
+        .env("HF_HUB_CACHE", empty.join("hub"))
+        .args([
+            "reindex",
+            "--flow",
+            "docs",
+            "--to",
+            "hf:nobody/nothing",
+            "--blue",
+        ])
+        .run()
+        .failed();
+    assert!(
+        out.stderr.contains("nobody/nothing") && out.stderr.contains(&*empty.to_string_lossy()),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(ws.export(), before);
+}
