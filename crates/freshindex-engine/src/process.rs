@@ -300,6 +300,8 @@ struct Prepared {
     new_memo: Vec<(Fingerprint, Vec<u8>)>,
     reused: u64,
     embed_error: Option<String>,
+    /// The error of each chunk text that could not be embedded.
+    embed_errors: FpMap<String>,
 }
 
 /// Decodes a cached vector, checking its dimension.
@@ -566,6 +568,7 @@ impl Ctx<'_> {
             FpMap::with_capacity_and_hasher(needed.len(), Default::default());
         let mut new_memo: Vec<(Fingerprint, Vec<u8>)> = Vec::new();
         let mut embed_error: Option<String> = None;
+        let mut embed_errors: FpMap<String> = FpMap::default();
         let mut looked_up: FpMap<u8> = FpMap::default();
         let mut claims = Claims {
             memo: &self.memo,
@@ -643,6 +646,7 @@ impl Ctx<'_> {
                         Err(e) => {
                             st.inflight.remove(k);
                             st.computed.remove(k);
+                            embed_errors.insert(*k, e.clone());
                             embed_error = Some(e);
                         }
                     }
@@ -675,6 +679,7 @@ impl Ctx<'_> {
             new_memo,
             reused,
             embed_error,
+            embed_errors,
         })
     }
 
@@ -704,6 +709,7 @@ impl Ctx<'_> {
             new_memo,
             reused,
             embed_error,
+            embed_errors,
         } = prepared;
         let store = self.engine.store();
         let _writer = self.engine.writer();
@@ -839,8 +845,11 @@ impl Ctx<'_> {
                     is_new,
                 } => {
                     if let Some(e) = &embed_error
-                        && chunks.iter().any(|c| !vectors.contains_key(&c.memo_key))
+                        && let Some(missing) =
+                            chunks.iter().find(|c| !vectors.contains_key(&c.memo_key))
                     {
+                        // Its own text's error (another item's when the same text failed there).
+                        let e = embed_errors.get(&missing.memo_key).unwrap_or(e);
                         if tally.failed.insert(record.key.clone()) {
                             tally.summary.items.failed += 1;
                         }
