@@ -500,6 +500,34 @@ impl Engine {
         })
     }
 
+    /// Visits every queue entry of `flow` with one of `statuses` (all when empty) and, when
+    /// given, the label `queue`, by key.
+    fn each_entry(
+        &self,
+        flow: FlowId,
+        statuses: &[ItemStatus],
+        queue: Option<&str>,
+        mut visit: impl FnMut(freshindex_store::QueueEntry),
+    ) -> Result<(), EngineError> {
+        let mut after = None;
+        loop {
+            let page = self.store().list(
+                flow,
+                &ListRequest {
+                    statuses: statuses.to_vec(),
+                    queue: queue.map(str::to_string),
+                    after: after.take(),
+                    limit: 1000,
+                },
+            )?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.item.key.clone());
+            page.into_iter().for_each(&mut visit);
+        }
+    }
+
     // ---- the API -------------------------------------------------------------------------
 
     /// Creates a reindex task. Refused with [`EngineError::Conflict`] (naming it) when another
@@ -697,28 +725,14 @@ impl Engine {
                     s.status = TaskStatus::Pending;
                 }
             }
-            let mut after = None;
-            loop {
-                let page = self.store().list(
-                    flow,
-                    &ListRequest {
-                        statuses: vec![ItemStatus::Error],
-                        queue: None,
-                        after: after.clone(),
-                        limit: 1000,
-                    },
-                )?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.item.key.clone());
-                for e in page {
-                    requeue.push(PushItem {
-                        key: e.item.key.clone(),
-                        kind: PushKind::Type(PushType::Modified),
-                        payload: None,
-                        queue: Some(e.item.queue.clone()),
-                    });
-                }
-            }
+            self.each_entry(flow, &[ItemStatus::Error], None, |e| {
+                requeue.push(PushItem {
+                    key: e.item.key,
+                    kind: PushKind::Type(PushType::Modified),
+                    payload: None,
+                    queue: Some(e.item.queue),
+                })
+            })?;
             for part in requeue.chunks(1000) {
                 self.store().push(flow, part, now_ms())?;
             }
@@ -1004,30 +1018,14 @@ impl Engine {
     /// A subtask's counts, from its queue entries.
     fn count_subtask(&self, flow: FlowId, s: &mut SubTask) -> Result<(), EngineError> {
         let (mut done, mut failed) = (0, 0);
-        let mut after = None;
-        loop {
-            let page = self.store().list(
-                flow,
-                &ListRequest {
-                    statuses: Vec::new(),
-                    queue: Some(s.label.clone()),
-                    after: after.clone(),
-                    limit: 1000,
-                },
-            )?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.item.key.clone());
-            for e in page {
-                match e.item.status {
-                    ItemStatus::Error => {
-                        failed += 1;
-                        done += 1;
-                    }
-                    st if st.is_settled() => done += 1,
-                    _ => {}
-                }
+        self.each_entry(flow, &[], Some(&s.label), |e| match e.item.status {
+            ItemStatus::Error => {
+                failed += 1;
+                done += 1;
             }
-        }
+            st if st.is_settled() => done += 1,
+            _ => {}
+        })?;
         s.count = done.min(s.total);
         s.failed = failed;
         s.status = TaskStatus::Succeeded;
@@ -1057,31 +1055,17 @@ impl Engine {
     fn collect_failures(&self, t: &mut ReindexTask, flow: FlowId) -> Result<(), EngineError> {
         let mut failed = Vec::new();
         let mut n = 0u64;
-        let mut after = None;
-        loop {
-            let page = self.store().list(
-                flow,
-                &ListRequest {
-                    statuses: vec![ItemStatus::Error],
-                    queue: None,
-                    after: after.clone(),
-                    limit: 1000,
-                },
-            )?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.item.key.clone());
-            for e in page {
-                n += 1;
-                if failed.len() < MAX_LISTED_FAILURES {
-                    let error = e.item.message.clone().unwrap_or_default();
-                    failed.push(FailedItem {
-                        item: e.item.key.clone(),
-                        stage: stage_of(&error).to_string(),
-                        error,
-                    });
-                }
+        self.each_entry(flow, &[ItemStatus::Error], None, |e| {
+            n += 1;
+            if failed.len() < MAX_LISTED_FAILURES {
+                let error = e.item.message.unwrap_or_default();
+                failed.push(FailedItem {
+                    item: e.item.key,
+                    stage: stage_of(&error).to_string(),
+                    error,
+                });
             }
-        }
+        })?;
         t.failed_items = failed;
         t.failed_count = n;
         Ok(())
