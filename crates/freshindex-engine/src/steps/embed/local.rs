@@ -676,10 +676,6 @@ impl Bert {
             .chunks(s)
             .map(|m| m.iter().take_while(|m| **m != 0).count())
             .collect();
-        let softmax = MaskedSoftmax {
-            lens: &lens,
-            per_text: self.heads * s,
-        };
         let hd = h / self.heads;
         for l in &self.layers {
             let qkv = l.qkv.matmul(&x)?;
@@ -688,20 +684,34 @@ impl Bert {
                 act: None,
             })?;
             let qkv = qkv.reshape((b, s, 3, self.heads, hd))?;
-            let part = |i: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(2, i, 1)?
-                    .squeeze(2)?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-            let scores = q.matmul(&k.t()?)?;
-            scores.inplace_op1(&softmax)?;
-            let ctx = scores
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * s, h))?;
+            // Attention text by text, over its tokens only: no work on padding, and the
+            // scores of one text stay in cache between the softmax and the second product.
+            let mut parts = Vec::with_capacity(2 * b);
+            for (t, len) in lens.iter().enumerate() {
+                let len = (*len).clamp(1, s);
+                let text = qkv.narrow(0, t, 1)?.narrow(1, 0, len)?;
+                // (1, heads, len, hd) views of the fused projection, no copies.
+                let part = |i: usize| -> candle_core::Result<Tensor> {
+                    text.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)
+                };
+                let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                let scores = q.matmul(&k.t()?)?;
+                scores.inplace_op1(&MaskedSoftmax {
+                    lens: &[len],
+                    per_text: self.heads * len,
+                })?;
+                parts.push(
+                    scores
+                        .matmul(&v)?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .reshape((len, h))?,
+                );
+                if len < s {
+                    parts.push(Tensor::zeros((s - len, h), DType::F32, &dev)?);
+                }
+            }
+            let ctx = Tensor::cat(&parts, 0)?;
             let a = l.attn_out.matmul(&ctx)?;
             a.inplace_op2(
                 &x,
