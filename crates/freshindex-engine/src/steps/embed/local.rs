@@ -794,27 +794,48 @@ impl candle_core::InplaceOp1 for AddBias<'_> {
         if n == 0 || !x.len().is_multiple_of(n) {
             return Err(candle_core::Error::Msg("add-bias: shape mismatch".into()));
         }
+        let arch = pulp::Arch::new();
         x.par_chunks_mut(n * ROWS_PER_TASK).for_each(|rows| {
-            for row in rows.chunks_exact_mut(n) {
-                match self.act {
-                    None => row.iter_mut().zip(self.bias).for_each(|(x, b)| *x += b),
-                    Some(Act::Gelu) => row.iter_mut().zip(self.bias).for_each(|(x, b)| {
-                        let v = *x + b;
-                        *x = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    }),
-                    Some(Act::GeluTanh) => row.iter_mut().zip(self.bias).for_each(|(x, b)| {
-                        let v = *x + b;
-                        let c = (2.0f32 / std::f32::consts::PI).sqrt();
-                        *x = 0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh());
-                    }),
-                    Some(Act::Relu) => row
-                        .iter_mut()
-                        .zip(self.bias)
-                        .for_each(|(x, b)| *x = (*x + b).max(0.0)),
-                }
-            }
+            arch.dispatch(BiasActRows {
+                rows,
+                bias: self.bias,
+                act: self.act,
+            })
         });
         Ok(())
+    }
+}
+
+/// [`AddBias`] on a run of rows.
+struct BiasActRows<'a> {
+    rows: &'a mut [f32],
+    bias: &'a [f32],
+    act: Option<Act>,
+}
+
+impl pulp::WithSimd for BiasActRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for row in self.rows.chunks_exact_mut(self.bias.len()) {
+            match self.act {
+                None => row.iter_mut().zip(self.bias).for_each(|(x, b)| *x += b),
+                Some(Act::Gelu) => row.iter_mut().zip(self.bias).for_each(|(x, b)| {
+                    let v = *x + b;
+                    *x = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                }),
+                Some(Act::GeluTanh) => row.iter_mut().zip(self.bias).for_each(|(x, b)| {
+                    let v = *x + b;
+                    let c = (2.0f32 / std::f32::consts::PI).sqrt();
+                    *x = 0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh());
+                }),
+                Some(Act::Relu) => row
+                    .iter_mut()
+                    .zip(self.bias)
+                    .for_each(|(x, b)| *x = (*x + b).max(0.0)),
+            }
+        }
     }
 }
 
@@ -845,24 +866,48 @@ impl candle_core::InplaceOp2 for BiasResidualNorm<'_> {
                 "bias-residual-layer-norm: shape mismatch".into(),
             ));
         }
-        let (gamma, beta, eps) = (&self.norm.gamma, &self.norm.beta, self.norm.eps);
+        let arch = pulp::Arch::new();
         x.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(res.par_chunks(n * ROWS_PER_TASK))
             .for_each(|(rows, res)| {
-                for (row, r) in rows.chunks_exact_mut(n).zip(res.chunks_exact(n)) {
-                    for ((x, r), b) in row.iter_mut().zip(r).zip(self.bias) {
-                        *x += r + b;
-                    }
-                    let mean = sum(row) / n as f32;
-                    row.iter_mut().for_each(|x| *x -= mean);
-                    let var = sum_sq(row) / n as f32;
-                    let inv = 1.0 / (var + eps).sqrt();
-                    for ((x, g), b) in row.iter_mut().zip(gamma).zip(beta) {
-                        *x = *x * inv * g + b;
-                    }
-                }
+                arch.dispatch(NormRows {
+                    rows,
+                    res,
+                    bias: self.bias,
+                    norm: self.norm,
+                })
             });
         Ok(())
+    }
+}
+
+/// [`BiasResidualNorm`] on a run of rows.
+struct NormRows<'a> {
+    rows: &'a mut [f32],
+    res: &'a [f32],
+    bias: &'a [f32],
+    norm: &'a Norm,
+}
+
+impl pulp::WithSimd for NormRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let n = self.bias.len();
+        let (gamma, beta, eps) = (&self.norm.gamma, &self.norm.beta, self.norm.eps);
+        for (row, r) in self.rows.chunks_exact_mut(n).zip(self.res.chunks_exact(n)) {
+            for ((x, r), b) in row.iter_mut().zip(r).zip(self.bias) {
+                *x += r + b;
+            }
+            let mean = sum(row) / n as f32;
+            row.iter_mut().for_each(|x| *x -= mean);
+            let var = sum_sq(row) / n as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((x, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                *x = *x * inv * g + b;
+            }
+        }
     }
 }
 
@@ -894,25 +939,49 @@ impl candle_core::InplaceOp1 for MaskedSoftmax<'_> {
             ));
         }
         let s = x.len() / rows;
+        let arch = pulp::Arch::new();
         x.par_chunks_mut(s * ROWS_PER_TASK)
             .enumerate()
-            .for_each(|(task, chunk)| {
-                for (i, row) in chunk.chunks_exact_mut(s).enumerate() {
-                    let text = (task * ROWS_PER_TASK + i) / self.per_text;
-                    let len = self.lens[text].clamp(1, s);
-                    let (keys, pad) = row.split_at_mut(len);
-                    pad.fill(0.0);
-                    let m = max(keys);
-                    keys.iter_mut().for_each(|v| *v = exp(*v - m));
-                    let inv = 1.0 / sum(keys);
-                    keys.iter_mut().for_each(|v| *v *= inv);
-                }
+            .for_each(|(task, rows)| {
+                arch.dispatch(SoftmaxRows {
+                    rows,
+                    s,
+                    first: task * ROWS_PER_TASK,
+                    op: self,
+                })
             });
         Ok(())
     }
 }
 
+/// [`MaskedSoftmax`] on a run of rows of length `s`, the first being row `first`.
+struct SoftmaxRows<'a> {
+    rows: &'a mut [f32],
+    s: usize,
+    first: usize,
+    op: &'a MaskedSoftmax<'a>,
+}
+
+impl pulp::WithSimd for SoftmaxRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for (i, row) in self.rows.chunks_exact_mut(self.s).enumerate() {
+            let text = (self.first + i) / self.op.per_text;
+            let len = self.op.lens[text].clamp(1, self.s);
+            let (keys, pad) = row.split_at_mut(len);
+            pad.fill(0.0);
+            let m = max(keys);
+            keys.iter_mut().for_each(|v| *v = exp(*v - m));
+            let inv = 1.0 / sum(keys);
+            keys.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
 /// Sum with 8 independent accumulators, so that it vectorises.
+#[inline(always)]
 fn sum(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -926,6 +995,7 @@ fn sum(x: &[f32]) -> f32 {
 }
 
 /// Sum of squares with 8 independent accumulators.
+#[inline(always)]
 fn sum_sq(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -939,6 +1009,7 @@ fn sum_sq(x: &[f32]) -> f32 {
 }
 
 /// Maximum with 8 independent lanes.
+#[inline(always)]
 fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
@@ -969,7 +1040,7 @@ fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let ni = (t.to_bits() as i32).wrapping_sub(0x4b40_0000);
     y * f32::from_bits((ni.wrapping_add(127) << 23) as u32)
