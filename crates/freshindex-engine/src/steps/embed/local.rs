@@ -21,7 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
@@ -530,14 +530,60 @@ enum Act {
     Relu,
 }
 
+/// Layer normalisation parameters, as plain vectors for the fused kernels.
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Norm> {
+        let n = LayerNorm::load(vb, size, eps)?;
+        Ok(Norm {
+            gamma: n.weight.to_vec1()?,
+            beta: n.bias.to_vec1()?,
+            eps: n.eps,
+        })
+    }
+}
+
+/// A dense layer: the transposed weight, `(in, out)` and contiguous, so that `x.matmul(wt)`
+/// runs on contiguous operands, and the bias, added by the fused kernel that follows.
+struct Dense {
+    wt: Tensor,
+    bias: Vec<f32>,
+}
+
+impl Dense {
+    fn load(vb: VarBuilder, inp: usize, out: usize) -> candle_core::Result<Dense> {
+        let w = vb.get((out, inp), "weight")?;
+        let b = vb.get(out, "bias")?;
+        Dense::new(&w, &b)
+    }
+
+    fn new(w: &Tensor, b: &Tensor) -> candle_core::Result<Dense> {
+        Ok(Dense {
+            wt: w.t()?.contiguous()?,
+            bias: b.to_vec1()?,
+        })
+    }
+
+    /// `x · Wᵀ`, without the bias.
+    fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.wt)
+    }
+}
+
 struct Layer {
-    /// Query, key and value projections fused into one matrix product.
-    qkv: Linear,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    inter: Linear,
-    out: Linear,
-    out_norm: LayerNorm,
+    /// Query, key and value projections fused into one matrix product; the query part is
+    /// scaled by 1/√head_dim.
+    qkv: Dense,
+    attn_out: Dense,
+    attn_norm: Norm,
+    inter: Dense,
+    out: Dense,
+    out_norm: Norm,
 }
 
 /// A BERT encoder (absolute positions, one token type), on 2-D `(tokens, hidden)` activations.
@@ -550,13 +596,6 @@ struct Bert {
     act: Act,
     heads: usize,
     hidden_size: usize,
-}
-
-fn linear(vb: VarBuilder, inp: usize, out: usize) -> candle_core::Result<Linear> {
-    Ok(Linear::new(
-        vb.get((out, inp), "weight")?,
-        Some(vb.get(out, "bias")?),
-    ))
 }
 
 impl Bert {
@@ -574,28 +613,26 @@ impl Bert {
             .get((c.type_vocab_size, h), "token_type_embeddings.weight")?
             .narrow(0, 0, 1)?;
         let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, c.layer_norm_eps)?;
+        let scale = 1.0 / ((h / c.num_attention_heads) as f64).sqrt();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let l = vb.pp(format!("encoder.layer.{i}"));
             let a = l.pp("attention");
             let s = a.pp("self");
-            let (q, k, v) = (
-                linear(s.pp("query"), h, h)?,
-                linear(s.pp("key"), h, h)?,
-                linear(s.pp("value"), h, h)?,
-            );
-            let w = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
-            let b = match (q.bias(), k.bias(), v.bias()) {
-                (Some(qb), Some(kb), Some(vb)) => Some(Tensor::cat(&[qb, kb, vb], 0)?),
-                _ => None,
+            let get = |name: &str| -> candle_core::Result<(Tensor, Tensor)> {
+                let p = s.pp(name);
+                Ok((p.get((h, h), "weight")?, p.get(h, "bias")?))
             };
+            let ((qw, qb), (kw, kb), (vw, vb)) = (get("query")?, get("key")?, get("value")?);
+            let w = Tensor::cat(&[&(qw * scale)?, &kw, &vw], 0)?;
+            let b = Tensor::cat(&[&(qb * scale)?, &kb, &vb], 0)?;
             layers.push(Layer {
-                qkv: Linear::new(w, b),
-                attn_out: linear(a.pp("output.dense"), h, h)?,
-                attn_norm: LayerNorm::load(a.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
-                inter: linear(l.pp("intermediate.dense"), h, c.intermediate_size)?,
-                out: linear(l.pp("output.dense"), c.intermediate_size, h)?,
-                out_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+                qkv: Dense::new(&w, &b)?,
+                attn_out: Dense::load(a.pp("output.dense"), h, h)?,
+                attn_norm: Norm::load(a.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
+                inter: Dense::load(l.pp("intermediate.dense"), h, c.intermediate_size)?,
+                out: Dense::load(l.pp("output.dense"), c.intermediate_size, h)?,
+                out_norm: Norm::load(l.pp("output.LayerNorm"), h, c.layer_norm_eps)?,
             });
         }
         let act = match c.hidden_act.as_str() {
@@ -633,80 +670,380 @@ impl Bert {
             .broadcast_add(&pos)?
             .broadcast_add(&self.token_type0)?;
         let mut x = self.emb_norm.forward(&x)?.reshape((b * s, h))?;
-        // Additive attention mask, (b, 1, 1, s): 0 for tokens, a large negative for padding.
-        let mask: Vec<f32> = batch
+        // Tokens of each text: padding always comes last (see `Batch::of`).
+        let lens: Vec<usize> = batch
             .mask
-            .iter()
-            .map(|m| if *m != 0 { 0.0 } else { -1e9 })
+            .chunks(s)
+            .map(|m| m.iter().take_while(|m| **m != 0).count())
             .collect();
-        let mask = Tensor::from_vec(mask, (b, 1, 1, s), &dev)?;
         let hd = h / self.heads;
-        let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
-            let qkv = l.qkv.forward(&x)?.reshape((b, s, 3, self.heads, hd))?;
-            let q = (qkv.narrow(2, 0, 1)?.squeeze(2)?.transpose(1, 2)? * scale)?;
-            let k = qkv
-                .narrow(2, 1, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = qkv
-                .narrow(2, 2, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * s, h))?;
-            let a = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + &x)?)?;
-            let i = l.inter.forward(&a)?;
-            let i = match self.act {
-                Act::Gelu => i.apply_op1_no_bwd(&FastGelu)?,
-                Act::GeluTanh => i.gelu()?,
-                Act::Relu => i.relu()?,
-            };
-            x = l.out_norm.forward(&(l.out.forward(&i)? + &a)?)?;
+            let qkv = l.qkv.matmul(&x)?;
+            qkv.inplace_op1(&AddBias {
+                bias: &l.qkv.bias,
+                act: None,
+            })?;
+            let qkv = qkv.reshape((b, s, 3, self.heads, hd))?;
+            // Attention text by text, over its tokens only: no work on padding, and the
+            // scores of one text stay in cache between the softmax and the second product.
+            let mut parts = Vec::with_capacity(2 * b);
+            for (t, len) in lens.iter().enumerate() {
+                let len = (*len).clamp(1, s);
+                let text = qkv.narrow(0, t, 1)?.narrow(1, 0, len)?;
+                // (1, heads, len, hd) views of the fused projection, no copies.
+                let part = |i: usize| -> candle_core::Result<Tensor> {
+                    text.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)
+                };
+                let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                let scores = q.matmul(&k.t()?)?;
+                scores.inplace_op1(&MaskedSoftmax {
+                    lens: &[len],
+                    per_text: self.heads * len,
+                })?;
+                parts.push(
+                    scores
+                        .matmul(&v)?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .reshape((len, h))?,
+                );
+                if len < s {
+                    parts.push(Tensor::zeros((s - len, h), DType::F32, &dev)?);
+                }
+            }
+            let ctx = Tensor::cat(&parts, 0)?;
+            let a = l.attn_out.matmul(&ctx)?;
+            a.inplace_op2(
+                &x,
+                &BiasResidualNorm {
+                    bias: &l.attn_out.bias,
+                    norm: &l.attn_norm,
+                },
+            )?;
+            let i = l.inter.matmul(&a)?;
+            i.inplace_op1(&AddBias {
+                bias: &l.inter.bias,
+                act: Some(self.act),
+            })?;
+            let o = l.out.matmul(&i)?;
+            o.inplace_op2(
+                &a,
+                &BiasResidualNorm {
+                    bias: &l.out.bias,
+                    norm: &l.out_norm,
+                },
+            )?;
+            x = o;
         }
         x.reshape((b, s, h))
     }
 }
 
-/// GELU (erf form) with a rational approximation of erf that the compiler vectorises, over
-/// the embedder's thread pool: candle's own calls a scalar `erff` per element.
-struct FastGelu;
+/// Rows per rayon task in the fused kernels.
+const ROWS_PER_TASK: usize = 32;
 
-impl candle_core::CustomOp1 for FastGelu {
+/// The contiguous f32 data of a tensor being written in place.
+fn data_mut<'a>(
+    storage: &'a mut candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        return Err(candle_core::Error::Msg(format!("{op}: f32 only")));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(candle_core::Error::Msg(format!("{op}: contiguous only")));
+    };
+    Ok(&mut data[start..end])
+}
+
+/// The contiguous f32 data of a tensor read.
+fn data<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        return Err(candle_core::Error::Msg(format!("{op}: f32 only")));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(candle_core::Error::Msg(format!("{op}: contiguous only")));
+    };
+    Ok(&data[start..end])
+}
+
+/// `x += bias` on every row, then the activation, in place, over the embedder's thread pool.
+struct AddBias<'a> {
+    bias: &'a [f32],
+    act: Option<Act>,
+}
+
+impl candle_core::InplaceOp1 for AddBias<'_> {
     fn name(&self) -> &'static str {
-        "fast-gelu-erf"
+        "add-bias-act"
     }
 
     fn cpu_fwd(
         &self,
-        storage: &candle_core::CpuStorage,
+        storage: &mut candle_core::CpuStorage,
         layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let candle_core::CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("fast-gelu: f32 only".into()));
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg("fast-gelu: contiguous only".into()));
-        };
-        let src = &data[start..end];
-        let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(16 * 1024)
-            .zip(src.par_chunks(16 * 1024))
-            .for_each(|(o, s)| {
-                for (o, x) in o.iter_mut().zip(s) {
-                    *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            });
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+        let x = data_mut(storage, layout, self.name())?;
+        let n = self.bias.len();
+        if n == 0 || !x.len().is_multiple_of(n) {
+            return Err(candle_core::Error::Msg("add-bias: shape mismatch".into()));
+        }
+        let arch = pulp::Arch::new();
+        x.par_chunks_mut(n * ROWS_PER_TASK).for_each(|rows| {
+            arch.dispatch(BiasActRows {
+                rows,
+                bias: self.bias,
+                act: self.act,
+            })
+        });
+        Ok(())
     }
+}
+
+/// [`AddBias`] on a run of rows.
+struct BiasActRows<'a> {
+    rows: &'a mut [f32],
+    bias: &'a [f32],
+    act: Option<Act>,
+}
+
+impl pulp::WithSimd for BiasActRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for row in self.rows.chunks_exact_mut(self.bias.len()) {
+            match self.act {
+                None => row.iter_mut().zip(self.bias).for_each(|(x, b)| *x += b),
+                Some(Act::Gelu) => row.iter_mut().zip(self.bias).for_each(|(x, b)| {
+                    let v = *x + b;
+                    *x = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                }),
+                Some(Act::GeluTanh) => row.iter_mut().zip(self.bias).for_each(|(x, b)| {
+                    let v = *x + b;
+                    let c = (2.0f32 / std::f32::consts::PI).sqrt();
+                    *x = 0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh());
+                }),
+                Some(Act::Relu) => row
+                    .iter_mut()
+                    .zip(self.bias)
+                    .for_each(|(x, b)| *x = (*x + b).max(0.0)),
+            }
+        }
+    }
+}
+
+/// `x = LayerNorm(x + bias + residual)` on every row, in place.
+struct BiasResidualNorm<'a> {
+    bias: &'a [f32],
+    norm: &'a Norm,
+}
+
+impl candle_core::InplaceOp2 for BiasResidualNorm<'_> {
+    fn name(&self) -> &'static str {
+        "bias-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        src_l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let x = data_mut(dst, dst_l, self.name())?;
+        let res = data(src, src_l, self.name())?;
+        let n = self.bias.len();
+        if n == 0 || x.len() != res.len() || !x.len().is_multiple_of(n) {
+            return Err(candle_core::Error::Msg(
+                "bias-residual-layer-norm: shape mismatch".into(),
+            ));
+        }
+        let arch = pulp::Arch::new();
+        x.par_chunks_mut(n * ROWS_PER_TASK)
+            .zip(res.par_chunks(n * ROWS_PER_TASK))
+            .for_each(|(rows, res)| {
+                arch.dispatch(NormRows {
+                    rows,
+                    res,
+                    bias: self.bias,
+                    norm: self.norm,
+                })
+            });
+        Ok(())
+    }
+}
+
+/// [`BiasResidualNorm`] on a run of rows.
+struct NormRows<'a> {
+    rows: &'a mut [f32],
+    res: &'a [f32],
+    bias: &'a [f32],
+    norm: &'a Norm,
+}
+
+impl pulp::WithSimd for NormRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let n = self.bias.len();
+        let (gamma, beta, eps) = (&self.norm.gamma, &self.norm.beta, self.norm.eps);
+        for (row, r) in self.rows.chunks_exact_mut(n).zip(self.res.chunks_exact(n)) {
+            for ((x, r), b) in row.iter_mut().zip(r).zip(self.bias) {
+                *x += r + b;
+            }
+            let mean = sum(row) / n as f32;
+            row.iter_mut().for_each(|x| *x -= mean);
+            let var = sum_sq(row) / n as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((x, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                *x = *x * inv * g + b;
+            }
+        }
+    }
+}
+
+/// Softmax over the last dimension of attention scores `(texts, heads, seq, seq)`, in place,
+/// over the keys that are tokens of the text (padding gets a probability of 0).
+struct MaskedSoftmax<'a> {
+    /// Tokens of each text.
+    lens: &'a [usize],
+    /// Score rows per text: heads × seq.
+    per_text: usize,
+}
+
+impl candle_core::InplaceOp1 for MaskedSoftmax<'_> {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let x = data_mut(storage, layout, self.name())?;
+        let rows = self.lens.len() * self.per_text;
+        if rows == 0 || !x.len().is_multiple_of(rows) {
+            return Err(candle_core::Error::Msg(
+                "masked-softmax: shape mismatch".into(),
+            ));
+        }
+        let s = x.len() / rows;
+        let arch = pulp::Arch::new();
+        x.par_chunks_mut(s * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, rows)| {
+                arch.dispatch(SoftmaxRows {
+                    rows,
+                    s,
+                    first: task * ROWS_PER_TASK,
+                    op: self,
+                })
+            });
+        Ok(())
+    }
+}
+
+/// [`MaskedSoftmax`] on a run of rows of length `s`, the first being row `first`.
+struct SoftmaxRows<'a> {
+    rows: &'a mut [f32],
+    s: usize,
+    first: usize,
+    op: &'a MaskedSoftmax<'a>,
+}
+
+impl pulp::WithSimd for SoftmaxRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for (i, row) in self.rows.chunks_exact_mut(self.s).enumerate() {
+            let text = (self.first + i) / self.op.per_text;
+            let len = self.op.lens[text].clamp(1, self.s);
+            let (keys, pad) = row.split_at_mut(len);
+            pad.fill(0.0);
+            let m = max(keys);
+            keys.iter_mut().for_each(|v| *v = exp(*v - m));
+            let inv = 1.0 / sum(keys);
+            keys.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
+/// Sum with 8 independent accumulators, so that it vectorises.
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Sum of squares with 8 independent accumulators.
+#[inline(always)]
+fn sum_sq(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Maximum with 8 independent lanes.
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, v| if *v > m { *v } else { m });
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = if *v > *a { *v } else { *a };
+        }
+    }
+    acc.iter().fold(tail, |m, v| if *v > m { *v } else { m })
+}
+
+/// e^x for f32 (Cephes' expf: range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial),
+/// written with plain arithmetic and bit operations so that loops over it vectorise. Within a
+/// couple of ulp of the exact value; inputs are clamped to [-87.3, 88.3].
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 × 2^23: adding it rounds to an integer.
+    let x = x.clamp(-87.3, 88.3);
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4b40_0000);
+    y * f32::from_bits((ni.wrapping_add(127) << 23) as u32)
 }
 
 /// erf for f32 on [-4, 4] (clamped outside, where it is ±1 in f32): a rational approximation
@@ -750,6 +1087,18 @@ fn erfc_ref(x: f64) -> f64 {
 
 #[cfg(test)]
 mod erf_tests {
+    #[test]
+    fn exp_is_close_to_std() {
+        for i in -8700..=8800 {
+            let x = i as f32 / 100.0;
+            let (got, want) = (super::exp(x), x.exp());
+            assert!(
+                ((got - want) / want).abs() < 1e-6,
+                "exp({x}): {got} vs {want}"
+            );
+        }
+    }
+
     #[test]
     fn erf_is_close_to_libm() {
         for i in -1000..=1000 {
