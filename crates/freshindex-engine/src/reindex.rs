@@ -849,7 +849,8 @@ impl Engine {
         Ok(t)
     }
 
-    /// The collection name the flow's target has (an alias after a switch).
+    /// The state a task writes, with its stored spec: the hidden state of a blue task not
+    /// switched yet, else the flow's own.
     fn work_state(&self, t: &ReindexTask) -> Result<(FlowId, FlowSpec), EngineError> {
         let blue_hidden = t.deploy_as_blue && !t.switched;
         let name = if blue_hidden {
@@ -1032,22 +1033,15 @@ impl Engine {
         Ok(())
     }
 
-    /// The task's count and failed items, from its subtasks and the queue.
+    /// The task's count and failed items, from all its subtasks (as the runner holds them)
+    /// and the queue.
     fn tally_task(
         &self,
         t: &mut ReindexTask,
         flow: FlowId,
         subs: &[SubTask],
     ) -> Result<(), EngineError> {
-        let all = self.subtasks(t.id)?;
-        let count: u64 = all
-            .iter()
-            .map(|s| {
-                subs.iter()
-                    .find(|x| x.id == s.id)
-                    .map_or(s.count, |x| x.count)
-            })
-            .sum();
+        let count: u64 = subs.iter().map(|s| s.count).sum();
         t.set_count(count.min(t.total));
         self.collect_failures(t, flow)
     }
