@@ -114,13 +114,13 @@ fn owner_id(owner: &str) -> u64 {
     u64::from_le_bytes(b) >> 1
 }
 
-/// The flow's run in progress, if any (the newest history entry, still `inProgress`).
+/// The flow's run in progress, if any: the newest `inProgress` entry among the newest few
+/// (skipped occurrences are recorded while a run goes on).
 fn run_in_progress(store: &dyn StateStore, flow: FlowId) -> Result<Option<i64>, EngineError> {
     Ok(store
-        .runs(flow, 1)?
+        .runs(flow, 8)?
         .into_iter()
-        .next()
-        .filter(|r| r.status == RunState::InProgress)
+        .find(|r| r.status == RunState::InProgress)
         .map(|r| r.id.0))
 }
 

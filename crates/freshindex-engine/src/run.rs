@@ -17,8 +17,8 @@ use freshindex_core::queue::DEFAULT_LEASE_MS;
 use freshindex_core::spec::FilesSource;
 use freshindex_core::{FlowSpec, Row, RunState, Trigger};
 use freshindex_store::{
-    BatchCommit, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind, RunEnd, RunId,
-    SqliteStore, StateStore, StoreError,
+    BatchCommit, FenceError, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind,
+    RunEnd, RunId, SqliteStore, StateStore, StoreError,
 };
 use freshindex_vector::{
     Collections, Filter, Metric, SearchHit, SegmentInfo, SegmentedCollection, VectorCollection,
@@ -1055,7 +1055,8 @@ impl Engine {
                                 owner: owner.to_string(),
                                 lease_ms,
                             };
-                            let entries = store.poll(flow, &req, now_ms())?;
+                            let polled_ms = now_ms();
+                            let entries = store.poll(flow, &req, polled_ms)?;
                             if entries.is_empty() {
                                 break;
                             }
@@ -1074,7 +1075,7 @@ impl Engine {
                                         .collect()
                                 }
                             };
-                            let work = entries
+                            let work: Vec<Work> = entries
                                 .into_iter()
                                 .map(|e| Work::File {
                                     file: files
@@ -1087,7 +1088,13 @@ impl Engine {
                                     entry: e.item,
                                 })
                                 .collect();
+                            let keys: Option<Vec<String>> = work_log().map(|_| {
+                                entries_keys(&work)
+                            });
                             let result = ctx.process(work);
+                            if let (Some(keys), Ok(refused)) = (&keys, &result) {
+                                log_work(owner, keys, refused, polled_ms);
+                            }
                             match result {
                                 Ok(refused) => {
                                     // Another holder owns these now; it writes them.
@@ -1470,6 +1477,47 @@ pub(crate) fn check_steps(spec: &FlowSpec) -> Result<(), EngineError> {
     embedder_for(spec.embed()).map_err(EngineError::Config)?;
     Splitter::new(spec.split()).map_err(EngineError::Config)?;
     Ok(())
+}
+
+/// `FRESHINDEX_WORK_LOG=PATH`: every batch a worker wrote appends one line per item to
+/// `PATH` — lease holder, key, poll time, end time (ms), and `refused` when the fence
+/// refused it — so that tests can check that no item was processed by two workers at once.
+fn work_log() -> Option<std::path::PathBuf> {
+    std::env::var_os("FRESHINDEX_WORK_LOG").map(std::path::PathBuf::from)
+}
+
+fn entries_keys(work: &[Work]) -> Vec<String> {
+    work.iter()
+        .filter_map(|w| match w {
+            Work::File { entry, .. } => Some(entry.key.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn log_work(owner: &str, keys: &[String], refused: &[FenceError], polled_ms: i64) {
+    use std::io::Write as _;
+    let Some(path) = work_log() else { return };
+    let refused: HashSet<&str> = refused.iter().map(FenceError::key).collect();
+    let done = now_ms();
+    let mut text = String::new();
+    for k in keys {
+        let flag = if refused.contains(k.as_str()) {
+            "\trefused"
+        } else {
+            ""
+        };
+        text.push_str(&format!("{owner}\t{k}\t{polled_ms}\t{done}{flag}\n"));
+    }
+    // One append per batch: lines of concurrent writers do not interleave.
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!("work log {}: {e}", path.display());
+    }
 }
 
 /// A held run lock: a lock file of the data directory, or a lock of a shared state store.
