@@ -8,16 +8,26 @@
 //! - [`MemoStore`]: the content-addressed memo cache of expensive step results, with garbage
 //!   collection of entries no tracked row uses.
 //! - [`RunStore`]: the execution history: every run (and skipped occurrence) of a flow.
+//! - [`IndexRecordStore`]: the index service's records.
+//! - [`LockStore`]: named locks held across processes (shared by machines on PostgreSQL).
 //!
 //! [`SqliteStore`] is the embedded backend (one file, no threads of its own; calls are
-//! serialized by a mutex). Nothing above this crate sees SQL: a PostgreSQL backend implements
-//! the same traits.
+//! serialized by a mutex). [`PgStore`] keeps the same state in a PostgreSQL database shared
+//! by many processes and machines. Nothing above this crate sees SQL; [`open_store`] opens a
+//! store named by a URL.
 
+mod pg;
+mod pg_items;
+mod rows;
 pub mod rules;
 mod sqlite;
 mod sqlite_items;
 mod types;
 
+use std::path::Path;
+use std::sync::Arc;
+
+pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;
 
@@ -263,17 +273,94 @@ pub trait IndexRecordStore {
     fn delete_index_records(&self, kind: &str, ids: &[u64]) -> Result<()>;
 }
 
+/// Named locks held across processes through the store.
+pub trait LockStore {
+    /// Whether the store's locks are shared by processes on other machines (PostgreSQL);
+    /// when false the engine uses its data directory's lock files instead.
+    fn has_shared_locks(&self) -> bool {
+        false
+    }
+    /// Takes the named lock when it is free: Ok(Some(lock)), held until the StoreLock is
+    /// dropped or the session holding it is lost; Ok(None) when another holder has it.
+    fn try_lock(&self, name: &str) -> Result<Option<StoreLock>>;
+}
+
+/// A lock a [`LockStore`] granted, as its backend holds it.
+pub trait HeldLock: Send + Sync {
+    /// Whether the lock is still held (false once the session that held it is lost).
+    fn is_held(&self) -> bool;
+}
+
+/// A named lock taken through [`LockStore::try_lock`]; dropping it releases the lock.
+pub struct StoreLock(Box<dyn HeldLock>);
+
+impl StoreLock {
+    /// Wraps a backend's held lock.
+    pub fn new(lock: impl HeldLock + 'static) -> StoreLock {
+        StoreLock(Box::new(lock))
+    }
+
+    /// Whether the lock is still held: false once the session holding it was lost (another
+    /// process may hold it now), and the holder must stop the work the lock guards.
+    pub fn is_held(&self) -> bool {
+        self.0.is_held()
+    }
+}
+
+impl std::fmt::Debug for StoreLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLock")
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
 /// Runs kept per flow.
 pub const RUNS_KEPT: u32 = 50;
 
 /// Everything the engine needs from a state store.
 pub trait StateStore:
-    FlowStore + ItemStore + LineageStore + MemoStore + RunStore + IndexRecordStore + Send + Sync
+    FlowStore
+    + ItemStore
+    + LineageStore
+    + MemoStore
+    + RunStore
+    + IndexRecordStore
+    + LockStore
+    + Send
+    + Sync
 {
 }
 
 impl<
-    T: FlowStore + ItemStore + LineageStore + MemoStore + RunStore + IndexRecordStore + Send + Sync,
+    T: FlowStore
+        + ItemStore
+        + LineageStore
+        + MemoStore
+        + RunStore
+        + IndexRecordStore
+        + LockStore
+        + Send
+        + Sync,
 > StateStore for T
 {
+}
+
+/// Opens the store a URL names: `postgres://…` or `postgresql://…` connects a [`PgStore`]
+/// (see [`PgStore::connect`]). Any other value is refused with an error naming it: the
+/// embedded store is no URL, it is `state.sqlite` in the data directory, which the caller
+/// opens itself when no store is named. `data_dir` is the caller's data directory (unused by
+/// PostgreSQL; kept so that stores living beside the data can be added).
+pub fn open_store(spec: &str, data_dir: &Path) -> Result<Arc<dyn StateStore>> {
+    let _ = data_dir;
+    let spec = spec.trim();
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        return Ok(Arc::new(PgStore::connect(spec)?));
+    }
+    let shown = pg::redact_url(spec);
+    Err(StoreError::Invalid(format!(
+        "state store `{shown}` is not supported: give a PostgreSQL URL \
+         (`postgres://user@host:5432/database`), or name no store to use `state.sqlite` in \
+         the data directory"
+    )))
 }
