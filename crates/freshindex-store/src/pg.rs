@@ -1431,13 +1431,13 @@ impl LockStore for PgStore {
             if !got {
                 return Ok(None);
             }
-            Ok(Some(StoreLock::new(PgLock {
+            Ok(Some(StoreLock::new(Box::new(PgLock {
                 state: Mutex::new(LockState {
                     client: Some(client),
                     held: true,
                     checked: Instant::now(),
                 }),
-            })))
+            }))))
         })
     }
 }

@@ -872,15 +872,6 @@ fn final_status(status: RunState, what: &str) -> Result<()> {
     }
 }
 
-impl crate::LockStore for SqliteStore {
-    fn try_lock(&self, name: &str) -> Result<Option<crate::StoreLock>> {
-        Err(StoreError::Invalid(format!(
-            "lock `{name}`: the SQLite state store holds no locks shared between processes; \
-             the data directory's lock files serve instead"
-        )))
-    }
-}
-
 impl crate::IndexRecordStore for SqliteStore {
     fn put_index_records(&self, records: &[(&str, u64, String)]) -> Result<()> {
         let mut conn = self.conn();
@@ -923,6 +914,14 @@ impl crate::IndexRecordStore for SqliteStore {
             }
         }
         tx.commit().map_err(backend)
+    }
+}
+
+impl crate::LockStore for SqliteStore {
+    fn try_lock(&self, name: &str) -> Result<Option<crate::StoreLock>> {
+        Err(StoreError::Invalid(format!(
+            "lock `{name}`: the SQLite store has no shared locks (its data directory's lock files serve instead)"
+        )))
     }
 }
 
