@@ -1360,6 +1360,8 @@ const LOCK_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A session advisory lock on a connection of its own: held while the connection lives.
 struct PgLock {
+    /// The advisory lock's keys.
+    keys: (i32, i32),
     state: Mutex<LockState>,
 }
 
@@ -1397,8 +1399,11 @@ impl HeldLock for PgLock {
 impl Drop for PgLock {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = st.client.take() {
-            // Ending the session releases the lock.
+        if let Some(mut c) = st.client.take() {
+            // Released before the session ends, so that the lock is free when the drop
+            // returns; ending the session would release it too, a moment later.
+            let (k1, k2) = self.keys;
+            let _ = c.execute("SELECT pg_advisory_unlock($1, $2)", &[&k1, &k2]);
             let _ = c.close();
         }
     }
@@ -1432,6 +1437,7 @@ impl LockStore for PgStore {
                 return Ok(None);
             }
             Ok(Some(StoreLock::new(Box::new(PgLock {
+                keys: (k1, k2),
                 state: Mutex::new(LockState {
                     client: Some(client),
                     held: true,
