@@ -164,3 +164,126 @@ fn locks_are_shared_between_stores_and_lost_with_the_server() {
         Err(StoreError::Invalid(_))
     ));
 }
+
+/// A TCP proxy in front of the server that, once armed, cuts the connection that is about to
+/// receive the server's reply to `COMMIT`: the transaction committed, the client cannot know.
+struct CommitCutter {
+    port: u16,
+    armed: std::sync::Arc<AtomicBool>,
+}
+
+impl CommitCutter {
+    fn start(server_port: u16) -> CommitCutter {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let armed = std::sync::Arc::new(AtomicBool::new(false));
+        let armed_in = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else {
+                    return;
+                };
+                let (mut c_in, mut s_out) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(Shutdown::Write);
+                });
+                let armed = armed_in.clone();
+                std::thread::spawn(move || {
+                    // Forward the server's messages one by one (type byte, length, body).
+                    let (mut s_in, mut c_out) = (server, client);
+                    loop {
+                        let mut head = [0u8; 5];
+                        if s_in.read_exact(&mut head).is_err() {
+                            break;
+                        }
+                        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+                        let mut body = vec![0u8; (len as usize).saturating_sub(4)];
+                        if s_in.read_exact(&mut body).is_err() {
+                            break;
+                        }
+                        if head[0] == b'C'
+                            && body == b"COMMIT\0"
+                            && armed.swap(false, Ordering::SeqCst)
+                        {
+                            let _ = c_out.shutdown(Shutdown::Both);
+                            let _ = s_in.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        if c_out.write_all(&head).is_err() || c_out.write_all(&body).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_out.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        CommitCutter { port, armed }
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn fired(&self) -> bool {
+        !self.armed.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_write_whose_commit_reply_is_lost_applies_once() {
+    use freshindex_store::{PollRequest, RunStore, Trigger};
+    let pg = freshindex_testpg::TestPg::start();
+    pg.create_database("cut");
+    let proxy = CommitCutter::start(pg.port());
+    let s = PgStore::connect(&format!("postgres://postgres@127.0.0.1:{}/cut", proxy.port))
+        .expect("connect through the proxy");
+    let f = s.register_flow("f", "{}").expect("register");
+
+    // A new run is one more entry of the history: run twice, it would be two.
+    proxy.arm();
+    let run = s.begin_run(f, Trigger::Manual, T0).expect("begin run");
+    assert!(proxy.fired(), "the commit reply was cut");
+    let runs = s.runs(f, 10).expect("runs");
+    assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [run]);
+
+    // REQUEUE ends the lease: run twice, the second would be refused (no lease any more).
+    s.push(f, &[new_item("a".into())], T0).expect("push");
+    let polled = s
+        .poll(
+            f,
+            &PollRequest {
+                queue: None,
+                limit: 1,
+                statuses: vec![],
+                owner: "w".into(),
+                lease_ms: 60_000,
+            },
+            T0,
+        )
+        .expect("poll");
+    assert_eq!(polled.len(), 1);
+    proxy.arm();
+    let res = s
+        .push(
+            f,
+            &[PushItem {
+                key: "a".into(),
+                kind: PushKind::Type(freshindex_core::PushType::Requeue),
+                payload: None,
+                queue: None,
+            }],
+            T0 + 1,
+        )
+        .expect("requeue");
+    assert!(proxy.fired(), "the commit reply was cut");
+    assert_eq!(res, [Ok(ItemStatus::NewItem)]);
+    let e = s.get(f, "a").expect("get").expect("entry").item;
+    assert_eq!((e.lease_owner, e.attempts), (None, 1));
+}
