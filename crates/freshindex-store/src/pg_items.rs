@@ -187,12 +187,15 @@ fn count(r: &Row, i: usize) -> PgResult<u64> {
     Ok(r.try_get::<_, i64>(i)?.max(0) as u64)
 }
 
+/// Entries by key, and the tombstone versions of deleted keys.
+type EntriesAndTombstones = (HashMap<String, ItemRecord>, HashMap<String, Vec<u8>>);
+
 /// Entries and tombstones of `keys`, read without locks.
 fn entries_and_tombstones(
     c: &mut impl GenericClient,
     flow: FlowId,
     keys: &[&str],
-) -> PgResult<(HashMap<String, ItemRecord>, HashMap<String, Vec<u8>>)> {
+) -> PgResult<EntriesAndTombstones> {
     let mut entries = HashMap::new();
     for r in c.query(
         &format!("SELECT {ENTRY_COLS} FROM freshindex.items WHERE flow_id = $1 AND key = ANY($2)"),
