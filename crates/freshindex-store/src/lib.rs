@@ -27,7 +27,7 @@ mod types;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use pg::PgStore;
+pub use pg::{DEFAULT_RETRY_LIMIT, PgStore};
 pub use sqlite::SqliteStore;
 pub use types::*;
 

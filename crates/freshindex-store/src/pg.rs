@@ -138,7 +138,7 @@ const MEMO_GC_LOCK: i32 = 0x4652_4d47;
 /// First key of the advisory locks of [`LockStore`]; the second is a hash of the name.
 const NAMED_LOCK: i32 = 0x4652_4c4b;
 
-/// How long calls retry connection-level failures by default.
+/// How long calls of a [`PgStore`] retry connection-level failures by default.
 pub const DEFAULT_RETRY_LIMIT: Duration = Duration::from_secs(120);
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const LONGEST_PAUSE: Duration = Duration::from_secs(5);
