@@ -49,10 +49,7 @@ pub(crate) fn process_owner() -> String {
 /// Opens a shared state store from its URL.
 pub(crate) fn open_shared_store(url: &str) -> Result<Arc<dyn StateStore>, EngineError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err(EngineError::Config(format!(
-            "store {}: PostgreSQL is not built in",
-            redact(url)
-        )))
+        Ok(Arc::new(freshindex_store::PgStore::connect(url)?))
     } else {
         Err(EngineError::Config(format!(
             "store: `{}` is not a state store this program knows; give a postgres:// URL, or nothing for the embedded SQLite store",
@@ -178,7 +175,7 @@ impl Engine {
                 // A worker writes its counters just after its last commit: a short grace
                 // lets the last report land before the run adds them up.
                 match quiet_since {
-                    Some(t) if t.elapsed() >= std::time::Duration::from_millis(500) => break,
+                    Some(t) if t.elapsed() >= std::time::Duration::from_millis(300) => break,
                     Some(_) => {}
                     None => quiet_since = Some(std::time::Instant::now()),
                 }

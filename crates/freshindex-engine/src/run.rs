@@ -515,7 +515,19 @@ impl Engine {
             }
             None => None,
         };
-        let opts = opts.unwrap_or_else(|| IndexServiceOptions::new(self.build_dir.clone()));
+        let mut opts = opts.unwrap_or_else(|| IndexServiceOptions::new(self.build_dir.clone()));
+        if self.store.has_shared_locks() && opts.records_prefix.is_empty() {
+            // Other data directories share the store: this one's service keeps to its own
+            // records (it serves this directory's collections only).
+            opts.records_prefix = format!(
+                "{}:{}:",
+                crate::distributed::process_owner()
+                    .split(['@', ':'])
+                    .nth(1)
+                    .unwrap_or("host"),
+                self.build_dir.display()
+            );
+        }
         let service = Arc::new(IndexService::open(self.store.clone(), opts)?);
         *slot = Some((service.clone(), lock));
         Ok(Some(service))

@@ -263,14 +263,15 @@ fn workers_and_schedulers_share_one_postgres_store() {
     assert!(diff.is_empty(), "target differs from scratch: {diff:?}");
     let entries = work_log(&log);
     assert_no_overlap(&entries);
-    let owners: std::collections::BTreeSet<&str> =
-        entries.iter().map(|e| e.0.as_str()).collect();
+    let owners: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.0.as_str()).collect();
     assert!(
         owners.len() >= 3,
         "several workers shared the run: {owners:?}"
     );
     assert!(
-        owners.iter().any(|o| o.ends_with(&format!(":{killed_owner_pid}"))),
+        owners
+            .iter()
+            .any(|o| o.ends_with(&format!(":{killed_owner_pid}"))),
         "the killed worker had worked: {owners:?}"
     );
 
@@ -318,7 +319,10 @@ fn workers_and_schedulers_share_one_postgres_store() {
         "{h:#?}"
     );
     let diff = differs_from_scratch(&ws, &pg, "fi", &url);
-    assert!(diff.is_empty(), "target differs from scratch after the takeover: {diff:?}");
+    assert!(
+        diff.is_empty(),
+        "target differs from scratch after the takeover: {diff:?}"
+    );
     assert_no_overlap(&work_log(&log));
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
@@ -362,11 +366,7 @@ fn a_database_restart_under_a_run_loses_nothing() {
     pg.restart();
     wait_for(
         "the run succeeds",
-        || {
-            history(&leader)
-                .iter()
-                .any(|r| r["status"] == "success")
-        },
+        || history(&leader).iter().any(|r| r["status"] == "success"),
         &context,
     );
     let h = history(&leader);
