@@ -219,6 +219,8 @@ pub struct FlowStatus {
     pub flow: String,
     /// Target collection, or PostgreSQL table.
     pub collection: String,
+    /// The target, described (`collection `docs``, `PostgreSQL table `public.chunks``).
+    pub target: String,
     /// Items by status.
     pub items: BTreeMap<String, u64>,
     /// Rows in the target.
@@ -1418,6 +1420,7 @@ impl Engine {
         Ok(FlowStatus {
             flow: spec.name.clone(),
             collection: spec.target.name().to_string(),
+            target: spec.target.to_string(),
             items,
             rows,
             cache_entries,
