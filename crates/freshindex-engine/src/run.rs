@@ -400,7 +400,7 @@ impl Engine {
             TargetSpec::Collection(c) => Ok(self.collection(&c.name, dimension)?),
             TargetSpec::Postgres(p) => {
                 let table = self.pg_table(p)?;
-                table.ensure(dimension, p.vector_type)?;
+                table.ensure_checked(dimension, p.vector_type)?;
                 Ok(table)
             }
         }

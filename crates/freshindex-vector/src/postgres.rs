@@ -362,15 +362,6 @@ impl PgTable {
     /// index, or checks the one that exists — another dimension, or another column type than
     /// an explicit `want`, is an error naming the column and both values.
     pub fn ensure(&self, dimension: usize, want: PgVectorType) -> Result<Ensured> {
-        if let Some(shape) = *self.shape_slot()
-            && shape.dimension == Some(dimension)
-        {
-            return Ok(Ensured {
-                created: false,
-                column: shape.column,
-                dimension,
-            });
-        }
         let mut created = false;
         let shape = match self.inspect()? {
             Some(s) => s,
@@ -417,6 +408,22 @@ impl PgTable {
             column: shape.column,
             dimension,
         })
+    }
+
+    /// [`ensure`](Self::ensure) once per handle: when this handle already checked the table
+    /// for `dimension`, nothing is asked of the database (a table dropped since is created
+    /// again by the next `ensure` after a write finds it missing).
+    pub fn ensure_checked(&self, dimension: usize, want: PgVectorType) -> Result<Ensured> {
+        if let Some(shape) = *self.shape_slot()
+            && shape.dimension == Some(dimension)
+        {
+            return Ok(Ensured {
+                created: false,
+                column: shape.column,
+                dimension,
+            });
+        }
+        self.ensure(dimension, want)
     }
 
     /// `CREATE TABLE IF NOT EXISTS` and its index, in one transaction. Returns whether this
