@@ -981,7 +981,9 @@ impl TryFrom<RawPostgresTarget> for PostgresTarget {
             }
             (Some(url), None) if url.trim().is_empty() => return Err("url: is empty".into()),
             (None, Some(var)) if var.is_empty() || var.contains('=') || var.contains('\0') => {
-                return Err(format!("url_env: `{var}` is not an environment variable name"));
+                return Err(format!(
+                    "url_env: `{var}` is not an environment variable name"
+                ));
             }
             _ => {}
         }

@@ -1016,14 +1016,7 @@ impl Ctx<'_> {
                     .finish(),
                 None => c.text_fp,
             };
-            let fp = row_fp(
-                &target,
-                &rk,
-                key,
-                c.range,
-                &content_fp,
-                &c.memo_key,
-            );
+            let fp = row_fp(&target, &rk, key, c.range, &content_fp, &c.memo_key);
             out.push((
                 Row {
                     key: rk.clone(),

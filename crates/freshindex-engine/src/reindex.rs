@@ -991,7 +991,8 @@ impl Engine {
                     task: t.id,
                 },
             )?;
-            let name = collection_target(flow_spec, "a reindex task applies to built-in collections")?;
+            let name =
+                collection_target(flow_spec, "a reindex task applies to built-in collections")?;
             let physical = self.collections().resolve(name)?;
             self.set_collection_model(&physical, &t.dest)?;
             self.register(&work_spec)?
@@ -1177,9 +1178,11 @@ impl Engine {
             .new_collection
             .clone()
             .ok_or_else(|| EngineError::Internal(format!("task {}: no new collection", t.id)))?;
-        let alias =
-            collection_target(flow_spec, "a blue reindex switch needs a built-in collection")?
-                .to_string();
+        let alias = collection_target(
+            flow_spec,
+            "a blue reindex switch needs a built-in collection",
+        )?
+        .to_string();
         let w = self.writer();
         let current = self.collections().resolve(&alias)?;
         let old = if current == alias {
@@ -1281,8 +1284,8 @@ impl Engine {
                     prev.collection
                 )));
             }
-            let alias = collection_target(&spec, "a rollback switches built-in collections")?
-                .to_string();
+            let alias =
+                collection_target(&spec, "a rollback switches built-in collections")?.to_string();
             let _w = self.writer();
             let current = self.collections().resolve(&alias)?;
             self.collections().set_alias(&alias, &prev.collection)?;

@@ -440,7 +440,9 @@ impl Engine {
                 .map(|c| c as Arc<dyn VectorCollection>)),
             TargetSpec::Postgres(p) => {
                 let table = self.pg_table(p)?;
-                Ok(table.exists()?.then_some(table as Arc<dyn VectorCollection>))
+                Ok(table
+                    .exists()?
+                    .then_some(table as Arc<dyn VectorCollection>))
             }
         }
     }
@@ -1437,8 +1439,7 @@ impl Engine {
             {
                 Ok(hits) => break (physical, model, hits),
                 Err(EngineError::Target(freshindex_vector::VectorError::NotFound(_)))
-                    if attempt < 3
-                        && self.collections.resolve(name)? != physical => {}
+                    if attempt < 3 && self.collections.resolve(name)? != physical => {}
                 Err(e) => return Err(e),
             }
         };

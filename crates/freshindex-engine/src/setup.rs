@@ -80,7 +80,8 @@ impl Engine {
                 lines.push(match step {
                     Step::PgTable(p) => {
                         let table = self.pg_table(p)?;
-                        let place = format!("PostgreSQL table `{}` at {}", p.table, table.endpoint());
+                        let place =
+                            format!("PostgreSQL table `{}` at {}", p.table, table.endpoint());
                         if table.drop_table()? {
                             format!("flow `{}`: dropped {place}", spec.name)
                         } else {

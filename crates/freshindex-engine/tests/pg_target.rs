@@ -42,7 +42,9 @@ fn opts() -> RunOptions<'static> {
 /// A paragraph of distinct words, about `n` × 60 bytes, so each file makes several chunks.
 fn text(topic: &str, n: usize) -> String {
     (0..n)
-        .map(|i| format!("The {topic} note number {i} talks about {topic} things and {topic}{i}.\n\n"))
+        .map(|i| {
+            format!("The {topic} note number {i} talks about {topic} things and {topic}{i}.\n\n")
+        })
         .collect()
 }
 
@@ -137,9 +139,7 @@ fn the_table_follows_the_folder_with_minimal_writes() {
     // The columns hold what the payload says.
     let r = db
         .query_one(
-            &format!(
-                "SELECT source_key, text, payload FROM {TABLE} WHERE key = $1"
-            ),
+            &format!("SELECT source_key, text, payload FROM {TABLE} WHERE key = $1"),
             &[&rows[0].0],
         )
         .expect("row");
@@ -164,7 +164,9 @@ fn the_table_follows_the_folder_with_minimal_writes() {
     write(root.path(), "beta.md", &body);
     let before = versions(&mut db);
     on_pg.run(&spec_pg, &opts()).expect("run after edit");
-    on_col.run(&spec_col, &opts()).expect("collection after edit");
+    on_col
+        .run(&spec_col, &opts())
+        .expect("collection after edit");
     let after = versions(&mut db);
     let written = written_since(&before, &after);
     assert!(!written.is_empty(), "the edit wrote rows");
@@ -184,7 +186,9 @@ fn the_table_follows_the_folder_with_minimal_writes() {
     std::fs::remove_file(root.path().join("gamma.md")).expect("rm");
     let before = versions(&mut db);
     let s = on_pg.run(&spec_pg, &opts()).expect("run after delete");
-    on_col.run(&spec_col, &opts()).expect("collection after delete");
+    on_col
+        .run(&spec_col, &opts())
+        .expect("collection after delete");
     assert_eq!(s.items.deleted, 1);
     let after = versions(&mut db);
     assert!(after.values().all(|(s, _)| s != "gamma.md"));
@@ -205,7 +209,12 @@ fn the_table_follows_the_folder_with_minimal_writes() {
         col_hits.iter().map(|h| &h.key).collect::<Vec<_>>()
     );
     for (a, b) in hits.iter().zip(&col_hits) {
-        assert!((a.score - b.score).abs() < 1e-5, "{} vs {}", a.score, b.score);
+        assert!(
+            (a.score - b.score).abs() < 1e-5,
+            "{} vs {}",
+            a.score,
+            b.score
+        );
         assert_eq!(a.payload, b.payload);
     }
     // The source-prefix filter, in SQL.
@@ -235,7 +244,10 @@ fn wrong_shapes_are_errors_naming_the_table_column_and_dimensions() {
          payload JSONB, vector real[] CONSTRAINT vector_dimension CHECK (array_length(vector, 1) = 3))"
     ))
     .expect("a 3-dimensional table");
-    let e = engine.run(&spec, &opts()).expect_err("wrong dimension").to_string();
+    let e = engine
+        .run(&spec, &opts())
+        .expect_err("wrong dimension")
+        .to_string();
     for w in [TABLE, "dimension 3", "dimension 384", "127.0.0.1"] {
         assert!(e.contains(w), "`{w}` missing from: {e}");
     }
@@ -250,11 +262,11 @@ fn wrong_shapes_are_errors_naming_the_table_column_and_dimensions() {
          text TEXT, payload TEXT, vector real[])"
     ))
     .expect("a table with a text payload");
-    let e = engine.run(&spec, &opts()).expect_err("wrong type").to_string();
-    assert!(
-        e.contains("column `payload`") && e.contains("jsonb"),
-        "{e}"
-    );
+    let e = engine
+        .run(&spec, &opts())
+        .expect_err("wrong type")
+        .to_string();
+    assert!(e.contains("column `payload`") && e.contains("jsonb"), "{e}");
 
     db.batch_execute(&format!(
         "DROP TABLE {TABLE}; CREATE TABLE {TABLE} (key TEXT, source_key TEXT NOT NULL, \
@@ -262,7 +274,10 @@ fn wrong_shapes_are_errors_naming_the_table_column_and_dimensions() {
     ))
     .expect("a table without a primary key");
     let e = engine.run(&spec, &opts()).expect_err("no key").to_string();
-    assert!(e.contains("column `key`") && e.contains("primary key"), "{e}");
+    assert!(
+        e.contains("column `key`") && e.contains("primary key"),
+        "{e}"
+    );
 
     // A table the user made without the dimension check: its rows tell the dimension.
     db.batch_execute(&format!(
@@ -271,7 +286,10 @@ fn wrong_shapes_are_errors_naming_the_table_column_and_dimensions() {
          INSERT INTO {TABLE} VALUES ('x', 'x', 'x', '{{}}', '{{1,2}}')"
     ))
     .expect("a table with a 2-dimensional row");
-    let e = engine.run(&spec, &opts()).expect_err("row dimension").to_string();
+    let e = engine
+        .run(&spec, &opts())
+        .expect_err("row dimension")
+        .to_string();
     assert!(e.contains("dimension 2"), "{e}");
 
     // An unreachable server: the error names where.
@@ -280,7 +298,10 @@ fn wrong_shapes_are_errors_naming_the_table_column_and_dimensions() {
         root.path(),
         pg_target("postgres://postgres@127.0.0.1:1/nowhere"),
     );
-    let e = engine.run(&spec, &opts()).expect_err("no server").to_string();
+    let e = engine
+        .run(&spec, &opts())
+        .expect_err("no server")
+        .to_string();
     assert!(
         e.contains("127.0.0.1:1/nowhere") && e.contains("connect") && e.contains(TABLE),
         "{e}"
@@ -305,7 +326,10 @@ fn setup_drop_reconnects_and_target_changes() {
 
     // setup creates, then finds; it needs no run.
     let lines = engine.setup_flow(&spec).expect("setup");
-    assert!(lines[0].contains("created") && lines[0].contains("real[]"), "{lines:?}");
+    assert!(
+        lines[0].contains("created") && lines[0].contains("real[]"),
+        "{lines:?}"
+    );
     assert!(exists(&mut db));
     let lines = engine.setup_flow(&spec).expect("setup again");
     assert!(lines[0].contains("already there"), "{lines:?}");
@@ -361,7 +385,15 @@ fn setup_drop_reconnects_and_target_changes() {
     // And back: the collection is emptied, the table filled again.
     let s4 = engine.run(&spec, &opts()).expect("back to the table");
     assert_eq!(s4.rows.total, s.rows.total);
-    assert_eq!(engine.collections().open("docs").expect("open").count().expect("count"), 0);
+    assert_eq!(
+        engine
+            .collections()
+            .open("docs")
+            .expect("open")
+            .count()
+            .expect("count"),
+        0
+    );
 
     // Reset deletes the flow's rows from the table.
     let r = engine.reset("docs", false).expect("reset");

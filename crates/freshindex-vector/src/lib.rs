@@ -18,9 +18,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use freshindex_core::{Row, RowPayload};
+pub use postgres::{Ensured, PgTable, VectorColumn};
 #[cfg(feature = "hnsw")]
 pub use segmented::build_segment_index;
-pub use postgres::{Ensured, PgTable, VectorColumn};
 pub use segmented::{SegmentInfo, SegmentOptions, SegmentStats, SegmentedCollection};
 pub use sqlite::SqliteCollection;
 

@@ -185,7 +185,11 @@ impl PgTable {
 
     /// Runs `f` on the connection (opened if needed). When the connection turns out closed,
     /// reconnects after a short pause and runs `f` once more.
-    fn call<T>(&self, doing: &str, mut f: impl FnMut(&mut Client) -> std::result::Result<T, Fail>) -> Result<T> {
+    fn call<T>(
+        &self,
+        doing: &str,
+        mut f: impl FnMut(&mut Client) -> std::result::Result<T, Fail>,
+    ) -> Result<T> {
         let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         let mut attempt = 0;
         loop {
@@ -193,7 +197,10 @@ impl PgTable {
             if slot.as_ref().is_none_or(Client::is_closed) {
                 *slot = None;
                 let client = self.config.connect(NoTls).map_err(|e| {
-                    self.err(format!("cannot connect (while {doing}): {}", connect_error(&e)))
+                    self.err(format!(
+                        "cannot connect (while {doing}): {}",
+                        connect_error(&e)
+                    ))
                 })?;
                 *slot = Some(client);
             }
@@ -225,8 +232,10 @@ impl PgTable {
     /// Whether pgvector is installed in the database.
     pub fn has_pgvector(&self) -> Result<bool> {
         self.call("checking for pgvector", |c| {
-            Ok(c.query_opt("SELECT 1 FROM pg_extension WHERE extname = 'vector'", &[])?
-                .is_some())
+            Ok(
+                c.query_opt("SELECT 1 FROM pg_extension WHERE extname = 'vector'", &[])?
+                    .is_some(),
+            )
         })
     }
 
@@ -439,7 +448,11 @@ impl PgTable {
         let mut index = format!("{bare}_source_key_idx");
         if index.len() > 63 {
             // Names are ASCII: cutting at a byte is cutting at a character.
-            index = format!("{}_sk_{}", &bare[..48], &blake3::hash(bare.as_bytes()).to_hex()[..8]);
+            index = format!(
+                "{}_sk_{}",
+                &bare[..48],
+                &blake3::hash(bare.as_bytes()).to_hex()[..8]
+            );
         }
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {q} (\"key\" TEXT PRIMARY KEY, \"source_key\" TEXT NOT NULL, \
@@ -577,7 +590,11 @@ fn payload_json(p: &RowPayload) -> serde_json::Value {
     serde_json::Value::Object(obj)
 }
 
-fn payload_from(source: String, text: Option<String>, json: Option<serde_json::Value>) -> RowPayload {
+fn payload_from(
+    source: String,
+    text: Option<String>,
+    json: Option<serde_json::Value>,
+) -> RowPayload {
     let range = json
         .as_ref()
         .and_then(|j| j.get("range"))
@@ -721,7 +738,10 @@ impl VectorCollection for PgTable {
                         .map(|r| SearchHit {
                             key: r.get(0),
                             // pgvector's distance of a zero vector is NaN; a collection scores 0.
-                            score: r.get::<_, Option<f32>>(4).filter(|s| !s.is_nan()).unwrap_or(0.0),
+                            score: r
+                                .get::<_, Option<f32>>(4)
+                                .filter(|s| !s.is_nan())
+                                .unwrap_or(0.0),
                             payload: payload_from(r.get(1), r.get(2), r.get(3)),
                         })
                         .collect())
