@@ -287,6 +287,11 @@ batch_size = 64
 [flow.target]
 type = "collection"
 name = "docs"
+# Or a table of a PostgreSQL database (`freshindex setup` creates it; a run does too):
+#   type = "postgres"
+#   url = "postgres://user@host:5432/db"   # or url_env = "VAR", the variable holding it
+#   table = "public.doc_chunks"            # schema.table or a bare name; lower case
+#   vector_type = "auto"                   # "real[]", "vector" (pgvector), or auto: pgvector if installed
 "#;
 
 #[cfg(test)]

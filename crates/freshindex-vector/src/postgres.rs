@@ -126,7 +126,7 @@ impl PgTable {
         let mut config: postgres::Config = url.parse().map_err(|e| VectorError::Postgres {
             table: table.into(),
             endpoint: "?".into(),
-            message: format!("url: not a PostgreSQL connection string: {e}"),
+            message: format!("url: not a PostgreSQL connection string: {}", describe(&e)),
         })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
@@ -174,7 +174,7 @@ impl PgTable {
     fn pg_err(&self, doing: &str, e: &postgres::Error) -> VectorError {
         let message = match e.as_db_error() {
             Some(db) => format!("{doing}: {} ({})", db.message(), db.code().code()),
-            None => format!("{doing}: {e}"),
+            None => format!("{doing}: {}", describe(e)),
         };
         self.err(message)
     }
@@ -197,10 +197,7 @@ impl PgTable {
             if slot.as_ref().is_none_or(Client::is_closed) {
                 *slot = None;
                 let client = self.config.connect(NoTls).map_err(|e| {
-                    self.err(format!(
-                        "cannot connect (while {doing}): {}",
-                        connect_error(&e)
-                    ))
+                    self.err(format!("cannot connect (while {doing}): {}", describe(&e)))
                 })?;
                 *slot = Some(client);
             }
@@ -548,8 +545,9 @@ fn pgvector_text(v: &[f32]) -> String {
     s
 }
 
-/// A connection error without the noise of its wrapper.
-fn connect_error(e: &postgres::Error) -> String {
+/// An error with its causes (the driver's own message names only its kind), or the
+/// server's message.
+fn describe(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => db.message().to_string(),
         None => {
