@@ -19,6 +19,7 @@ pub mod plan;
 pub(crate) mod process;
 pub mod reindex;
 pub mod run;
+pub mod setup;
 pub mod source;
 pub mod steps;
 pub mod summary;

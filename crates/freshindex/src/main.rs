@@ -133,6 +133,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create what the config's flows need outside the program (a `postgres` target's table;
+    /// optional: a run creates it too). Says what was created or already there.
+    Setup {
+        /// Only this flow of the config.
+        #[arg(long)]
+        flow: Option<String>,
+    },
+    /// Remove what `setup` creates (a `postgres` target's table: DROP TABLE IF EXISTS) and
+    /// forget the flow's state for that target.
+    Drop {
+        /// Only this flow of the config.
+        #[arg(long)]
+        flow: Option<String>,
+    },
     /// Write a commented freshindex.toml showing every option.
     Init {
         /// Overwrite an existing file.
@@ -406,7 +420,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         // Indexes of the segments the run sealed, so that searches are fast
                         // from the start. A failure leaves them to exact search.
-                        let collection = spec.target.collection();
+                        // A table outside the data directory has no segments to index.
+                        let Some(collection) = spec.target.collection() else {
+                            too_many_failures |= summary.status == RunStatus::Failed;
+                            results.push(serde_json::to_value(&summary)?);
+                            continue;
+                        };
                         match engine.build_indexes_now(collection, default_workers()) {
                             Ok(0) => {}
                             Ok(n) if !json => {
@@ -565,6 +584,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Setup { ref flow } | Command::Drop { ref flow } => {
+            let setup = matches!(cli.command, Command::Setup { .. });
+            let Some(path) = config_path(cli.config.as_deref()) else {
+                bail!(
+                    "no freshindex.toml in the current directory; pass --config or write one with `freshindex init`"
+                );
+            };
+            let config = Config::load(&path)?;
+            let flows = match flow {
+                Some(name) => vec![config.flow(name).map_err(|e| anyhow!(e))?.clone()],
+                None => config.flows,
+            };
+            let engine = open_engine(&cli.data_dir)?;
+            for spec in &flows {
+                let lines = if setup {
+                    engine.setup_flow(spec)
+                } else {
+                    engine.drop_flow_resources(spec)
+                }
+                .with_context(|| format!("flow `{}`", spec.name))?;
+                for line in lines {
+                    println!("{line}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reset {
             flow,
             drop_cache,
@@ -632,7 +677,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("no flow has run in {}", cli.data_dir.display());
             } else {
                 for s in statuses {
-                    println!("flow {} → collection {}", s.flow, s.collection);
+                    println!("flow {} → {}", s.flow, s.target);
                     let items: Vec<String> =
                         s.items.iter().map(|(k, v)| format!("{k} {v}")).collect();
                     println!("  items  {}", items.join(" · "));
