@@ -80,7 +80,7 @@ pub fn shared_target(spec: &FlowSpec) -> bool {
 
 /// What a worker did for one run of a flow: its counters, cumulative, rewritten after each of
 /// its batches. Kept as a record of kind `run-work:FLOW_ID:RUN_ID`, id from the worker's
-/// name; the run adds them up when it ends and deletes them.
+/// name and its pass; the run adds them up when it ends and deletes them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WorkerReport {
     /// The worker's lease holder name.
@@ -257,7 +257,10 @@ impl Engine {
             // Nothing was listed here: polled entries are stat-ed by their keys.
             ctx.stat_unlisted = true;
             let kind = report_kind(rec.id, run);
-            let id = owner_id(self.run_owner());
+            // One record per pass: each pass counts from zero in a context of its own.
+            static PASS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let pass = PASS.fetch_add(1, Ordering::Relaxed);
+            let id = owner_id(&format!("{}#{pass}", self.run_owner()));
             let done = std::sync::atomic::AtomicU64::new(0);
             let write_report = |ctx: &Ctx<'_>| {
                 let doc = {
