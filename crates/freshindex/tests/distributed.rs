@@ -365,6 +365,9 @@ fn a_database_restart_under_a_run_loses_nothing() {
         || work_log(&log).len() >= n / 5,
         &context,
     );
+    let restarted_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     pg.restart();
     wait_for(
         "the run succeeds",
@@ -374,6 +377,14 @@ fn a_database_restart_under_a_run_loses_nothing() {
     let h = history(&leader);
     assert_eq!(h.len(), 1, "{h:#?}");
     assert_eq!(h[0]["items"]["seen"], n);
+    let (started, finished) = (
+        h[0]["started_at_ms"].as_i64().expect("start"),
+        h[0]["finished_at_ms"].as_i64().expect("end"),
+    );
+    assert!(
+        started < restarted_ms && restarted_ms < finished,
+        "the database restarted during the run: {started} < {restarted_ms} < {finished}"
+    );
     let diff = differs_from_scratch(&ws, &pg, "fi", &url);
     assert!(diff.is_empty(), "target differs from scratch: {diff:?}");
     assert_no_overlap(&work_log(&log));
