@@ -251,6 +251,11 @@ fn wrong_shapes_are_errors_naming_the_table_column_and_dimensions() {
     for w in [TABLE, "dimension 3", "dimension 384", "127.0.0.1"] {
         assert!(e.contains(w), "`{w}` missing from: {e}");
     }
+    // The user fixes it (a persistent failure), not a passing one.
+    assert!(matches!(
+        engine.run(&spec, &opts()),
+        Err(EngineError::Config(_))
+    ));
     let e = engine
         .setup_flow(&spec)
         .expect_err("setup finds it too")
