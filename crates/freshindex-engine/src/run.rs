@@ -379,11 +379,7 @@ impl Engine {
         if let Some(t) = tables.get(&key) {
             return Ok(t.clone());
         }
-        let t = Arc::new(PgTable::new(&url, &target.table).map_err(|e| match e {
-            // The connection string or the name: the flow's config.
-            freshindex_vector::VectorError::Postgres { .. } => EngineError::Config(e.to_string()),
-            e => e.into(),
-        })?);
+        let t = Arc::new(PgTable::new(&url, &target.table)?);
         tables.insert(key, t.clone());
         Ok(t)
     }

@@ -251,6 +251,11 @@ fn wrong_shapes_are_errors_naming_the_table_column_and_dimensions() {
     for w in [TABLE, "dimension 3", "dimension 384", "127.0.0.1"] {
         assert!(e.contains(w), "`{w}` missing from: {e}");
     }
+    // The user fixes it (a persistent failure), not a passing one.
+    assert!(matches!(
+        engine.run(&spec, &opts()),
+        Err(EngineError::Config(_))
+    ));
     let e = engine
         .setup_flow(&spec)
         .expect_err("setup finds it too")
@@ -345,6 +350,18 @@ fn setup_drop_reconnects_and_target_changes() {
     assert_eq!(s.items.new, 1);
     assert!(s.rows.total > first);
     let mut db = Client::connect(&url, NoTls).expect("connect again");
+    // The server ends the engine's session under it: the next call reconnects and is made
+    // again.
+    let ended: i64 = db
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = 'life' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .expect("terminate")
+        .get(0);
+    assert_eq!(ended, 1, "the engine's one connection");
+    assert_eq!(engine.status("docs").expect("status").rows, s.rows.total);
 
     // Someone drops the table: the next run creates it and writes every row again.
     db.batch_execute(&format!("DROP TABLE {TABLE}"))

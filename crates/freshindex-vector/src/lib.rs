@@ -69,6 +69,9 @@ pub enum VectorError {
         table: String,
         /// `host:port/dbname` (never credentials).
         endpoint: String,
+        /// The table does not fit the flow (shape, dimension, name, connection string): the
+        /// user must fix it, and trying again unchanged fails again.
+        user: bool,
         /// What failed.
         message: String,
     },

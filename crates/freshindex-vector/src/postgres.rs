@@ -121,11 +121,13 @@ impl PgTable {
         freshindex_core::spec::check_pg_table(table).map_err(|m| VectorError::Postgres {
             table: table.into(),
             endpoint: "?".into(),
+            user: true,
             message: format!("table: {m}"),
         })?;
         let mut config: postgres::Config = url.parse().map_err(|e| VectorError::Postgres {
             table: table.into(),
             endpoint: "?".into(),
+            user: true,
             message: format!("url: not a PostgreSQL connection string: {}", describe(&e)),
         })?;
         if config.get_connect_timeout().is_none() {
@@ -163,10 +165,22 @@ impl PgTable {
         &self.endpoint
     }
 
+    /// The database or the connection failed.
     fn err(&self, message: String) -> VectorError {
         VectorError::Postgres {
             table: self.table.clone(),
             endpoint: self.endpoint.clone(),
+            user: false,
+            message,
+        }
+    }
+
+    /// The table does not fit the flow (its shape, its dimension, missing): the user fixes it.
+    fn shape_err(&self, message: String) -> VectorError {
+        VectorError::Postgres {
+            table: self.table.clone(),
+            endpoint: self.endpoint.clone(),
+            user: true,
             message,
         }
     }
@@ -292,12 +306,12 @@ impl PgTable {
         ] {
             match type_of(name) {
                 None => {
-                    return Err(self.err(format!(
+                    return Err(self.shape_err(format!(
                         "column `{name}` is missing (expected `{name} {want}`); drop the table (`freshindex drop`) or fix it"
                     )));
                 }
                 Some((t, _)) if t != want => {
-                    return Err(self.err(format!(
+                    return Err(self.shape_err(format!(
                         "column `{name}` has type `{t}` where `{want}` is expected"
                     )));
                 }
@@ -305,14 +319,14 @@ impl PgTable {
             }
         }
         if !key_unique {
-            return Err(self.err(
+            return Err(self.shape_err(
                 "column `key` is not the primary key (nor alone in a unique index); upserts need it"
                     .into(),
             ));
         }
         let shape = match type_of("vector") {
             None => {
-                return Err(self.err(
+                return Err(self.shape_err(
                     "column `vector` is missing (expected `vector real[]` or `vector vector(DIM)`)"
                         .into(),
                 ));
@@ -346,7 +360,7 @@ impl PgTable {
                     dimension: Some(d),
                 },
                 None => {
-                    return Err(self.err(format!(
+                    return Err(self.shape_err(format!(
                         "column `vector` has type `{t}` where `real[]` or `vector(DIM)` is expected"
                     )));
                 }
@@ -387,7 +401,7 @@ impl PgTable {
         match (want, shape.column) {
             (PgVectorType::Real, VectorColumn::PgVector)
             | (PgVectorType::Vector, VectorColumn::Real) => {
-                return Err(self.err(format!(
+                return Err(self.shape_err(format!(
                     "column `vector` has type `{found_type}` where the flow's vector_type asks for `{}`; drop the table (`freshindex drop`) or set vector_type = \"auto\"",
                     match want {
                         PgVectorType::Vector => "vector",
@@ -400,7 +414,7 @@ impl PgTable {
         if let Some(d) = shape.dimension
             && d != dimension
         {
-            return Err(self.err(format!(
+            return Err(self.shape_err(format!(
                 "column `vector` holds vectors of dimension {d} and the flow's model makes dimension {dimension}; drop the table (`freshindex drop`) and set it up again, or use another table"
             )));
         }
@@ -497,7 +511,7 @@ impl PgTable {
                 *self.shape_slot() = Some(s);
                 Ok(s)
             }
-            None => Err(self.err(
+            None => Err(self.shape_err(
                 "the table does not exist; `freshindex setup` or a run of the flow creates it"
                     .into(),
             )),
@@ -635,7 +649,7 @@ impl VectorCollection for PgTable {
         if let Some(d) = shape.dimension
             && let Some(r) = upserts.iter().find(|r| r.vector.len() != d)
         {
-            return Err(self.err(format!(
+            return Err(self.shape_err(format!(
                 "row `{}`: vector of dimension {} where column `vector` holds dimension {d}",
                 r.key,
                 r.vector.len()
@@ -707,7 +721,7 @@ impl VectorCollection for PgTable {
         if let Some(d) = shape.dimension
             && vector.len() != d
         {
-            return Err(self.err(format!(
+            return Err(self.shape_err(format!(
                 "query vector of dimension {} where column `vector` holds dimension {d}",
                 vector.len()
             )));
