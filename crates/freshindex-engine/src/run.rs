@@ -851,7 +851,7 @@ impl Engine {
         };
         // Checked before taking the lock, so a bad spec fails fast.
         check_steps(spec)?;
-        let _lock = self.lock(&spec.name)?;
+        let _lock = self.lock_run(&spec.name)?;
         let started_ms = now_ms();
         let flow = match self.register(spec) {
             Ok(flow) => flow,
@@ -1272,6 +1272,23 @@ impl Engine {
                 "lock file {}: {e}",
                 path.display()
             ))),
+        }
+    }
+
+    /// The run lock of a run: [`Engine::lock`], but over a shared store a lock held briefly
+    /// (another process storing the flow's definition at its start) is waited for, up to 3 s,
+    /// before the run is refused as busy.
+    fn lock_run(&self, flow: &str) -> Result<Option<RunLock>, EngineError> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            match self.lock(flow) {
+                Err(EngineError::Busy(_))
+                    if self.store.has_shared_locks() && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
         }
     }
 

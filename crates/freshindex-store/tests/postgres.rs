@@ -59,7 +59,8 @@ fn calls_ride_out_a_server_restart() {
         pusher.join().expect("pusher")
     });
     eprintln!("{pushed} keys pushed across the restart; slowest call {slowest:?}");
-    assert!(pushed >= 1_000, "{pushed}");
+    // Twenty calls after the restart, so more than 200 keys means pushes before it too.
+    assert!(pushed > 200, "{pushed}");
     // A call during the outage waited for the server.
     assert!(slowest >= Duration::from_millis(100), "{slowest:?}");
     let keys = s.queue_keys(f, "default").expect("keys");
