@@ -165,7 +165,7 @@ impl Config {
                         files.path = base.join(&files.path);
                     }
                 }
-                SourceSpec::Push(_) => {}
+                SourceSpec::Push(_) | SourceSpec::Postgres(_) => {}
             }
         }
         Ok(config)

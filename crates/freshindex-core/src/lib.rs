@@ -25,7 +25,8 @@ pub use schedule::{
     Schedule, Scheduler, Trigger,
 };
 pub use spec::{
-    DEFAULT_OPENAI_BASE_URL, EmbedSpec, FlowMode, FlowSpec, ModelRef, ParseSpec, SourceSpec,
+    DEFAULT_OPENAI_BASE_URL, EmbedSpec, FlowMode, FlowSpec, ModelRef, ParseSpec, PostgresSource,
+    SourceSpec,
     SplitSpec, StepSpec, TargetSpec,
 };
 pub use status::ItemStatus;
