@@ -263,17 +263,74 @@ pub trait IndexRecordStore {
     fn delete_index_records(&self, kind: &str, ids: &[u64]) -> Result<()>;
 }
 
+/// Named locks held across processes through the store: how processes that share a store on
+/// several machines keep "a flow never runs twice at once" and elect one scheduler.
+pub trait LockStore {
+    /// Whether the store's locks are shared by processes on other machines (PostgreSQL);
+    /// when false the engine uses its data directory's lock files instead.
+    fn has_shared_locks(&self) -> bool {
+        false
+    }
+    /// Takes the named lock when it is free: `Ok(Some(lock))`, held until the [`StoreLock`]
+    /// is dropped or the session holding it is lost; `Ok(None)` when another holder has it.
+    fn try_lock(&self, name: &str) -> Result<Option<StoreLock>>;
+}
+
+/// What holds a lock of a [`LockStore`] (a database session, for PostgreSQL).
+pub trait HeldLock: Send + Sync {
+    /// Whether the lock is still held: false once the session holding it was lost (the
+    /// database restarted, the network failed), after which another process may take it.
+    fn is_held(&self) -> bool;
+}
+
+/// A lock taken from a [`LockStore`]; dropping it releases the lock.
+pub struct StoreLock(Box<dyn HeldLock>);
+
+impl StoreLock {
+    /// Wraps what holds the lock.
+    pub fn new(held: Box<dyn HeldLock>) -> StoreLock {
+        StoreLock(held)
+    }
+
+    /// Whether the lock is still held (see [`HeldLock::is_held`]).
+    pub fn is_held(&self) -> bool {
+        self.0.is_held()
+    }
+}
+
+impl std::fmt::Debug for StoreLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLock").finish_non_exhaustive()
+    }
+}
+
 /// Runs kept per flow.
 pub const RUNS_KEPT: u32 = 50;
 
 /// Everything the engine needs from a state store.
 pub trait StateStore:
-    FlowStore + ItemStore + LineageStore + MemoStore + RunStore + IndexRecordStore + Send + Sync
+    FlowStore
+    + ItemStore
+    + LineageStore
+    + MemoStore
+    + RunStore
+    + IndexRecordStore
+    + LockStore
+    + Send
+    + Sync
 {
 }
 
 impl<
-    T: FlowStore + ItemStore + LineageStore + MemoStore + RunStore + IndexRecordStore + Send + Sync,
+    T: FlowStore
+        + ItemStore
+        + LineageStore
+        + MemoStore
+        + RunStore
+        + IndexRecordStore
+        + LockStore
+        + Send
+        + Sync,
 > StateStore for T
 {
 }

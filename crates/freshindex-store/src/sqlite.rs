@@ -994,6 +994,14 @@ impl crate::IndexRecordStore for SqliteStore {
     }
 }
 
+impl crate::LockStore for SqliteStore {
+    fn try_lock(&self, name: &str) -> Result<Option<crate::StoreLock>> {
+        Err(StoreError::Invalid(format!(
+            "lock `{name}`: the SQLite store has no shared locks (its data directory's lock files serve instead)"
+        )))
+    }
+}
+
 impl RunStore for SqliteStore {
     fn begin_run(&self, flow: FlowId, trigger: Trigger, started_at_ms: i64) -> Result<RunId> {
         let mut conn = self.conn();
