@@ -462,7 +462,10 @@ pub struct PostgresSource {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soft_delete_column: Option<String>,
     /// The value (as text) of `soft_delete_column` that marks a row deleted.
-    #[serde(default = "default_soft_delete_marker")]
+    #[serde(
+        default = "default_soft_delete_marker",
+        skip_serializing_if = "is_default_marker"
+    )]
     pub soft_delete_marker: String,
     /// Live mode listens for the notifications of the trigger `freshindex setup` installs.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -471,6 +474,10 @@ pub struct PostgresSource {
 
 fn default_soft_delete_marker() -> String {
     "true".into()
+}
+
+fn is_default_marker(m: &str) -> bool {
+    m == "true"
 }
 
 #[derive(Deserialize)]

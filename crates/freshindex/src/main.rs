@@ -129,6 +129,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install what the config's flows need in their sources and targets (the notify
+    /// trigger of a PostgreSQL source with `notify = true`).
+    Setup {
+        /// Only this flow of the config.
+        #[arg(long)]
+        flow: Option<String>,
+    },
+    /// Remove what `setup` installed.
+    Drop {
+        /// Only this flow of the config.
+        #[arg(long)]
+        flow: Option<String>,
+    },
     /// Write a commented freshindex.toml showing every option.
     Init {
         /// Overwrite an existing file.
@@ -571,6 +584,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Setup { ref flow } | Command::Drop { ref flow } => {
+            let setup = matches!(cli.command, Command::Setup { .. });
+            let flows = flows_to_run(cli.config.as_deref(), None, flow.as_deref())?;
+            let engine = open_engine(&cli.data_dir)?;
+            for spec in &flows {
+                let done = if setup {
+                    engine.setup_source(spec)
+                } else {
+                    engine.teardown_source(spec)
+                }
+                .with_context(|| format!("flow `{}`", spec.name))?;
+                for line in done {
+                    println!("{line}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { flow, json } => {
             let engine = open_engine(&cli.data_dir)?;
             let names = match flow {
@@ -651,10 +681,14 @@ fn watch_flow(
             .or(freshindex_engine::LiveOptions::default().refresh_interval),
         ..freshindex_engine::LiveOptions::default()
     };
-    let path = spec
-        .files()
-        .map(|f| f.path.display().to_string())
-        .unwrap_or_default();
+    let path = match (spec.files(), spec.postgres()) {
+        (Some(f), _) => f.path.display().to_string(),
+        (None, Some(pg)) => pg
+            .table
+            .as_deref()
+            .map_or_else(|| "the query".to_string(), |t| format!("table {t}")),
+        (None, None) => String::new(),
+    };
     let mut first = true;
     let mut report = |event: freshindex_engine::LiveEvent| {
         let (kind, summary) = match &event {

@@ -21,7 +21,7 @@
 //! Connections are plain TCP (no TLS); a connection found closed is opened again once, after
 //! a short pause, before a query fails.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -866,9 +866,9 @@ impl Engine {
         let flow = self.register_or_record(spec, opts.trigger, started_ms)?;
         let summary = self.recorded(flow, opts.trigger, started_ms, || {
             let ctx = self.ctx(flow, spec, opts.progress, None)?;
-            self.sync_pages(&ctx, source)?;
+            let synced = self.sync_pages(&ctx, source)?;
             self.cancelled(opts)?;
-            self.key_scan(&ctx, source)?;
+            self.key_scan(&ctx, source, &synced)?;
             self.store().memo_gc(flow)?;
             ctx.into_summary(started)
         })?;
@@ -892,8 +892,13 @@ impl Engine {
     /// Compares every row's key and ordinal with the flow's items: items whose rows are gone
     /// (or soft-deleted) are deleted like the files a traversal did not see
     /// (`deleteQueueItems`); rows whose ordinal differs from the indexed version, or whose
-    /// item failed, are read again.
-    fn key_scan(&self, ctx: &Ctx<'_>, source: &PgSource) -> Result<(), EngineError> {
+    /// item failed, are read again — unless this run's sync read them (`synced`).
+    fn key_scan(
+        &self,
+        ctx: &Ctx<'_>,
+        source: &PgSource,
+        synced: &HashSet<String>,
+    ) -> Result<(), EngineError> {
         let store = self.store().as_ref();
         let rows = source.scan_keys()?;
         let stored = store.items(ctx.flow)?;
@@ -923,7 +928,10 @@ impl Engine {
         // Rows to read again: not indexed, indexed at another ordinal, or failed.
         let mut again: Vec<String> = Vec::new();
         let mut retry: BTreeSet<String> = BTreeSet::new();
-        for row in rows.iter().filter(|r| !r.deleted) {
+        for row in rows
+            .iter()
+            .filter(|r| !r.deleted && !synced.contains(&r.key))
+        {
             let version = row.ordinal.map(ordinal_version);
             match indexed.get(row.key.as_str()) {
                 None => again.push(row.key.clone()),

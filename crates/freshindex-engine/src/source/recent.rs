@@ -11,7 +11,7 @@
 //! so a crash between the two makes the next sync see those changes again, which costs
 //! nothing (the memo cache and the lineage diff make re-indexing the same content a no-op).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use freshindex_core::queue::{DEFAULT_QUEUE, check_key};
@@ -120,14 +120,16 @@ impl Engine {
     }
 
     /// The pages of changes after the flow's mark, each processed and committed before the
-    /// mark moves past it. The caller holds the flow's run lock.
+    /// mark moves past it. The caller holds the flow's run lock. Returns the keys of the
+    /// changes read.
     pub(crate) fn sync_pages(
         &self,
         ctx: &Ctx<'_>,
         source: &dyn RecentChanges,
-    ) -> Result<(), EngineError> {
+    ) -> Result<HashSet<String>, EngineError> {
         let store = self.store().as_ref();
         let mut mark = store.change_mark(ctx.flow)?;
+        let mut read = HashSet::new();
         loop {
             let page = source
                 .changes_since(mark.as_deref(), MAX_PAGE)
@@ -137,13 +139,14 @@ impl Engine {
                     }
                     e => e,
                 })?;
+            read.extend(page.changes.iter().map(|c| c.key.clone()));
             self.apply_changes(ctx, page.changes)?;
             if let Some(m) = page.mark {
                 store.set_change_mark(ctx.flow, Some(&m))?;
                 mark = Some(m);
             }
             if !page.more {
-                return Ok(());
+                return Ok(read);
             }
         }
     }
