@@ -404,16 +404,31 @@ fn live_mode_hears_the_trigger_and_drop_removes_it() {
             got.keys().collect::<Vec<_>>() == ["10"]
         });
         assert!(took.is_some(), "{:?}", indexed(&engine, "live"));
+        let quiet: Vec<(bool, RunSummary)> = rx.try_iter().collect();
+        assert!(
+            quiet.iter().all(|(full, _)| !full),
+            "only notification batches after the first run: {quiet:?}"
+        );
+
+        // The server restarts: the loop listens again, catches up, and hears what follows.
+        pg.restart();
+        pg.psql(
+            "live",
+            "INSERT INTO docs (id, title, body) VALUES (3, 'Voles', 'Voles dig burrows.')",
+        );
+        let took = eventually(Duration::from_secs(10), || {
+            indexed(&engine, "live").contains_key("3")
+        });
+        assert!(took.is_some(), "nothing arrived after the restart");
+        pg.psql("live", "DELETE FROM docs WHERE id = 3");
+        let took = eventually(Duration::from_secs(10), || {
+            !indexed(&engine, "live").contains_key("3")
+        });
+        assert!(took.is_some(), "the delete after the restart did not arrive");
 
         control.stop();
         watcher.join().expect("watcher").expect("live loop");
     });
-    let batches: Vec<(bool, RunSummary)> = rx.try_iter().collect();
-    assert!(
-        batches.iter().all(|(full, _)| !full),
-        "only notification batches after the first run: {batches:?}"
-    );
-
     let removed = engine.teardown_source(&spec).expect("drop");
     assert!(!removed.is_empty());
     assert_eq!(pg.psql("live", triggers), "0");
