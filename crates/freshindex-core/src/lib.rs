@@ -26,7 +26,6 @@ pub use schedule::{
 };
 pub use spec::{
     DEFAULT_OPENAI_BASE_URL, EmbedSpec, FlowMode, FlowSpec, ModelRef, ParseSpec, PostgresSource,
-    SourceSpec,
-    SplitSpec, StepSpec, TargetSpec,
+    SourceSpec, SplitSpec, StepSpec, TargetSpec,
 };
 pub use status::ItemStatus;

@@ -614,9 +614,7 @@ impl TryFrom<RawPostgresSource> for PostgresSource {
         if let Some(c) = &raw.soft_delete_column {
             check_identifier("soft_delete_column", c)?;
         } else if raw.soft_delete_marker.is_some() {
-            return Err(
-                "soft_delete_marker: only meaningful with `soft_delete_column`".into(),
-            );
+            return Err("soft_delete_marker: only meaningful with `soft_delete_column`".into());
         }
         if raw.notify && raw.table.is_none() {
             return Err(
@@ -1320,6 +1318,81 @@ mod tests {
         assert!(
             f.set_schedule(Some(every("PT5M").expect("schedule")))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn postgres_sources_are_checked_while_read_and_round_trip() {
+        let base = serde_json::json!({
+            "type": "postgres",
+            "url": "postgres://app:secret@db.internal:5433/app",
+            "table": "public.docs",
+            "key_columns": ["id"],
+            "content_columns": ["title", "body"],
+            "ordinal_column": "updated_at",
+        });
+        let read = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut source = base.clone();
+            edit(&mut source);
+            flow(serde_json::json!({ "name": "pg", "source": source }))
+        };
+        let f = read(&|_| {}).expect("valid");
+        let pg = f.postgres().expect("a postgres source");
+        assert_eq!(pg.soft_delete_marker, "true");
+        assert!(f.has_runs() && f.files().is_none());
+        let back: FlowSpec =
+            serde_json::from_str(&serde_json::to_string(&f).expect("json")).expect("round trip");
+        assert_eq!(back, f);
+
+        let cases: [(&dyn Fn(&mut serde_json::Value), &[&str]); 9] = [
+            (&|s| s["url_env"] = "DB_URL".into(), &["url:", "not both"]),
+            (
+                &|s| {
+                    s.as_object_mut().map(|o| o.remove("url"));
+                },
+                &["url:", "url_env"],
+            ),
+            (
+                &|s| s["url"] = "mysql://u:pw@h/db".into(),
+                &["url:", "u:***@h/db"],
+            ),
+            (&|s| s["query"] = "SELECT 1".into(), &["table:", "not both"]),
+            (&|s| s["table"] = "a.b.c".into(), &["table:", "two parts"]),
+            (
+                &|s| s["key_columns"] = serde_json::json!([]),
+                &["key_columns:", "at least one"],
+            ),
+            (
+                &|s| s["content_columns"] = serde_json::json!(["body", "body"]),
+                &["content_columns:", "`body`", "twice"],
+            ),
+            (
+                &|s| s["soft_delete_marker"] = "yes".into(),
+                &["soft_delete_marker:", "soft_delete_column"],
+            ),
+            (
+                &|s| {
+                    s.as_object_mut().map(|o| o.remove("table"));
+                    s["query"] = "SELECT * FROM docs".into();
+                    s["notify"] = true.into();
+                },
+                &["notify:", "table"],
+            ),
+        ];
+        for (edit, words) in cases {
+            let e = read(edit).expect_err("invalid");
+            assert!(words.iter().all(|w| e.contains(w)), "{words:?}: {e}");
+            assert!(!e.contains("secret"), "the password leaked: {e}");
+        }
+        // A trailing `;` would end the subquery.
+        let q = read(&|s| {
+            s.as_object_mut().map(|o| o.remove("table"));
+            s["query"] = "SELECT * FROM docs ; ".into();
+        })
+        .expect("query");
+        assert_eq!(
+            q.postgres().and_then(|p| p.query.as_deref()),
+            Some("SELECT * FROM docs")
         );
     }
 

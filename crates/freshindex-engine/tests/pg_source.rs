@@ -83,7 +83,10 @@ fn runs_follow_inserts_updates_deletes_and_soft_deletes_and_the_mark_survives_a_
         let got = indexed(&engine, "docs");
         assert_eq!(got.keys().collect::<Vec<_>>(), ["1", "2", "3"]);
         let (text, meta) = &got["1"];
-        assert!(text.contains("Otters") && text.contains("hold hands"), "{text}");
+        assert!(
+            text.contains("Otters") && text.contains("hold hands"),
+            "{text}"
+        );
         assert_eq!(meta, &Some(serde_json::json!({ "author": "ana" })));
 
         // Nothing changed: nothing read again, nothing computed.
@@ -280,7 +283,9 @@ fn keys_of_several_columns_and_a_closed_connection() {
     for i in 0..5 {
         pg.psql(
             "multi",
-            &format!("INSERT INTO notes VALUES ('a/b', {i}, 'Note number {i} about 50% of otters.', 7)"),
+            &format!(
+                "INSERT INTO notes VALUES ('a/b', {i}, 'Note number {i} about 50% of otters.', 7)"
+            ),
         );
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -302,7 +307,10 @@ ordinal_column = "v"
     assert_eq!(keys[0], "a%2Fb/0");
     assert_eq!(keys.len(), 5);
     pg.psql("multi", "DELETE FROM notes WHERE n = 3");
-    pg.psql("multi", "UPDATE notes SET body = 'Changed.', v = 8 WHERE n = 4");
+    pg.psql(
+        "multi",
+        "UPDATE notes SET body = 'Changed.', v = 8 WHERE n = 4",
+    );
     // The server ends every session: the run opens a new connection.
     pg.restart();
     let s = run(&engine, &notes);
@@ -424,7 +432,10 @@ fn live_mode_hears_the_trigger_and_drop_removes_it() {
         let took = eventually(Duration::from_secs(10), || {
             !indexed(&engine, "live").contains_key("3")
         });
-        assert!(took.is_some(), "the delete after the restart did not arrive");
+        assert!(
+            took.is_some(),
+            "the delete after the restart did not arrive"
+        );
 
         control.stop();
         watcher.join().expect("watcher").expect("live loop");
@@ -456,15 +467,8 @@ fn live_mode_without_notify_polls() {
         ..LiveOptions::default()
     };
     std::thread::scope(|scope| {
-        let watcher = scope.spawn(|| {
-            engine.watch(
-                &spec,
-                &RunOptions::default(),
-                &live,
-                &control,
-                &mut |_| {},
-            )
-        });
+        let watcher = scope
+            .spawn(|| engine.watch(&spec, &RunOptions::default(), &live, &control, &mut |_| {}));
         pg.psql(
             "poll",
             "INSERT INTO docs (id, title, body) VALUES (1, 'Otters', 'Otters hold hands.')",

@@ -43,7 +43,11 @@ notify = true
     let fi = || Fi::new(dir.path()).env("DOCS_DATABASE_URL", &url);
 
     let out = fi().args(["setup"]).run().ok();
-    assert!(out.stdout.contains("trigger freshindex_docs"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("trigger freshindex_docs"),
+        "{}",
+        out.stdout
+    );
     let triggers = "SELECT count(*) FROM pg_trigger WHERE tgname = 'freshindex_docs'";
     assert_eq!(pg.psql("cli", triggers), "1");
 

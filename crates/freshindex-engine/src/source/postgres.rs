@@ -133,7 +133,7 @@ pub fn channel_name(flow: &str) -> String {
     if clean == flow && name.len() <= 63 {
         return name;
     }
-    let hash = freshindex_core::Fingerprint::of(flow.as_bytes()).hex_prefix(8);
+    let hash = freshindex_core::Fingerprint::of(flow.as_bytes()).hex_prefix(4);
     let mut head = name;
     head.truncate(63 - 9);
     format!("{head}_{hash}")
@@ -390,7 +390,11 @@ impl PgSource {
 
     /// The change a row read by a content query stands for, with its ordinal and key values
     /// (for the mark).
-    fn change_of(&self, row: &postgres::Row, layout: &Layout) -> (Change, Option<i64>, Vec<String>) {
+    fn change_of(
+        &self,
+        row: &postgres::Row,
+        layout: &Layout,
+    ) -> (Change, Option<i64>, Vec<String>) {
         let s = &self.spec;
         let mut values = Vec::with_capacity(layout.keys);
         let mut null_key = None;
@@ -556,10 +560,7 @@ impl PgSource {
                 columns.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
             c.query(&sql, &args)
         })?;
-        Ok(rows
-            .iter()
-            .map(|r| self.change_of(r, &layout).0)
-            .collect())
+        Ok(rows.iter().map(|r| self.change_of(r, &layout).0).collect())
     }
 
     /// Opens a connection listening on the flow's channel.
@@ -589,7 +590,7 @@ impl PgSource {
         let channel = channel_name(flow);
         let function_name = format!("{channel}_notify");
         let function_name = if function_name.len() > 63 {
-            let hash = freshindex_core::Fingerprint::of(function_name.as_bytes()).hex_prefix(8);
+            let hash = freshindex_core::Fingerprint::of(function_name.as_bytes()).hex_prefix(4);
             format!("{}_{hash}", &channel[..63 - 9])
         } else {
             function_name
@@ -1052,12 +1053,8 @@ impl Engine {
             }
             match &mut listener {
                 Some(l) => {
-                    let batch = l.next_batch(
-                        Duration::from_millis(200),
-                        live.quiet,
-                        live.max_delay,
-                        keys,
-                    );
+                    let batch =
+                        l.next_batch(Duration::from_millis(200), live.quiet, live.max_delay, keys);
                     match batch {
                         Ok(None) => {}
                         Ok(Some(b)) if b.rescan => {
