@@ -88,12 +88,24 @@ impl Server {
     /// Starts `bin --data-dir DATA --config CONFIG serve --listen 127.0.0.1:0` and reads the
     /// address from its first stdout line. Its stderr goes to `stderr`.
     pub fn start(bin: &Path, data: &Path, config: &Path, stderr: Stdio) -> Result<Server> {
+        Server::start_with(bin, data, config, &[], stderr)
+    }
+
+    /// [`Server::start`] with more arguments of `serve`.
+    pub fn start_with(
+        bin: &Path,
+        data: &Path,
+        config: &Path,
+        args: &[&str],
+        stderr: Stdio,
+    ) -> Result<Server> {
         let mut child = Command::new(bin)
             .arg("--data-dir")
             .arg(data)
             .arg("--config")
             .arg(config)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

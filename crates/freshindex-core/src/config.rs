@@ -10,6 +10,9 @@ use crate::spec::{FlowSpec, SourceSpec};
 /// A parsed configuration file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// The state store (`store = "postgres://…"`): `None` for the data directory's embedded
+    /// SQLite store.
+    pub store: Option<String>,
     /// The flows, in file order.
     pub flows: Vec<FlowSpec>,
 }
@@ -17,6 +20,8 @@ pub struct Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
+    store: Option<String>,
     #[serde(default)]
     flow: Vec<toml::Spanned<FlowSpec>>,
 }
@@ -146,7 +151,19 @@ impl Config {
             }
             flows.push(flow);
         }
-        Ok(Config { flows })
+        if let Some(store) = &raw.store
+            && !(store.starts_with("postgres://") || store.starts_with("postgresql://"))
+        {
+            return Err(err(
+                locate_key(text, 0, "unknown field `store`").map(|at| line_col(text, at)),
+                "store: expected a postgres:// URL (leave it out for the embedded SQLite store)"
+                    .into(),
+            ));
+        }
+        Ok(Config {
+            store: raw.store,
+            flows,
+        })
     }
 
     /// Reads and parses a file; relative source paths become relative to the file's folder.

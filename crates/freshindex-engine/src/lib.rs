@@ -10,6 +10,7 @@
 //! one-slot channel connects them, so CPU work overlaps SQLite writes and memory stays flat.
 
 pub use freshindex_core::failpoint;
+pub mod distributed;
 pub mod history;
 pub mod indexing;
 pub mod items;

@@ -14,7 +14,7 @@ use freshindex_core::{FlowSpec, Trigger};
 use freshindex_store::{FlowId, PushItem, PushKind};
 
 use crate::process::{Work, metadata_hash};
-use crate::run::{RUN_OWNER, RunOptions, now_ms};
+use crate::run::{RunOptions, now_ms};
 use crate::source::files::ScannedFile;
 use crate::source::watch::SourceWatcher;
 use crate::summary::{Issue, RunSummary};
@@ -217,9 +217,14 @@ impl Engine {
         started: Instant,
     ) -> Result<RunSummary, EngineError> {
         let store = self.store().as_ref();
-        let mut ctx = self.ctx(flow, spec, opts.progress, Some(RUN_OWNER.to_string()))?;
+        let mut ctx = self.ctx(
+            flow,
+            spec,
+            opts.progress,
+            Some(self.run_owner().to_string()),
+        )?;
         ctx.stat_unlisted = true;
-        store.unreserve(flow, None, Some(RUN_OWNER), now_ms())?;
+        store.unreserve(flow, None, Some(self.run_owner()), now_ms())?;
         let label = store
             .traversal_label(flow)?
             .unwrap_or_else(|| freshindex_core::queue::DEFAULT_QUEUE.to_string());
@@ -287,7 +292,7 @@ impl Engine {
             .filter(|(_, l)| !l.pending.is_empty())
             .map(|(k, _)| k)
             .collect();
-        self.work(&ctx, &listed, &pending, opts)?;
+        self.work(&ctx, &listed, Some(&pending), opts, None)?;
         ctx.into_summary(started)
     }
 }

@@ -245,6 +245,35 @@ impl Tally {
         self.total_warnings = w;
     }
 
+    /// Adds what a worker of another process did for this run.
+    pub(crate) fn absorb(&mut self, r: &crate::distributed::WorkerReport) {
+        let (i, o) = (&mut self.summary.items, &r.items);
+        i.new += o.new;
+        i.modified += o.modified;
+        i.unchanged += o.unchanged;
+        i.deleted += o.deleted;
+        i.failed += o.failed;
+        i.skipped += o.skipped;
+        let (w, o) = (&mut self.summary.rows, &r.rows);
+        w.added += o.added;
+        w.updated += o.updated;
+        w.deleted += o.deleted;
+        w.unchanged += o.unchanged;
+        self.summary.embeddings.computed += r.embeddings.computed;
+        self.summary.embeddings.reused += r.embeddings.reused;
+        let issues: Vec<Issue> = r
+            .errors
+            .iter()
+            .map(|e| Issue::error(e.item.as_str(), e.error.clone()))
+            .chain(
+                r.warnings
+                    .iter()
+                    .map(|w| Issue::warning(w.item.as_str(), w.warning.clone())),
+            )
+            .collect();
+        self.issues(&issues);
+    }
+
     /// The summary, with a last line in each capped list saying how many were left out.
     pub(crate) fn finish(mut self, max_failed_items: i64) -> RunSummary {
         let limit = max_failed_items;

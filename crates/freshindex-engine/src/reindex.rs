@@ -912,12 +912,12 @@ impl Engine {
                 work_flow,
                 &work_spec,
                 &NoProgress,
-                Some(crate::RUN_OWNER.to_string()),
+                Some(self.run_owner().to_string()),
                 &target,
             )?;
             // Leases of a runner that died are void: this process holds the task.
             self.store()
-                .unreserve(work_flow, None, Some(crate::RUN_OWNER), now_ms())?;
+                .unreserve(work_flow, None, Some(self.run_owner()), now_ms())?;
             let mut subs = self.subtasks(t.id)?;
             for i in 0..subs.len() {
                 if !subs[i].status.is_active() {
@@ -936,7 +936,7 @@ impl Engine {
                     queue: Some(&label),
                     ..RunOptions::default()
                 };
-                self.work(&ctx, &files, &HashSet::new(), &o)?;
+                self.work(&ctx, &files, Some(&HashSet::new()), &o, None)?;
                 self.count_subtask(work_flow, &mut subs[i])?;
                 self.tally_task(t, work_flow, &subs)?;
                 self.save_progress(t, &subs[i..=i])?;
@@ -1355,7 +1355,7 @@ impl Engine {
         flow: &str,
         wait: Duration,
         cancel: &AtomicBool,
-    ) -> Result<Option<std::fs::File>, EngineError> {
+    ) -> Result<Option<crate::run::RunLock>, EngineError> {
         let deadline = Instant::now() + wait;
         loop {
             match self.lock(flow) {

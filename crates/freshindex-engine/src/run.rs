@@ -17,8 +17,8 @@ use freshindex_core::queue::DEFAULT_LEASE_MS;
 use freshindex_core::spec::FilesSource;
 use freshindex_core::{FlowSpec, Row, RunState, Trigger};
 use freshindex_store::{
-    BatchCommit, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind, RunEnd, RunId,
-    SqliteStore, StateStore, StoreError,
+    BatchCommit, FenceError, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind,
+    RunEnd, RunId, SqliteStore, StateStore, StoreError,
 };
 use freshindex_vector::{
     Collections, Filter, Metric, SearchHit, SegmentInfo, SegmentedCollection, VectorCollection,
@@ -155,6 +155,9 @@ pub struct Engine {
     tasks: Mutex<()>,
     /// Cancel flags of the tasks this process runs.
     task_flags: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    /// The lease holder this process's workers poll as ([`RUN_OWNER`], or one name per
+    /// process over a store that processes on other machines share).
+    owner: String,
 }
 
 impl SegmentHost for Engine {
@@ -229,13 +232,23 @@ pub struct FlowStatus {
 impl Engine {
     /// Opens (creating) the data directory `dir`: `state.sqlite` and `collections/`.
     pub fn open(dir: &Path) -> Result<Engine, EngineError> {
+        Engine::open_with_store(dir, None)
+    }
+
+    /// Opens (creating) the data directory `dir` with the state store `store`: `None` or an
+    /// empty string for the embedded `state.sqlite`, else a `postgres://` URL of a store that
+    /// processes on other machines may share (see [`crate::distributed`]).
+    pub fn open_with_store(dir: &Path, store: Option<&str>) -> Result<Engine, EngineError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             EngineError::Config(format!("data dir {}: cannot create: {e}", dir.display()))
         })?;
         let meta = std::fs::metadata(dir)
             .map_err(|e| EngineError::Config(format!("data dir {}: {e}", dir.display())))?;
-        let store = SqliteStore::open(&dir.join("state.sqlite"))?;
-        let mut engine = Engine::new(Arc::new(store), dir.join("collections"));
+        let store: Arc<dyn StateStore> = match store.filter(|s| !s.is_empty()) {
+            None => Arc::new(SqliteStore::open(&dir.join("state.sqlite"))?),
+            Some(url) => crate::distributed::open_shared_store(url)?,
+        };
+        let mut engine = Engine::new(store, dir.join("collections"));
         // A tuning knob (and what tests use to get many segments from a small corpus).
         if let Some(n) = std::env::var("FRESHINDEX_SEAL_ROWS")
             .ok()
@@ -257,7 +270,13 @@ impl Engine {
 
     /// An engine over any store and collections folder.
     pub fn new(store: Arc<dyn StateStore>, collections_dir: PathBuf) -> Engine {
+        let owner = if store.has_shared_locks() {
+            crate::distributed::process_owner()
+        } else {
+            RUN_OWNER.to_string()
+        };
         Engine {
+            owner,
             store,
             build_dir: collections_dir.with_file_name("index-builds"),
             indexes: Mutex::new(None),
@@ -705,7 +724,10 @@ impl Engine {
             spec,
             spec_fp: processing_fingerprint(spec),
             embed_fp: embed_fingerprint(spec),
-            memo: RunMemo::new(self.store.memo_stats(flow)?.0 == 0),
+            // Over a shared store other processes fill the cache too: nothing is known absent.
+            memo: RunMemo::new(
+                !self.store.has_shared_locks() && self.store.memo_stats(flow)?.0 == 0,
+            ),
             embedder,
             splitter,
             collection,
@@ -902,12 +924,13 @@ impl Engine {
             (items, scan)
         });
         let (prior, mut scan): (Vec<ItemRecord>, _) = (prior?, scan?);
-        let ctx = self.ctx_into(flow, spec, progress, Some(RUN_OWNER.to_string()), target)?;
+        let ctx = self.ctx_into(flow, spec, progress, Some(self.owner.clone()), target)?;
         ctx.tally().summary.items.seen = scan.files.len() as u64;
         ctx.tally().issues(&scan.issues);
 
-        // Leases of a run that died are void: this run holds the data directory.
-        store.unreserve(flow, None, Some(RUN_OWNER), now_ms())?;
+        // Leases of a run that died are void: this run holds the data directory. (Over a
+        // shared store the owner names this process: other processes' leases stay.)
+        store.unreserve(flow, None, Some(&self.owner), now_ms())?;
 
         // Full traversal: push every listed file under the new label.
         let done_label = store
@@ -976,7 +999,11 @@ impl Engine {
             .collect();
         progress.start(Phase::Processing, Some(todo));
         progress.start(Phase::Writing, None);
-        self.work(&ctx, &files, &pending_keys, opts)?;
+        self.work(&ctx, &files, Some(&pending_keys), opts, None)?;
+        if store.has_shared_locks() && opts.queue.is_none() {
+            // Workers of other processes may still hold batches of this run.
+            self.drain_shared(&ctx, &files, opts)?;
+        }
         progress.finish(Phase::Processing);
         progress.finish(Phase::Writing);
 
@@ -984,15 +1011,26 @@ impl Engine {
         ctx.into_summary(started)
     }
 
-    /// The workers of a run, and the heartbeat that keeps their leases.
+    /// The workers of a run, and the heartbeat that keeps their leases. `pending_keys`: the
+    /// items whose writes were cut short, when the caller knows them (a traversal loaded
+    /// every entry); `None` looks each batch's lineage up. `after_batch` is called after
+    /// each batch a worker wrote. `opts.workers` may be 0 only over a shared store (the run
+    /// leaves the work to other processes' workers).
     pub(crate) fn work(
         &self,
         ctx: &Ctx<'_>,
         files: &HashMap<String, ScannedFile>,
-        pending_keys: &HashSet<String>,
+        pending_keys: Option<&HashSet<String>>,
         opts: &RunOptions<'_>,
+        after_batch: Option<&(dyn Fn(&Ctx<'_>) + Sync)>,
     ) -> Result<(), EngineError> {
         let store = self.store.as_ref();
+        let owner = self.owner.as_str();
+        let n_workers = if store.has_shared_locks() && crate::distributed::shared_target(ctx.spec) {
+            opts.workers
+        } else {
+            opts.workers.max(1)
+        };
         let flow = ctx.flow;
         let lease_ms = opts.lease_ms.max(1);
         let batch_items = opts.batch_items.max(1);
@@ -1005,12 +1043,12 @@ impl Engine {
                     beat_rx.recv_timeout(every)
                 {
                     let now = now_ms();
-                    if let Err(e) = store.heartbeat(flow, RUN_OWNER, now + lease_ms, now) {
+                    if let Err(e) = store.heartbeat(flow, owner, now + lease_ms, now) {
                         tracing::warn!("extending leases: {e}");
                     }
                 }
             });
-            let workers: Vec<_> = (0..opts.workers.max(1))
+            let workers: Vec<_> = (0..n_workers)
                 .map(|_| {
                     let stop = &stop;
                     scope.spawn(move || -> Result<(), EngineError> {
@@ -1028,27 +1066,49 @@ impl Engine {
                                 queue: opts.queue.map(str::to_string),
                                 limit: size,
                                 statuses: Vec::new(),
-                                owner: RUN_OWNER.to_string(),
+                                owner: owner.to_string(),
                                 lease_ms,
                             };
-                            let entries = store.poll(flow, &req, now_ms())?;
+                            let polled_ms = now_ms();
+                            let entries = store.poll(flow, &req, polled_ms)?;
                             if entries.is_empty() {
                                 break;
                             }
                             size = (size * 2).min(batch_items);
                             let n = entries.len() as u64;
-                            let work = entries
+                            let pending_here: HashSet<String> = match pending_keys {
+                                Some(_) => HashSet::new(),
+                                None => {
+                                    let keys: Vec<&str> =
+                                        entries.iter().map(|e| e.item.key.as_str()).collect();
+                                    store
+                                        .lineage(flow, &keys)?
+                                        .into_iter()
+                                        .filter(|(_, l)| !l.pending.is_empty())
+                                        .map(|(k, _)| k)
+                                        .collect()
+                                }
+                            };
+                            let work: Vec<Work> = entries
                                 .into_iter()
                                 .map(|e| Work::File {
                                     file: files
                                         .get(&e.item.key)
                                         .cloned()
                                         .or_else(|| ctx.stat_unlisted(&e.item.key)),
-                                    has_pending: pending_keys.contains(&e.item.key),
+                                    has_pending: pending_keys
+                                        .unwrap_or(&pending_here)
+                                        .contains(&e.item.key),
                                     entry: e.item,
                                 })
                                 .collect();
+                            let keys: Option<Vec<String>> = work_log().map(|_| {
+                                entries_keys(&work)
+                            });
                             let result = ctx.process(work);
+                            if let (Some(keys), Ok(refused)) = (&keys, &result) {
+                                log_work(owner, keys, refused, polled_ms);
+                            }
                             match result {
                                 Ok(refused) => {
                                     // Another holder owns these now; it writes them.
@@ -1066,6 +1126,9 @@ impl Engine {
                                 }
                             }
                             ctx.progress.inc(Phase::Processing, n);
+                            if let Some(after) = after_batch {
+                                after(ctx);
+                            }
                         }
                         Ok(())
                     })
@@ -1089,23 +1152,33 @@ impl Engine {
             let _ = beat.join();
             // A failed run leaves no lease behind: its entries are pollable at once.
             if result.is_err() {
-                let _ = store.unreserve(flow, None, Some(RUN_OWNER), now_ms());
+                let _ = store.unreserve(flow, None, Some(owner), now_ms());
             }
             result
         })
     }
 
     /// Takes the run lock of flow `flow` (`<data-dir>/locks/flow-<name>.lock`, flow names are
-    /// valid file names), or says that another run of the flow holds it. Runs of different
-    /// flows go on side by side; two runs of one flow never do, in this process or another.
-    pub(crate) fn lock(&self, flow: &str) -> Result<Option<std::fs::File>, EngineError> {
+    /// valid file names; over a shared store, the store's lock `flow:<name>`), or says that
+    /// another run of the flow holds it. Runs of different flows go on side by side; two runs
+    /// of one flow never do, in this process or another (on this machine or, over a shared
+    /// store, on any).
+    pub(crate) fn lock(&self, flow: &str) -> Result<Option<RunLock>, EngineError> {
+        if self.store.has_shared_locks() {
+            return match self.store.try_lock(&format!("flow:{flow}"))? {
+                Some(l) => Ok(Some(RunLock::Store(l))),
+                None => Err(EngineError::Busy(format!(
+                    "another run of flow `{flow}` is going in a process that shares the state store; wait for it to finish"
+                ))),
+            };
+        }
         let Some(dir) = self.data_dir() else {
             return Ok(None);
         };
         let path = dir.join("locks").join(format!("flow-{flow}.lock"));
         let file = open_lock_file(&path)?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(file)),
+            Ok(()) => Ok(Some(RunLock::File(file))),
             Err(std::fs::TryLockError::WouldBlock) => Err(EngineError::Busy(format!(
                 "another run of flow `{flow}` is going (lock {}); wait for it to finish",
                 path.display()
@@ -1117,10 +1190,25 @@ impl Engine {
         }
     }
 
-    /// Waits for the data directory's registry lock (`<data-dir>/locks/registry.lock`), held
-    /// while a flow's spec is checked against the others and stored, so that two processes
-    /// cannot give one collection to two flows.
-    fn registry_lock(&self) -> Result<Option<std::fs::File>, EngineError> {
+    /// Waits for the registry lock (`<data-dir>/locks/registry.lock`, or the shared store's
+    /// lock `registry`), held while a flow's spec is checked against the others and stored,
+    /// so that two processes cannot give one collection to two flows.
+    fn registry_lock(&self) -> Result<Option<RunLock>, EngineError> {
+        if self.store.has_shared_locks() {
+            let deadline = Instant::now() + std::time::Duration::from_secs(120);
+            loop {
+                if let Some(l) = self.store.try_lock("registry")? {
+                    return Ok(Some(RunLock::Store(l)));
+                }
+                if Instant::now() > deadline {
+                    return Err(EngineError::Busy(
+                        "the flow registry of the shared state store stayed locked for 2 minutes"
+                            .into(),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         let Some(dir) = self.data_dir() else {
             return Ok(None);
         };
@@ -1128,7 +1216,12 @@ impl Engine {
         let file = open_lock_file(&path)?;
         file.lock()
             .map_err(|e| EngineError::Internal(format!("lock file {}: {e}", path.display())))?;
-        Ok(Some(file))
+        Ok(Some(RunLock::File(file)))
+    }
+
+    /// The lease holder this process's workers poll as.
+    pub fn run_owner(&self) -> &str {
+        &self.owner
     }
 
     /// The flow's target changed: deletes every row it tracked (and any pending key) from
@@ -1398,6 +1491,58 @@ pub(crate) fn check_steps(spec: &FlowSpec) -> Result<(), EngineError> {
     embedder_for(spec.embed()).map_err(EngineError::Config)?;
     Splitter::new(spec.split()).map_err(EngineError::Config)?;
     Ok(())
+}
+
+/// `FRESHINDEX_WORK_LOG=PATH`: every batch a worker wrote appends one line per item to
+/// `PATH` — lease holder, key, poll time, end time (ms), and `refused` when the fence
+/// refused it — so that tests can check that no item was processed by two workers at once.
+fn work_log() -> Option<std::path::PathBuf> {
+    std::env::var_os("FRESHINDEX_WORK_LOG").map(std::path::PathBuf::from)
+}
+
+fn entries_keys(work: &[Work]) -> Vec<String> {
+    work.iter()
+        .filter_map(|w| match w {
+            Work::File { entry, .. } => Some(entry.key.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn log_work(owner: &str, keys: &[String], refused: &[FenceError], polled_ms: i64) {
+    use std::io::Write as _;
+    let Some(path) = work_log() else { return };
+    let refused: HashSet<&str> = refused.iter().map(FenceError::key).collect();
+    let done = now_ms();
+    let mut text = String::new();
+    for k in keys {
+        let flag = if refused.contains(k.as_str()) {
+            "\trefused"
+        } else {
+            ""
+        };
+        text.push_str(&format!("{owner}\t{k}\t{polled_ms}\t{done}{flag}\n"));
+    }
+    // One append per batch: lines of concurrent writers do not interleave.
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!("work log {}: {e}", path.display());
+    }
+}
+
+/// A held run lock: a lock file of the data directory, or a lock of a shared state store.
+/// Dropping it releases the lock (held, never read).
+#[derive(Debug)]
+#[allow(dead_code)]
+pub(crate) enum RunLock {
+    /// An exclusive lock on a file of `<data-dir>/locks/`.
+    File(std::fs::File),
+    /// A lock of the shared state store.
+    Store(freshindex_store::StoreLock),
 }
 
 /// Opens (creating it and its folder) a lock file.

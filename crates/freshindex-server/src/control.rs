@@ -36,6 +36,14 @@ use crate::now_ms;
 /// The scheduler thread wakes at least this often (a wall-clock change is seen by then).
 pub const MAX_SLEEP_MS: i64 = 60_000;
 
+/// Over a shared store: how often a process that is not the scheduler tries to become it
+/// (and how long a leader sleeps at most, so that it notices a lost lock).
+const LEADER_RETRY_MS: u64 = 1_000;
+
+/// Over a shared store: how often the leader reads the flows again (definitions stored by
+/// other processes).
+const RELOAD_MS: i64 = 10_000;
+
 /// A live flow that fails waits this long before its first restart, doubling up to
 /// [`LIVE_RESTART_MAX`].
 const LIVE_RESTART_MIN: Duration = Duration::from_secs(1);
@@ -54,6 +62,10 @@ pub struct ControlOptions {
     pub max_concurrent_runs: usize,
     /// Whether schedules and live flows are served at all (off: on-demand runs only).
     pub scheduler: bool,
+    /// Worker threads of the runs this process starts (`None`: one per core; `Some(0)`:
+    /// over a shared store, the runs of flows with a shared target leave processing to the
+    /// workers of other processes).
+    pub run_workers: Option<usize>,
 }
 
 /// Why a control-plane request was refused.
@@ -365,12 +377,14 @@ impl Control {
                 )))
             }),
             None => {
+                let defaults = RunOptions::default();
                 let result = self.engine.run(
                     spec,
                     &RunOptions {
                         trigger,
                         cancel: Some(&self.stopping),
-                        ..RunOptions::default()
+                        workers: self.opts.run_workers.unwrap_or(defaults.workers),
+                        ..defaults
                     },
                 );
                 if let Ok(summary) = &result {
@@ -405,12 +419,50 @@ impl Control {
     }
 
     fn scheduler_loop(self: Arc<Self>) {
+        let shared = self.engine.store().has_shared_locks();
+        let mut leader: Option<freshindex_store::StoreLock> = None;
+        let mut reloaded = 0i64;
         let mut st = lock(&self.state);
         loop {
             if st.stop {
                 return;
             }
             let now = now_ms();
+            if shared {
+                // One scheduler acts at a time among the processes sharing the store: the
+                // holder of its lock `scheduler`. Another takes over when the leader's
+                // session ends (the process died, or lost the database).
+                drop(st);
+                let was = leader.as_ref().is_some_and(|l| l.is_held());
+                if !was {
+                    leader = match self.engine.store().try_lock("scheduler") {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!("scheduler: taking the leader lock: {e}");
+                            None
+                        }
+                    };
+                }
+                let is = leader.is_some();
+                if is && (!was || now - reloaded > RELOAD_MS) {
+                    if !was {
+                        tracing::info!("this process is the scheduler now (leader)");
+                    }
+                    // Definitions may have changed in other processes; a new leader also
+                    // takes up the failure counts the histories tell.
+                    self.reload_flows(now, !was);
+                    reloaded = now;
+                }
+                st = lock(&self.state);
+                if !is {
+                    st = self
+                        .wake
+                        .wait_timeout(st, Duration::from_millis(LEADER_RETRY_MS))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    continue;
+                }
+            }
             st.dirty = false;
             let actions = st.sched.tick(now);
             if !actions.is_empty() {
@@ -424,16 +476,46 @@ impl Control {
             if st.dirty {
                 continue;
             }
+            let most = if shared {
+                LEADER_RETRY_MS as i64
+            } else {
+                MAX_SLEEP_MS
+            };
             let sleep = st
                 .sched
                 .next_wakeup()
-                .map_or(MAX_SLEEP_MS, |at| at.saturating_sub(now))
-                .clamp(1, MAX_SLEEP_MS);
+                .map_or(most, |at| at.saturating_sub(now))
+                .clamp(1, most);
             st = self
                 .wake
                 .wait_timeout(st, Duration::from_millis(sleep as u64))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+        }
+    }
+
+    /// Gives the scheduler every stored flow again, with the failure counts their histories
+    /// tell (a new leader, or definitions changed by other processes).
+    fn reload_flows(&self, now: i64, restore: bool) {
+        let flows = match self.engine.stored_flows() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("scheduler: reading the flows: {e}");
+                return;
+            }
+        };
+        for spec in flows {
+            self.set_flow(&spec, now);
+            if restore
+                && let Ok(history) = self
+                    .engine
+                    .history(&spec.name, freshindex_store::RUNS_KEPT as usize)
+                && let (failures, Some(last)) = failures_in(&history)
+            {
+                lock(&self.state)
+                    .sched
+                    .restore_failures(&spec.name, failures, last);
+            }
         }
     }
 

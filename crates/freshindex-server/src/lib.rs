@@ -21,6 +21,7 @@ pub mod metrics;
 mod routes;
 mod tasks;
 pub mod wire;
+mod worker;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -46,6 +47,11 @@ pub const MAX_BLOCKING_THREADS: usize = 16;
 pub struct ServeOptions {
     /// The data directory.
     pub data_dir: PathBuf,
+    /// The state store: `None` for the data directory's embedded SQLite store, else a
+    /// `postgres://` URL of a store shared by every process of a deployment.
+    pub store: Option<String>,
+    /// What this process does in a deployment of several.
+    pub role: Role,
     /// Flows of the config file, registered at start.
     pub flows: Vec<FlowSpec>,
     /// Address to listen on.
@@ -61,6 +67,37 @@ pub struct ServeOptions {
     pub index_threads: usize,
     /// An index node is declared lost after this long without a heartbeat.
     pub index_heartbeat_timeout: Duration,
+}
+
+/// What a `serve` process does among several that share a state store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Everything: the API, the scheduler (as the leader, over a shared store), live flows,
+    /// reindex tasks, and a worker that helps other processes' runs.
+    #[default]
+    All,
+    /// The API and a worker: processes leased batches of the runs in progress (of flows whose
+    /// target every process reaches); never starts a run itself.
+    Worker,
+    /// The API and the scheduler (one leader at a time over a shared store): starts runs,
+    /// which scan, push and delete, and leave the processing of flows with a shared target to
+    /// the workers.
+    Scheduler,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "all" => Ok(Role::All),
+            "worker" => Ok(Role::Worker),
+            "scheduler" => Ok(Role::Scheduler),
+            other => Err(format!(
+                "unknown role `{other}`; expected `all`, `worker` or `scheduler`"
+            )),
+        }
+    }
 }
 
 /// Why the server could not start or stop cleanly.
@@ -257,10 +294,19 @@ impl AppState {
 
 /// Opens the data directory, registers the config's flows and builds the shared state.
 fn prepare(opts: &ServeOptions) -> Result<Arc<AppState>, ServeError> {
-    let engine = Engine::open(&opts.data_dir).map_err(|source| ServeError::Engine {
-        context: format!("data dir {}", opts.data_dir.display()),
-        source,
-    })?;
+    let engine =
+        Engine::open_with_store(&opts.data_dir, opts.store.as_deref()).map_err(|source| {
+            ServeError::Engine {
+                context: match &opts.store {
+                    Some(url) => format!(
+                        "state store {}",
+                        freshindex_engine::distributed::redact(url)
+                    ),
+                    None => format!("data dir {}", opts.data_dir.display()),
+                },
+                source,
+            }
+        })?;
     let mut flows = BTreeMap::new();
     for spec in &opts.flows {
         control::check_servable(spec, opts.control.min_schedule_interval).map_err(|message| {
@@ -357,7 +403,15 @@ pub fn run(
                 source,
             })?;
         let index_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        {
+        if opts.role != Role::Scheduler && state.engine.store().has_shared_locks() {
+            worker::start(
+                Arc::clone(&state.engine),
+                opts.lease,
+                Arc::clone(&index_stop),
+            )
+            .map_err(io("starting the worker"))?;
+        }
+        if opts.role != Role::Worker {
             // Reindex tasks: started or resumed by their own thread. A switch gives a flow's
             // name another state (id): the name is looked up again.
             let weak = Arc::downgrade(&state);

@@ -858,6 +858,8 @@ mod tests {
         .expect("push config");
         prepare(&ServeOptions {
             data_dir: dir.to_path_buf(),
+            store: None,
+            role: crate::Role::All,
             flows: config.flows,
             listen: ([127, 0, 0, 1], 0).into(),
             token: None,
@@ -866,6 +868,7 @@ mod tests {
                 min_schedule_interval: freshindex_core::schedule::DEFAULT_MIN_SCHEDULE_INTERVAL,
                 max_concurrent_runs: 2,
                 scheduler: true,
+                run_workers: None,
             },
             index_threads: 0,
             index_heartbeat_timeout: Duration::from_secs(30),

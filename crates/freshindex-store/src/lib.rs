@@ -8,16 +8,26 @@
 //! - [`MemoStore`]: the content-addressed memo cache of expensive step results, with garbage
 //!   collection of entries no tracked row uses.
 //! - [`RunStore`]: the execution history: every run (and skipped occurrence) of a flow.
+//! - [`IndexRecordStore`]: the index service's records.
+//! - [`LockStore`]: named locks held across processes (shared by machines on PostgreSQL).
 //!
 //! [`SqliteStore`] is the embedded backend (one file, no threads of its own; calls are
-//! serialized by a mutex). Nothing above this crate sees SQL: a PostgreSQL backend implements
-//! the same traits.
+//! serialized by a mutex). [`PgStore`] keeps the same state in a PostgreSQL database shared
+//! by many processes and machines. Nothing above this crate sees SQL; [`open_store`] opens a
+//! store named by a URL.
 
+mod pg;
+mod pg_items;
+mod rows;
 pub mod rules;
 mod sqlite;
 mod sqlite_items;
 mod types;
 
+use std::path::Path;
+use std::sync::Arc;
+
+pub use pg::{DEFAULT_RETRY_LIMIT, PgStore};
 pub use sqlite::SqliteStore;
 pub use types::*;
 
@@ -333,4 +343,23 @@ impl<
         + Sync,
 > StateStore for T
 {
+}
+
+/// Opens the store a URL names: `postgres://…` or `postgresql://…` connects a [`PgStore`]
+/// (see [`PgStore::connect`]). Any other value is refused with an error naming it: the
+/// embedded store is no URL, it is `state.sqlite` in the data directory, which the caller
+/// opens itself when no store is named. `data_dir` is the caller's data directory (unused by
+/// PostgreSQL; kept so that stores living beside the data can be added).
+pub fn open_store(spec: &str, data_dir: &Path) -> Result<Arc<dyn StateStore>> {
+    let _ = data_dir;
+    let spec = spec.trim();
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        return Ok(Arc::new(PgStore::connect(spec)?));
+    }
+    let shown = pg::redact_url(spec);
+    Err(StoreError::Invalid(format!(
+        "state store `{shown}` is not supported: give a PostgreSQL URL \
+         (`postgres://user@host:5432/database`), or name no store to use `state.sqlite` in \
+         the data directory"
+    )))
 }

@@ -4,9 +4,9 @@
 use freshindex_core::PushType;
 use freshindex_store::{
     BatchCommit, FenceCheck, FenceError, Fingerprint, FlowStore, ItemChange, ItemRecord,
-    ItemStatus, ItemStore, ListRequest, PollRequest, PushItem, PushKind, PushRejection, RUNS_KEPT,
-    RunEnd, RunId, RunRecord, RunState, RunStore, SqliteStore, StateStore, StoreError, TrackedRow,
-    Trigger,
+    ItemStatus, ItemStore, ListRequest, PgStore, PollRequest, PushItem, PushKind, PushRejection,
+    RUNS_KEPT, RunEnd, RunId, RunRecord, RunState, RunStore, SqliteStore, StateStore, StoreError,
+    TrackedRow, Trigger,
 };
 
 fn fp(n: u8) -> Fingerprint {
@@ -938,6 +938,98 @@ fn sqlite_file_keeps_the_contract_and_persists() {
             "{name}: state persisted"
         );
     }
+}
+
+#[test]
+fn postgres_keeps_the_contract_and_persists() {
+    let pg = freshindex_testpg::TestPg::start();
+    for (name, check) in CHECKS {
+        let url = pg.create_database(name);
+        let s = PgStore::connect(&url).expect("connect");
+        eprintln!("check {name}");
+        check(&s);
+        drop(s);
+        // A new connection (another process) sees the same state.
+        let s = PgStore::connect(&url).expect("reconnect");
+        assert!(
+            !s.flows().expect("flows").is_empty(),
+            "{name}: state persisted"
+        );
+    }
+}
+
+#[test]
+fn postgres_schema_is_versioned() {
+    let pg = freshindex_testpg::TestPg::start();
+    let url = pg.create_database("versions");
+    let s = PgStore::connect(&url).expect("create the schema");
+    let f = s.register_flow("docs", "{}").expect("register");
+    drop(s);
+    let version = |db: &str| {
+        pg.psql(
+            db,
+            "SELECT value FROM freshindex.meta WHERE key = 'schema_version'",
+        )
+    };
+    assert_eq!(version("versions"), "1");
+    // Connecting to an up-to-date database writes nothing: the meta row and the tables are
+    // the ones the first connect made.
+    let state = |db: &str| {
+        pg.psql(
+            db,
+            "SELECT xmin::text || ' ' || (SELECT string_agg(relname || ':' || xmin::text, ',' \
+             ORDER BY relname) FROM pg_class WHERE relnamespace = 'freshindex'::regnamespace) \
+             FROM freshindex.meta",
+        )
+    };
+    let before = state("versions");
+    let s = PgStore::connect(&url).expect("reconnect");
+    assert_eq!(state("versions"), before);
+    assert_eq!(s.flow("docs").expect("flow").map(|r| r.id), Some(f));
+    drop(s);
+    // Processes that start at once on an empty database migrate it once between them.
+    let url2 = pg.create_database("race");
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| PgStore::connect(&url2).map(drop)))
+            .collect();
+        for h in handles {
+            h.join()
+                .expect("connect thread")
+                .expect("concurrent connect");
+        }
+    });
+    assert_eq!(version("race"), "1");
+    // A database a newer release migrated is refused, and left as it is.
+    pg.psql(
+        "versions",
+        "UPDATE freshindex.meta SET value = '99' WHERE key = 'schema_version'",
+    );
+    match PgStore::connect(&url) {
+        Err(StoreError::SchemaTooNew { found, supported }) => {
+            assert_eq!((found, supported), (99, 1));
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+    assert_eq!(version("versions"), "99");
+    // Errors name what failed: a database that does not exist is not retried.
+    let started = std::time::Instant::now();
+    let err = PgStore::connect(&pg.db_url("missing")).expect_err("no such database");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let text = err.to_string();
+    assert!(
+        text.contains("127.0.0.1") && text.contains("missing"),
+        "{text}"
+    );
+    // `open_store` takes PostgreSQL URLs only, naming any other value.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opened = freshindex_store::open_store(&url2, dir.path()).expect("open_store");
+    assert!(opened.has_shared_locks());
+    let err = freshindex_store::open_store("mysql://u:pw@h/db", dir.path())
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("mysql://u:***@h/db"), "{text}");
 }
 
 /// The schema of version 1 (file metadata per item), as that release created it.

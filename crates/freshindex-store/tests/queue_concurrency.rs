@@ -1,15 +1,16 @@
 //! The indexing queue under concurrent workers: every entry is delivered to exactly one
 //! worker while its lease holds, an expired lease passes the entry to another worker and
 //! fences the first one out, and a heartbeat keeps a lease alive. Time is injected (`now_ms`
-//! values); nothing sleeps.
+//! values); nothing sleeps. The checks run on SQLite and on PostgreSQL, where every worker has
+//! a store of its own (its own connections, as a separate process would).
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Barrier};
 
 use freshindex_store::{
-    BatchCommit, FenceCheck, FenceError, FlowId, FlowStore, ItemChange, ItemRecord, ItemStatus,
-    ItemStore, LineageStore, PollRequest, PushItem, PushKind, SqliteStore,
+    BatchCommit, FenceCheck, FenceError, FlowId, ItemChange, ItemRecord, ItemStatus, PgStore,
+    PollRequest, PushItem, PushKind, SqliteStore, StateStore,
 };
 
 const T0: i64 = 1_700_000_000_000;
@@ -24,7 +25,7 @@ fn content_of(key: &str) -> String {
 }
 
 /// Pushes `n` new items (with content hashes) in batches of 1,000.
-fn push_items(s: &SqliteStore, f: FlowId, n: usize, now_ms: i64) {
+fn push_items(s: &dyn StateStore, f: FlowId, n: usize, now_ms: i64) {
     let keys: Vec<usize> = (0..n).collect();
     for chunk in keys.chunks(1_000) {
         let items: Vec<PushItem> = chunk
@@ -65,7 +66,7 @@ fn owner_checks(owner: &str, keys: &[String]) -> Vec<FenceCheck> {
 }
 
 /// Indexes the keys as `ACCEPTED` (an empty row set) in one commit.
-fn index(s: &SqliteStore, f: FlowId, keys: &[String], now_ms: i64) {
+fn index(s: &dyn StateStore, f: FlowId, keys: &[String], now_ms: i64) {
     let items = keys
         .iter()
         .map(|k| {
@@ -93,20 +94,21 @@ fn keys_of(entries: &[freshindex_store::QueueEntry]) -> Vec<String> {
     entries.iter().map(|e| e.item.key.clone()).collect()
 }
 
-#[test]
-fn eight_workers_index_ten_thousand_items_exactly_once() {
+/// Eight workers, each on its own store handle from `stores` (cycled), poll, fence and index
+/// ten thousand items.
+fn eight_workers_index_exactly_once(stores: &[Arc<dyn StateStore>]) {
     const ITEMS: usize = 10_000;
     const WORKERS: usize = 8;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(SqliteStore::open(&dir.path().join("q.sqlite")).expect("open"));
+    let store = stores[0].clone();
     let f = store.register_flow("f", "{}").expect("register");
-    push_items(&store, f, ITEMS, T0);
+    push_items(&*store, f, ITEMS, T0);
     // The fake clock moves one millisecond per call: leases (30 s) never expire here.
     let clock = Arc::new(AtomicI64::new(T0));
     let start = Arc::new(Barrier::new(WORKERS));
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let (store, clock, start) = (store.clone(), clock.clone(), start.clone());
+            let store = stores[w % stores.len()].clone();
+            let (clock, start) = (clock.clone(), start.clone());
             std::thread::spawn(move || {
                 let owner = format!("w{w}");
                 let mut received = Vec::new();
@@ -132,7 +134,7 @@ fn eight_workers_index_ten_thousand_items_exactly_once() {
                         fenced.iter().all(Result::is_ok),
                         "{owner} lost a lease it holds: {fenced:?}"
                     );
-                    index(&store, f, &keys, clock.fetch_add(1, Ordering::SeqCst));
+                    index(&*store, f, &keys, clock.fetch_add(1, Ordering::SeqCst));
                     received.extend(keys);
                 }
                 received
@@ -175,11 +177,38 @@ fn eight_workers_index_ten_thousand_items_exactly_once() {
 }
 
 #[test]
+fn eight_workers_index_ten_thousand_items_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn StateStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("q.sqlite")).expect("open"));
+    eight_workers_index_exactly_once(&[store]);
+}
+
+#[test]
+fn eight_workers_on_postgres_index_ten_thousand_items_exactly_once() {
+    let pg = freshindex_testpg::TestPg::start();
+    let url = pg.create_database("workers");
+    let stores: Vec<Arc<dyn StateStore>> = (0..8)
+        .map(|_| Arc::new(PgStore::connect(&url).expect("connect")) as Arc<dyn StateStore>)
+        .collect();
+    eight_workers_index_exactly_once(&stores);
+}
+
+#[test]
 fn an_expired_lease_passes_to_another_worker_and_a_heartbeat_keeps_one() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = SqliteStore::open(&dir.path().join("q.sqlite")).expect("open");
+    expired_lease_passes_on(&SqliteStore::open(&dir.path().join("q.sqlite")).expect("open"));
+}
+
+#[test]
+fn an_expired_lease_passes_to_another_worker_on_postgres() {
+    let pg = freshindex_testpg::TestPg::start();
+    expired_lease_passes_on(&PgStore::connect(&pg.create_database("leases")).expect("connect"));
+}
+
+fn expired_lease_passes_on(s: &dyn StateStore) {
     let f = s.register_flow("f", "{}").expect("register");
-    push_items(&s, f, 30, T0);
+    push_items(s, f, 30, T0);
 
     // W1 and W3 each take ten entries at T0 (leases until T0 + 30 s).
     let w1 = keys_of(&s.poll(f, &poll_req("w1", 10), T0).expect("w1 poll"));
@@ -236,13 +265,13 @@ fn an_expired_lease_passes_to_another_worker_and_a_heartbeat_keeps_one() {
         .fence(f, &owner_checks("w3", &w3), now + 6_000)
         .expect("w3 fence");
     assert!(fenced.iter().all(Result::is_ok), "{fenced:?}");
-    index(&s, f, &w3, now + 6_000);
+    index(s, f, &w3, now + 6_000);
     let w2: Vec<String> = keys_of(&taken);
     let fenced = s
         .fence(f, &owner_checks("w2", &w2), now + 7_000)
         .expect("w2 fence");
     assert!(fenced.iter().all(Result::is_ok), "{fenced:?}");
-    index(&s, f, &w2, now + 7_000);
+    index(s, f, &w2, now + 7_000);
     for k in w1.iter().chain(&w3) {
         let e = s.get(f, k).expect("get").expect("entry");
         assert_eq!(e.item.status, ItemStatus::Accepted, "{k}");
@@ -264,9 +293,11 @@ fn an_expired_lease_passes_to_another_worker_and_a_heartbeat_keeps_one() {
 }
 
 /// Pollers released together at one instant (same `now_ms`) split the queue without overlap.
-fn same_instant_pollers_are_disjoint(s: &SqliteStore) {
+/// Poller `p` uses `stores[p % stores.len()]`.
+fn same_instant_pollers_are_disjoint(stores: &[&dyn StateStore]) {
     const ITEMS: usize = 2_000;
     const POLLERS: usize = 8;
+    let s = stores[0];
     let f = s.register_flow("f", "{}").expect("register");
     push_items(s, f, ITEMS, T0);
     let start = Barrier::new(POLLERS);
@@ -274,6 +305,7 @@ fn same_instant_pollers_are_disjoint(s: &SqliteStore) {
         let handles: Vec<_> = (0..POLLERS)
             .map(|p| {
                 let start = &start;
+                let s = stores[p % stores.len()];
                 scope.spawn(move || {
                     let owner = format!("p{p}");
                     let mut mine = Vec::new();
@@ -320,8 +352,20 @@ fn same_instant_pollers_are_disjoint(s: &SqliteStore) {
 #[test]
 fn concurrent_pollers_at_the_same_instant_never_share_an_entry() {
     let dir = tempfile::tempdir().expect("tempdir");
-    same_instant_pollers_are_disjoint(
-        &SqliteStore::open(&dir.path().join("q.sqlite")).expect("open"),
-    );
-    same_instant_pollers_are_disjoint(&SqliteStore::open_in_memory().expect("open"));
+    same_instant_pollers_are_disjoint(&[
+        &SqliteStore::open(&dir.path().join("q.sqlite")).expect("open")
+    ]);
+    same_instant_pollers_are_disjoint(&[&SqliteStore::open_in_memory().expect("open")]);
+}
+
+#[test]
+fn concurrent_pollers_on_postgres_never_share_an_entry() {
+    let pg = freshindex_testpg::TestPg::start();
+    let url = pg.create_database("pollers");
+    // Eight stores, one per poller: eight pools, as eight processes would have.
+    let stores: Vec<PgStore> = (0..8)
+        .map(|_| PgStore::connect(&url).expect("connect"))
+        .collect();
+    let refs: Vec<&dyn StateStore> = stores.iter().map(|s| s as &dyn StateStore).collect();
+    same_instant_pollers_are_disjoint(&refs);
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Subcommand;
 use freshindex_engine::{Engine, default_workers};
 use freshindex_vector::{Metric, VectorCollection};
@@ -119,8 +119,7 @@ fn describe(engine: &Engine, name: &str) -> Result<Value> {
 
 /// Runs a `collections` command on the data directory.
 pub fn run(data_dir: &Path, command: CollectionsCommand) -> Result<()> {
-    let engine =
-        Engine::open(data_dir).with_context(|| format!("data dir {}", data_dir.display()))?;
+    let engine = crate::open_engine(data_dir)?;
     let cols = engine.collections();
     match command {
         CollectionsCommand::List { json } => {

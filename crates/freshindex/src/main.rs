@@ -37,6 +37,10 @@ struct Cli {
     /// Configuration file (default: ./freshindex.toml when it exists).
     #[arg(long, global = true, env = "FRESHINDEX_CONFIG")]
     config: Option<PathBuf>,
+    /// State store shared by every process of a deployment: a postgres:// URL (default: the
+    /// config's `store`, else the data directory's embedded SQLite store).
+    #[arg(long, global = true, env = "FRESHINDEX_STORE", hide_env_values = true)]
+    store: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -201,6 +205,15 @@ enum Command {
         /// builds go to other nodes.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         index_heartbeat_timeout_secs: u64,
+        /// What this process does among several sharing a PostgreSQL store: `all`, `worker`
+        /// (processes the batches of runs in progress, starts none) or `scheduler` (starts
+        /// runs, one leader at a time; leaves processing to the workers).
+        #[arg(long, env = "FRESHINDEX_ROLE", default_value = "all")]
+        role: freshindex_server::Role,
+        /// Worker threads of each run this process starts (default: one per core; with
+        /// `--role scheduler`: 0, the workers of other processes do the work).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
+        run_workers: Option<u16>,
     },
     /// The collections of the local data directory: list, describe, create, drop, alias,
     /// unalias, compact, build-indexes.
@@ -256,7 +269,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The state store every command opens (see [`Cli::store`]), settled once at start.
+static STORE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
 fn run(cli: Cli) -> Result<ExitCode> {
+    let store = cli.store.clone().filter(|s| !s.is_empty()).or_else(|| {
+        config_path(cli.config.as_deref())
+            .and_then(|p| Config::load(&p).ok())
+            .and_then(|c| c.store)
+    });
+    let _ = STORE.set(store);
     match cli.command {
         Command::Init { force } => {
             let path = cli
@@ -283,13 +305,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_scheduler,
             index_threads,
             index_heartbeat_timeout_secs,
+            role,
+            run_workers,
         } => {
             let flows = match config_path(cli.config.as_deref()) {
                 Some(p) => Config::load(&p)?.flows,
                 None => Vec::new(),
             };
+            if role != freshindex_server::Role::All && store_url().is_none() {
+                bail!(
+                    "--role {}: roles divide the work of processes that share a PostgreSQL store; pass --store postgres://… (or set `store` in the config)",
+                    match role {
+                        freshindex_server::Role::Worker => "worker",
+                        _ => "scheduler",
+                    }
+                );
+            }
             serve(freshindex_server::ServeOptions {
                 data_dir: cli.data_dir.clone(),
+                store: store_url().map(str::to_string),
+                role,
                 flows,
                 listen,
                 token,
@@ -297,7 +332,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 control: freshindex_server::ControlOptions {
                     min_schedule_interval,
                     max_concurrent_runs: usize::from(max_concurrent_runs),
-                    scheduler: !no_scheduler,
+                    scheduler: !no_scheduler && role != freshindex_server::Role::Worker,
+                    run_workers: match (run_workers, role) {
+                        (Some(n), _) => Some(usize::from(n)),
+                        (None, freshindex_server::Role::Scheduler) => Some(0),
+                        (None, _) => None,
+                    },
                 },
                 index_threads: usize::from(index_threads),
                 index_heartbeat_timeout: std::time::Duration::from_secs(
@@ -748,8 +788,23 @@ fn serve(opts: freshindex_server::ServeOptions) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_engine(data_dir: &Path) -> Result<Engine> {
-    Engine::open(data_dir).with_context(|| format!("data dir {}", data_dir.display()))
+/// The state store URL the commands use, if not the embedded one.
+fn store_url() -> Option<&'static str> {
+    STORE.get().and_then(|s| s.as_deref())
+}
+
+/// Opens the engine over the data directory and the state store the command line or the
+/// config names.
+pub(crate) fn open_engine(data_dir: &Path) -> Result<Engine> {
+    match store_url() {
+        Some(url) => Engine::open_with_store(data_dir, Some(url)).with_context(|| {
+            format!(
+                "state store {}",
+                freshindex_engine::distributed::redact(url)
+            )
+        }),
+        None => Engine::open(data_dir).with_context(|| format!("data dir {}", data_dir.display())),
+    }
 }
 
 /// The config file to use: the explicit one, or ./freshindex.toml when present.

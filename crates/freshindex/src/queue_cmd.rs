@@ -122,8 +122,7 @@ pub enum QueueCommand {
 
 /// Runs a queue command.
 pub fn run(data_dir: &Path, config: Option<&Path>, cmd: QueueCommand) -> Result<()> {
-    let engine =
-        Engine::open(data_dir).with_context(|| format!("data dir {}", data_dir.display()))?;
+    let engine = crate::open_engine(data_dir)?;
     let mut out = std::io::stdout().lock();
     match cmd {
         QueueCommand::List {

@@ -133,7 +133,7 @@ fn drive(engine: &Engine, id: u64, workers: Option<u16>) -> Result<ReindexTask> 
 
 /// `freshindex reindex` with its options, or one of its subcommands.
 pub fn run(data_dir: &Path, args: ReindexArgs, command: Option<ReindexCommand>) -> Result<bool> {
-    let engine = Engine::open(data_dir)?;
+    let engine = crate::open_engine(data_dir)?;
     match command {
         None => {
             let (Some(flow), Some(to)) = (args.flow, args.to) else {
