@@ -1344,7 +1344,8 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&f).expect("json")).expect("round trip");
         assert_eq!(back, f);
 
-        let cases: [(&dyn Fn(&mut serde_json::Value), &[&str]); 9] = [
+        type Edit<'a> = &'a dyn Fn(&mut serde_json::Value);
+        let cases: [(Edit<'_>, &[&str]); 9] = [
             (&|s| s["url_env"] = "DB_URL".into(), &["url:", "not both"]),
             (
                 &|s| {
