@@ -738,7 +738,9 @@ impl Engine {
         })
     }
 
-    /// Runs a flow once: brings its target in line with its source.
+    /// Runs a flow once: brings its target in line with its source (a full traversal of a
+    /// folder; for a PostgreSQL source, its recent changes and a scan of its keys — see
+    /// [`crate::source::postgres`]).
     ///
     /// The run is recorded in the flow's execution history: `inProgress` once it holds the
     /// data directory (entries a dead process left `inProgress` are marked interrupted first),

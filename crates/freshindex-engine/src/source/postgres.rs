@@ -576,7 +576,11 @@ impl PgSource {
                     pg_error(&e)
                 ))
             })?;
-        Ok(Listener { client, channel })
+        Ok(Listener {
+            client,
+            channel,
+            checked: Instant::now(),
+        })
     }
 
     /// The trigger's and its function's names, and the table, of a flow with `notify`.
@@ -774,10 +778,15 @@ impl RecentChanges for PgSource {
     }
 }
 
+/// A listening connection without notifications is checked this often.
+const LISTEN_CHECK: Duration = Duration::from_secs(5);
+
 /// A connection listening on a flow's channel.
 struct Listener {
     client: Client,
     channel: String,
+    /// When the connection last proved alive.
+    checked: Instant,
 }
 
 /// What a batch of notifications asks for.
@@ -791,22 +800,36 @@ struct Notified {
 
 impl Listener {
     /// Waits up to `wait` for a notification, then gathers more until none came for
-    /// `quiet` or `max_delay` passed since the first. `Ok(None)`: nothing came.
+    /// `quiet` or `max_delay` passed since the first. `Ok(None)`: nothing came. An error
+    /// says the connection is lost (a quiet connection is checked every
+    /// [`LISTEN_CHECK`], so that a server that went away is noticed).
     fn next_batch(
         &mut self,
         wait: Duration,
         quiet: Duration,
         max_delay: Duration,
         key_columns: usize,
-    ) -> Result<Option<Notified>, postgres::Error> {
-        let mut notes = self.client.notifications();
+    ) -> Result<Option<Notified>, String> {
         let first = {
+            let mut notes = self.client.notifications();
             let mut it = notes.timeout_iter(wait);
-            postgres::fallible_iterator::FallibleIterator::next(&mut it)?
+            postgres::fallible_iterator::FallibleIterator::next(&mut it)
+                .map_err(|e| pg_error(&e))?
         };
         let Some(first) = first else {
+            if self.client.is_closed() {
+                return Err("the connection is closed".into());
+            }
+            if self.checked.elapsed() >= LISTEN_CHECK {
+                self.client
+                    .is_valid(Duration::from_secs(5))
+                    .map_err(|e| pg_error(&e))?;
+                self.checked = Instant::now();
+            }
             return Ok(None);
         };
+        self.checked = Instant::now();
+        let mut notes = self.client.notifications();
         let mut batch = Notified::default();
         read_payload(first.payload(), key_columns, &mut batch);
         let started = Instant::now();
@@ -816,7 +839,9 @@ impl Listener {
                 break;
             }
             let mut it = notes.timeout_iter(quiet.min(left));
-            match postgres::fallible_iterator::FallibleIterator::next(&mut it)? {
+            match postgres::fallible_iterator::FallibleIterator::next(&mut it)
+                .map_err(|e| pg_error(&e))?
+            {
                 Some(n) => read_payload(n.payload(), key_columns, &mut batch),
                 None => break,
             }
@@ -1017,6 +1042,7 @@ impl Engine {
         control: &LiveControl,
         report: &mut dyn FnMut(LiveEvent),
     ) -> Result<(), EngineError> {
+        let spec = &self.effective(spec)?;
         let source = PgSource::new(pg)?;
         let keys = pg.key_columns.len();
         // Listening before the first run, so that no change during it is missed.
@@ -1070,8 +1096,7 @@ impl Engine {
                             tracing::warn!(
                                 flow = spec.name,
                                 channel = l.channel,
-                                "listening connection lost ({}); listening again",
-                                pg_error(&e)
+                                "listening connection lost ({e}); listening again"
                             );
                             std::thread::sleep(RECONNECT_PAUSE);
                             *l = source.listen(&spec.name)?;
