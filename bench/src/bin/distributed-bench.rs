@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use freshindex_bench::corpus::Generator;
 use freshindex_bench::http::{Http, Server};
 use freshindex_core::ItemStatus;
 use freshindex_store::{
@@ -27,6 +26,11 @@ use freshindex_store::{
     SqliteStore, StateStore,
 };
 use freshindex_testpg::TestPg;
+
+#[allow(dead_code)]
+#[path = "../corpus.rs"]
+mod corpus;
+use corpus::Generator;
 
 const USAGE: &str = "\
 usage: distributed-bench [--docs N] [--workers LIST] [--queue-items M] [--bin PATH]
@@ -279,7 +283,10 @@ fn main() -> Result<()> {
             secs,
         });
     }
-    println!("\nIndexing {} documents (built-in embedder, PostgreSQL table target)\n", args.docs);
+    println!(
+        "\nIndexing {} documents (built-in embedder, PostgreSQL table target)\n",
+        args.docs
+    );
     println!("| setup | seconds | docs/s | vs baseline |");
     println!("|---|---:|---:|---:|");
     for l in &lines {

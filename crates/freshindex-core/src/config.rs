@@ -137,15 +137,13 @@ impl Config {
             }
             if let Some(other) = flows
                 .iter()
-                .find(|f| f.target.collection() == flow.target.collection())
+                .find(|f| f.target.identity() == flow.target.identity())
             {
                 return Err(err(
                     Some(pos),
                     format!(
-                        "target: flow `{}` writes to collection `{}`, already the target of flow `{}`; give each flow its own collection",
-                        flow.name,
-                        flow.target.collection(),
-                        other.name
+                        "target: flow `{}` writes to {}, already the target of flow `{}`; give each flow its own target",
+                        flow.name, flow.target, other.name
                     ),
                 ));
             }
@@ -291,6 +289,11 @@ batch_size = 64
 [flow.target]
 type = "collection"
 name = "docs"
+# Or a table of a PostgreSQL database (`freshindex setup` creates it; a run does too):
+#   type = "postgres"
+#   url = "postgres://user@host:5432/db"   # or url_env = "VAR", the variable holding it
+#   table = "public.doc_chunks"            # schema.table or a bare name; lower case
+#   vector_type = "auto"                   # "real[]", "vector" (pgvector), or auto: pgvector if installed
 "#;
 
 #[cfg(test)]
@@ -398,7 +401,7 @@ mod tests {
         .expect("minimal config");
         let f = &c.flows[0];
         assert_eq!(f.steps().len(), 3);
-        assert_eq!(f.target.collection(), "a");
+        assert_eq!(f.target.collection(), Some("a"));
         assert_eq!(f.split().chunk_overlap, 200);
         assert_eq!(f.embed().model, "builtin");
     }

@@ -25,7 +25,7 @@ pub use schedule::{
     Schedule, Scheduler, Trigger,
 };
 pub use spec::{
-    DEFAULT_OPENAI_BASE_URL, EmbedSpec, FlowMode, FlowSpec, ModelRef, ParseSpec, PostgresSource,
-    SourceSpec, SplitSpec, StepSpec, TargetSpec,
+    DEFAULT_OPENAI_BASE_URL, EmbedSpec, FlowMode, FlowSpec, ModelRef, ParseSpec, PgVectorType,
+    PostgresSource, PostgresTarget, SourceSpec, SplitSpec, StepSpec, TargetSpec,
 };
 pub use status::ItemStatus;

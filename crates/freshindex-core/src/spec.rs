@@ -1052,6 +1052,8 @@ impl TryFrom<RawEmbedSpec> for EmbedSpec {
 pub enum TargetSpec {
     /// A built-in vector collection in the data directory.
     Collection(CollectionTarget),
+    /// A table of a PostgreSQL database.
+    Postgres(PostgresTarget),
 }
 
 impl<'de> Deserialize<'de> for TargetSpec {
@@ -1059,8 +1061,9 @@ impl<'de> Deserialize<'de> for TargetSpec {
         let (kind, rest) = tagged(d, "type")?;
         match kind.as_str() {
             "collection" => from_value(rest).map(TargetSpec::Collection),
+            "postgres" => from_value(rest).map(TargetSpec::Postgres),
             other => Err(format!(
-                "type: unknown target type `{other}`; expected `collection`"
+                "type: unknown target type `{other}`; expected `collection` or `postgres`"
             )),
         }
         .map_err(D::Error::custom)
@@ -1068,12 +1071,74 @@ impl<'de> Deserialize<'de> for TargetSpec {
 }
 
 impl TargetSpec {
-    /// The collection name.
-    pub fn collection(&self) -> &str {
+    /// The built-in collection's name; `None` for a target outside the data directory.
+    pub fn collection(&self) -> Option<&str> {
         match self {
-            TargetSpec::Collection(c) => &c.name,
+            TargetSpec::Collection(c) => Some(&c.name),
+            TargetSpec::Postgres(_) => None,
         }
     }
+
+    /// The PostgreSQL table, for a `postgres` target.
+    pub fn postgres(&self) -> Option<&PostgresTarget> {
+        match self {
+            TargetSpec::Collection(_) => None,
+            TargetSpec::Postgres(p) => Some(p),
+        }
+    }
+
+    /// The name users know the target by: the collection's name, or the table's.
+    pub fn name(&self) -> &str {
+        match self {
+            TargetSpec::Collection(c) => &c.name,
+            TargetSpec::Postgres(p) => &p.table,
+        }
+    }
+
+    /// What makes two targets the same place: flows whose targets have the same identity
+    /// write the same rows, and a change of identity is a change of target. A collection's
+    /// is its name (part of every row's fingerprint since the first release); a table's is
+    /// its database address (credentials left out, so a new password is not a new target)
+    /// and its name.
+    pub fn identity(&self) -> String {
+        match self {
+            TargetSpec::Collection(c) => c.name.clone(),
+            TargetSpec::Postgres(p) => {
+                let place = match (&p.url, &p.url_env) {
+                    (Some(url), _) => without_credentials(url),
+                    (None, Some(var)) => format!("env:{var}"),
+                    (None, None) => String::new(),
+                };
+                format!("postgres:{place}#{}", p.table)
+            }
+        }
+    }
+}
+
+impl fmt::Display for TargetSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetSpec::Collection(c) => write!(f, "collection `{}`", c.name),
+            TargetSpec::Postgres(p) => write!(f, "PostgreSQL table `{}`", p.table),
+        }
+    }
+}
+
+/// A connection string without its user and password: `postgres://user:pw@host/db` →
+/// `postgres://host/db`; `host=h user=u password=p dbname=d` → `host=h dbname=d`.
+fn without_credentials(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = match rest.find(['/', '?']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        return format!("{scheme}://{host}{tail}");
+    }
+    url.split_whitespace()
+        .filter(|kv| !(kv.starts_with("user=") || kv.starts_with("password=")))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A built-in vector collection.
@@ -1097,6 +1162,139 @@ impl TryFrom<RawCollectionTarget> for CollectionTarget {
         validate_name("name", &raw.name)?;
         Ok(CollectionTarget { name: raw.name })
     }
+}
+
+/// The type of a PostgreSQL target's `vector` column.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PgVectorType {
+    /// pgvector's `vector(DIM)` when the extension is installed in the database, else
+    /// `real[]`; an existing table keeps the type it has.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// `real[]` (searched exactly, scored by freshindex).
+    #[serde(rename = "real[]")]
+    Real,
+    /// pgvector's `vector(DIM)` (searched by the database).
+    #[serde(rename = "vector")]
+    Vector,
+}
+
+/// A table of a PostgreSQL database: one row per chunk (`key`, `source_key`, `text`,
+/// `payload`, `vector`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawPostgresTarget")]
+pub struct PostgresTarget {
+    /// The connection string (`postgres://user@host:5432/db` or `host=... dbname=...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The environment variable holding the connection string (instead of `url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
+    /// The table: `schema.table` or a bare name (found through the search path).
+    pub table: String,
+    /// The type of the `vector` column.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub vector_type: PgVectorType,
+}
+
+fn is_auto(t: &PgVectorType) -> bool {
+    *t == PgVectorType::Auto
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgresTarget {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    url_env: Option<String>,
+    table: String,
+    #[serde(default)]
+    vector_type: PgVectorType,
+}
+
+impl TryFrom<RawPostgresTarget> for PostgresTarget {
+    type Error = String;
+
+    fn try_from(raw: RawPostgresTarget) -> Result<Self, Self::Error> {
+        match (&raw.url, &raw.url_env) {
+            (Some(_), Some(_)) => {
+                return Err("url, url_env: give one of them, not both".into());
+            }
+            (None, None) => {
+                return Err(
+                    "url: missing; give the connection string in `url` or name the environment variable holding it in `url_env`".into(),
+                );
+            }
+            (Some(url), None) if url.trim().is_empty() => return Err("url: is empty".into()),
+            (None, Some(var)) if var.is_empty() || var.contains('=') || var.contains('\0') => {
+                return Err(format!(
+                    "url_env: `{var}` is not an environment variable name"
+                ));
+            }
+            _ => {}
+        }
+        check_pg_table(&raw.table).map_err(|e| format!("table: {e}"))?;
+        Ok(PostgresTarget {
+            url: raw.url,
+            url_env: raw.url_env,
+            table: raw.table,
+            vector_type: raw.vector_type,
+        })
+    }
+}
+
+impl PostgresTarget {
+    /// The connection string: `url`, or the value of the variable `url_env` names.
+    pub fn resolve_url(&self) -> Result<String, String> {
+        match (&self.url, &self.url_env) {
+            (Some(url), _) => Ok(url.clone()),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(v),
+                Ok(_) => Err(format!(
+                    "target.url_env: environment variable `{var}` is empty; it should hold the connection string of table `{}`",
+                    self.table
+                )),
+                Err(_) => Err(format!(
+                    "target.url_env: environment variable `{var}` is not set; it should hold the connection string of table `{}`",
+                    self.table
+                )),
+            },
+            (None, None) => Err(format!(
+                "target: table `{}` has no `url` or `url_env`",
+                self.table
+            )),
+        }
+    }
+}
+
+/// Checks a PostgreSQL table name: `schema.table` or `table`, each part 1 to 63 of
+/// `a-z 0-9 _`, not starting with a digit. Upper case is refused rather than folded:
+/// PostgreSQL folds unquoted names to lower case, and freshindex quotes the names it writes,
+/// so `Docs` would name another table than the one `psql` shows for `Docs`.
+pub fn check_pg_table(table: &str) -> Result<(), String> {
+    let parts: Vec<&str> = table.split('.').collect();
+    if parts.len() > 2 {
+        return Err(format!(
+            "`{table}` has {} dots; write `schema.table` or `table`",
+            parts.len() - 1
+        ));
+    }
+    for part in parts {
+        let ok = !part.is_empty()
+            && part.len() <= 63
+            && !part.starts_with(|c: char| c.is_ascii_digit())
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !ok {
+            return Err(format!(
+                "`{table}`: `{part}` is not a valid name (1 to 63 of a-z, 0-9, `_`, not starting with a digit; lower case only)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A size in bytes, written as an integer or as text such as `"10MiB"`, `"512 KB"`, `"1GB"`.
@@ -1394,6 +1592,89 @@ mod tests {
         assert_eq!(
             q.postgres().and_then(|p| p.query.as_deref()),
             Some("SELECT * FROM docs")
+        );
+    }
+
+    #[test]
+    fn postgres_targets_are_checked_and_round_trip() {
+        let with = |target: serde_json::Value| {
+            flow(serde_json::json!({
+                "name": "a",
+                "source": { "type": "files", "path": "x" },
+                "target": target,
+            }))
+        };
+        let f = with(serde_json::json!({
+            "type": "postgres",
+            "url": "postgres://me:secret@db:5432/app",
+            "table": "public.doc_chunks",
+        }))
+        .expect("postgres target");
+        let p = f.target.postgres().expect("postgres");
+        assert_eq!(p.vector_type, PgVectorType::Auto);
+        assert_eq!(f.target.collection(), None);
+        assert_eq!(f.target.name(), "public.doc_chunks");
+        assert_eq!(
+            f.target.identity(),
+            "postgres:postgres://db:5432/app#public.doc_chunks"
+        );
+        let json = serde_json::to_value(&f).expect("json");
+        assert_eq!(flow(json).expect("round trip"), f);
+        let f = with(serde_json::json!({
+            "type": "postgres", "url_env": "DB_URL", "table": "chunks", "vector_type": "real[]",
+        }))
+        .expect("url_env");
+        assert_eq!(
+            f.target.postgres().map(|p| p.vector_type),
+            Some(PgVectorType::Real)
+        );
+        for (target, words) in [
+            (
+                serde_json::json!({ "type": "postgres", "table": "t" }),
+                &["url", "url_env"][..],
+            ),
+            (
+                serde_json::json!({ "type": "postgres", "url": "u", "url_env": "V", "table": "t" }),
+                &["not both"],
+            ),
+            (
+                serde_json::json!({ "type": "postgres", "url": "u", "table": "a.b.c" }),
+                &["table", "dots"],
+            ),
+            (
+                serde_json::json!({ "type": "postgres", "url": "u", "table": "Docs" }),
+                &["table", "`Docs`", "lower case"],
+            ),
+            (
+                serde_json::json!({ "type": "postgres", "url": "u", "table": "t; drop" }),
+                &["table"],
+            ),
+            (
+                serde_json::json!({ "type": "postgres", "url": "u", "table": "t", "vector_type": "float" }),
+                &["vector_type", "float"],
+            ),
+            (
+                serde_json::json!({ "type": "mysql", "table": "t" }),
+                &["mysql", "postgres"],
+            ),
+        ] {
+            let e = with(target.clone()).expect_err("invalid");
+            for w in words {
+                assert!(e.contains(w), "{target}: `{w}` missing from: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn identities_leave_credentials_out() {
+        assert_eq!(
+            without_credentials("postgresql://u:p@h:1/d?sslmode=disable"),
+            "postgresql://h:1/d?sslmode=disable"
+        );
+        assert_eq!(without_credentials("postgres://h/d"), "postgres://h/d");
+        assert_eq!(
+            without_credentials("host=h user=u password=p dbname=d"),
+            "host=h dbname=d"
         );
     }
 

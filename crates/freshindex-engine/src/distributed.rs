@@ -49,10 +49,7 @@ pub(crate) fn process_owner() -> String {
 /// Opens a shared state store from its URL.
 pub(crate) fn open_shared_store(url: &str) -> Result<Arc<dyn StateStore>, EngineError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err(EngineError::Config(format!(
-            "store {}: PostgreSQL is not built in",
-            redact(url)
-        )))
+        Ok(Arc::new(freshindex_store::PgStore::connect(url)?))
     } else {
         Err(EngineError::Config(format!(
             "store: `{}` is not a state store this program knows; give a postgres:// URL, or nothing for the embedded SQLite store",
@@ -83,7 +80,7 @@ pub fn shared_target(spec: &FlowSpec) -> bool {
 
 /// What a worker did for one run of a flow: its counters, cumulative, rewritten after each of
 /// its batches. Kept as a record of kind `run-work:FLOW_ID:RUN_ID`, id from the worker's
-/// name; the run adds them up when it ends and deletes them.
+/// name and its pass; the run adds them up when it ends and deletes them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WorkerReport {
     /// The worker's lease holder name.
@@ -178,7 +175,7 @@ impl Engine {
                 // A worker writes its counters just after its last commit: a short grace
                 // lets the last report land before the run adds them up.
                 match quiet_since {
-                    Some(t) if t.elapsed() >= std::time::Duration::from_millis(500) => break,
+                    Some(t) if t.elapsed() >= std::time::Duration::from_millis(300) => break,
                     Some(_) => {}
                     None => quiet_since = Some(std::time::Instant::now()),
                 }
@@ -260,7 +257,10 @@ impl Engine {
             // Nothing was listed here: polled entries are stat-ed by their keys.
             ctx.stat_unlisted = true;
             let kind = report_kind(rec.id, run);
-            let id = owner_id(self.run_owner());
+            // One record per pass: each pass counts from zero in a context of its own.
+            static PASS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let pass = PASS.fetch_add(1, Ordering::Relaxed);
+            let id = owner_id(&format!("{}#{pass}", self.run_owner()));
             let done = std::sync::atomic::AtomicU64::new(0);
             let write_report = |ctx: &Ctx<'_>| {
                 let doc = {

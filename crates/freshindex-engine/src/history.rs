@@ -154,7 +154,7 @@ impl Engine {
             // No write of this process (the queue API) may interleave with the reset.
             let _writer = self.writer();
             let (cache_entries, _) = self.store().memo_stats(id)?;
-            let (items, rows_deleted) = self.leave_target(id, spec.target.collection())?;
+            let (items, rows_deleted) = self.leave_target(id, &spec.target)?;
             self.store().reset_flow(id, drop_cache)?;
             Ok(ResetReport {
                 flow: spec.name.clone(),

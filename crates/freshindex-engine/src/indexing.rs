@@ -257,6 +257,10 @@ pub struct IndexServiceOptions {
     pub build_timeout_ms: u64,
     /// The pause after the first failure; it doubles with each one, up to 5 minutes.
     pub retry_pause_ms: u64,
+    /// Prefix of the kinds of the service's records in the store: empty for a store of its
+    /// own; over a store other data directories share, one per data directory, so that the
+    /// services of several directories keep apart (each owns its directory's collections).
+    pub records_prefix: String,
 }
 
 impl IndexServiceOptions {
@@ -268,6 +272,7 @@ impl IndexServiceOptions {
             max_retries: 3,
             retry_pause_ms: 1_000,
             build_timeout_ms: 30 * 60 * 1000,
+            records_prefix: String::new(),
         }
     }
 }
@@ -350,16 +355,22 @@ fn median_max(mut v: Vec<u64>) -> (u64, u64) {
 }
 
 impl IndexService {
+    /// The store kind of the service's records of kind `k`.
+    fn kind(&self, k: &str) -> String {
+        format!("{}{k}", self.opts.records_prefix)
+    }
+
     /// The service over `store`, resuming its recorded state: builds that were in progress
     /// go back to `Unissued` (their nodes belong to a previous life of the service).
     pub fn open(
         store: Arc<dyn StateStore>,
         opts: IndexServiceOptions,
     ) -> Result<IndexService, EngineError> {
-        let indexes: BTreeMap<u64, IndexDef> = load(store.as_ref(), KIND_INDEX)?;
-        let builds: BTreeMap<u64, IndexBuild> = load(store.as_ref(), KIND_BUILD)?;
-        let nodes: BTreeMap<u64, IndexNode> = load(store.as_ref(), KIND_NODE)?;
-        let saved: Counters = load::<Counters>(store.as_ref(), KIND_COUNTERS)?
+        let kind = |k: &str| format!("{}{k}", opts.records_prefix);
+        let indexes: BTreeMap<u64, IndexDef> = load(store.as_ref(), &kind(KIND_INDEX))?;
+        let builds: BTreeMap<u64, IndexBuild> = load(store.as_ref(), &kind(KIND_BUILD))?;
+        let nodes: BTreeMap<u64, IndexNode> = load(store.as_ref(), &kind(KIND_NODE))?;
+        let saved: Counters = load::<Counters>(store.as_ref(), &kind(KIND_COUNTERS))?
             .remove(&0)
             .unwrap_or_default();
         let st = State {
@@ -443,7 +454,7 @@ impl IndexService {
             node: st.next_node,
         };
         self.store
-            .put_index_records(&[(KIND_COUNTERS, 0, json(&c)?)])?;
+            .put_index_records(&[(&self.kind(KIND_COUNTERS), 0, json(&c)?)])?;
         Ok(())
     }
 
@@ -453,15 +464,20 @@ impl IndexService {
         builds: &[IndexBuild],
         nodes: &[IndexNode],
     ) -> Result<(), EngineError> {
+        let (ki, kb, kn) = (
+            self.kind(KIND_INDEX),
+            self.kind(KIND_BUILD),
+            self.kind(KIND_NODE),
+        );
         let mut records = Vec::new();
         for i in indexes {
-            records.push((KIND_INDEX, i.index_id, json(i)?));
+            records.push((ki.as_str(), i.index_id, json(i)?));
         }
         for b in builds {
-            records.push((KIND_BUILD, b.build_id, json(b)?));
+            records.push((kb.as_str(), b.build_id, json(b)?));
         }
         for n in nodes {
-            records.push((KIND_NODE, n.node_id, json(n)?));
+            records.push((kn.as_str(), n.node_id, json(n)?));
         }
         if !records.is_empty() {
             self.store.put_index_records(&records)?;
@@ -691,7 +707,8 @@ impl IndexService {
             .filter(|d| d.collection == collection)
             .map(|d| d.index_id)
             .collect();
-        self.store.delete_index_records(KIND_INDEX, &defs)?;
+        self.store
+            .delete_index_records(&self.kind(KIND_INDEX), &defs)?;
         for id in &defs {
             st.indexes.remove(id);
         }
@@ -769,7 +786,8 @@ impl IndexService {
         }
         self.save(&[], &changed, &[])?;
         if st.nodes.remove(&node_id).is_some() {
-            self.store.delete_index_records(KIND_NODE, &[node_id])?;
+            self.store
+                .delete_index_records(&self.kind(KIND_NODE), &[node_id])?;
         }
         Ok(())
     }

@@ -58,9 +58,10 @@ pub struct IndexOutcome {
 pub struct DeleteReport {
     /// The flow.
     pub flow: String,
-    /// Its target collection.
+    /// Its target collection (or PostgreSQL table).
     pub collection: String,
-    /// Rows the collection held (when it was open or could be opened).
+    /// Rows the collection held (when it was open or could be opened); for a table, the
+    /// rows deleted from it.
     pub rows: Option<u64>,
     /// Whether the collection's files existed and were removed.
     pub collection_dropped: bool,
@@ -80,31 +81,42 @@ impl Engine {
     }
 
     /// Deletes a flow: drops its target collection, then forgets all its state (queue,
-    /// lineage, memo cache, history). Refused with [`EngineError::Busy`] while a run of the
-    /// flow is going. Crash-safe: a deletion cut short leaves the flow defined, and deleting
-    /// it again finishes the job.
+    /// lineage, memo cache, history). A PostgreSQL table is the database's: the rows the
+    /// flow's lineage tracks are deleted from it and the table stays (`freshindex drop`
+    /// removes it). Refused with [`EngineError::Busy`] while a run of the flow is going.
+    /// Crash-safe: a deletion cut short leaves the flow defined, and deleting it again
+    /// finishes the job.
     pub fn delete_flow(&self, flow: &str) -> Result<DeleteReport, EngineError> {
         // A name no flow has names no lock file either.
         self.flow(flow)?;
         let _lock = self.lock(flow)?;
         let (id, spec) = self.flow(flow)?;
         let _writer = self.writer();
-        let collection = &self.collections().resolve(spec.target.collection())?;
-        let rows = self.close_collection(collection);
-        let collection_dropped = self.collections().remove(collection)?;
-        if collection != spec.target.collection() {
-            self.collections().remove_alias(spec.target.collection())?;
-        }
-        if let Some(s) = self.index_service()? {
-            s.forget_collection(collection, crate::run::now_ms())?;
-        }
+        let (collection, rows, collection_dropped) = match spec.target.collection() {
+            Some(name) => {
+                let collection = self.collections().resolve(name)?;
+                let rows = self.close_collection(&collection);
+                let dropped = self.collections().remove(&collection)?;
+                if collection != name {
+                    self.collections().remove_alias(name)?;
+                }
+                if let Some(s) = self.index_service()? {
+                    s.forget_collection(&collection, crate::run::now_ms())?;
+                }
+                (collection, rows, dropped)
+            }
+            None => {
+                let (_, rows) = self.leave_target(id, &spec.target)?;
+                (spec.target.name().to_string(), Some(rows), false)
+            }
+        };
         self.store().delete_flow(id)?;
         drop(_writer);
         // What reindex tasks kept for the flow goes with it.
         self.forget_reindex_state(flow)?;
         Ok(DeleteReport {
             flow: spec.name,
-            collection: collection.to_string(),
+            collection,
             rows,
             collection_dropped,
         })

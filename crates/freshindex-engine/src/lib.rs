@@ -19,6 +19,7 @@ pub mod plan;
 pub(crate) mod process;
 pub mod reindex;
 pub mod run;
+pub mod setup;
 pub mod source;
 pub mod steps;
 pub mod summary;
@@ -78,6 +79,10 @@ impl From<freshindex_vector::VectorError> for EngineError {
             // Another process writes the collection: the same "wait or go through it" as a
             // flow lock held elsewhere.
             freshindex_vector::VectorError::Locked { .. } => EngineError::Busy(e.to_string()),
+            // A table that does not fit the flow: its config, not a passing failure.
+            freshindex_vector::VectorError::Postgres { user: true, .. } => {
+                EngineError::Config(e.to_string())
+            }
             e => EngineError::Target(e),
         }
     }

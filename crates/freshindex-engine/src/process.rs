@@ -11,7 +11,7 @@ use freshindex_store::{
     BatchCommit, FenceCheck, FenceError, FlowId, ItemChange, ItemLineage, ItemRecord, StoreError,
     TrackedRow,
 };
-use freshindex_vector::{SegmentedCollection, VectorCollection, decode_vector, encode_vector};
+use freshindex_vector::{VectorCollection, decode_vector, encode_vector};
 
 use crate::failpoint;
 use crate::plan::{plan_item, row_fp, row_key};
@@ -315,7 +315,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) embedder: std::sync::Arc<dyn Embedder>,
     pub(crate) splitter: Splitter,
     pub(crate) memo: RunMemo,
-    pub(crate) collection: Arc<SegmentedCollection>,
+    /// The target the batches write: a built-in collection or a PostgreSQL table, through
+    /// the same two-phase write.
+    pub(crate) collection: Arc<dyn VectorCollection>,
     pub(crate) tally: Mutex<Tally>,
     pub(crate) progress: &'a dyn Progress,
     /// The lease holder the batches process for (fenced before every write).
@@ -1005,6 +1007,7 @@ impl Ctx<'_> {
         });
         let mut dups: FpMap<u32> = FpMap::default();
         let mut out = Vec::with_capacity(chunks.len());
+        let target = self.spec.target.identity();
         for c in chunks {
             let dup = dups.entry(c.text_fp).or_insert(0);
             let rk = row_key(key, &c.text_fp, *dup);
@@ -1017,14 +1020,7 @@ impl Ctx<'_> {
                     .finish(),
                 None => c.text_fp,
             };
-            let fp = row_fp(
-                self.spec.target.collection(),
-                &rk,
-                key,
-                c.range,
-                &content_fp,
-                &c.memo_key,
-            );
+            let fp = row_fp(&target, &rk, key, c.range, &content_fp, &c.memo_key);
             out.push((
                 Row {
                     key: rk.clone(),

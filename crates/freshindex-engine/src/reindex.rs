@@ -39,7 +39,7 @@ use freshindex_store::{FlowId, ListRequest, PushItem, PushKind};
 use freshindex_vector::VectorCollection;
 use serde::{Deserialize, Serialize};
 
-use crate::run::{NoProgress, Target, now_ms};
+use crate::run::{NoProgress, Target, collection_target, now_ms};
 use crate::source::files;
 use crate::steps::embed::embedder_for;
 use crate::{Engine, EngineError, RunOptions};
@@ -546,6 +546,17 @@ impl Engine {
                 req.flow
             )));
         }
+        if spec.target.postgres().is_some() {
+            let how = if req.deploy_as_blue {
+                "a blue reindex builds a second collection in the data directory and switches an alias to it, and a table has neither"
+            } else {
+                "a reindex task records the model of a built-in collection so searches embed with it, which a table does not keep"
+            };
+            return Err(EngineError::Invalid(format!(
+                "flow `{}` writes to {}: {how}; change the flow's model in its config and run it (`freshindex index`; a model of another dimension needs `freshindex drop` and `freshindex setup` first)",
+                req.flow, spec.target
+            )));
+        }
         let batch_size = req.batch_size.unwrap_or(100);
         if batch_size == 0 || batch_size > 100_000 {
             return Err(EngineError::Invalid(format!(
@@ -562,14 +573,14 @@ impl Engine {
         // The model must load (a missing model is a clear error now, not in the middle).
         let dest = embedder_for(&req.to).map_err(EngineError::Invalid)?;
         if !req.deploy_as_blue
-            && let Ok(Some(c)) = self.existing_collection(spec.target.collection())
+            && let Ok(Some(c)) = self.existing_collection(spec.target.name())
             && c.dimension() != dest.dimension()
         {
             return Err(EngineError::Invalid(format!(
                 "to: `{}` makes {}-dimensional vectors and collection `{}` holds {}-dimensional ones; an in-place reindex keeps the collection, so use deployAsBlue (a new collection)",
                 req.to.model,
                 dest.dimension(),
-                spec.target.collection(),
+                spec.target.name(),
                 c.dimension()
             )));
         }
@@ -702,7 +713,8 @@ impl Engine {
             };
             self.put_deployment(&t.flow, &back)?;
             let (_, spec) = self.flow(&t.flow)?;
-            let physical = self.collections().resolve(spec.target.collection())?;
+            let name = collection_target(&spec, "a reindex task applies to built-in collections")?;
+            let physical = self.collections().resolve(name)?;
             self.set_collection_model(&physical, &t.source)?;
         }
         Ok(())
@@ -961,7 +973,7 @@ impl Engine {
         let dest = embedder_for(&t.dest).map_err(EngineError::Config)?;
         let work_spec = flow_spec.with_embed(t.dest.clone());
         let work_flow = if t.deploy_as_blue {
-            let alias = flow_spec.target.collection();
+            let alias = collection_target(flow_spec, "a blue reindex needs a built-in collection")?;
             let name = format!("{alias}.t{}", t.id);
             // Searches read each collection with its own model, the serving one's too.
             let current = self.collections().resolve(alias)?;
@@ -985,7 +997,9 @@ impl Engine {
                     task: t.id,
                 },
             )?;
-            let physical = self.collections().resolve(flow_spec.target.collection())?;
+            let name =
+                collection_target(flow_spec, "a reindex task applies to built-in collections")?;
+            let physical = self.collections().resolve(name)?;
             self.set_collection_model(&physical, &t.dest)?;
             self.register(&work_spec)?
         };
@@ -1170,7 +1184,11 @@ impl Engine {
             .new_collection
             .clone()
             .ok_or_else(|| EngineError::Internal(format!("task {}: no new collection", t.id)))?;
-        let alias = flow_spec.target.collection().to_string();
+        let alias = collection_target(
+            flow_spec,
+            "a blue reindex switch needs a built-in collection",
+        )?
+        .to_string();
         let w = self.writer();
         let current = self.collections().resolve(&alias)?;
         let old = if current == alias {
@@ -1272,7 +1290,8 @@ impl Engine {
                     prev.collection
                 )));
             }
-            let alias = spec.target.collection().to_string();
+            let alias =
+                collection_target(&spec, "a rollback switches built-in collections")?.to_string();
             let _w = self.writer();
             let current = self.collections().resolve(&alias)?;
             self.collections().set_alias(&alias, &prev.collection)?;

@@ -15,13 +15,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use freshindex_core::queue::DEFAULT_LEASE_MS;
 use freshindex_core::spec::FilesSource;
-use freshindex_core::{FlowSpec, Row, RunState, Trigger};
+use freshindex_core::spec::PostgresTarget;
+use freshindex_core::{FlowSpec, Row, RunState, TargetSpec, Trigger};
 use freshindex_store::{
     BatchCommit, FenceError, FlowId, ItemChange, ItemRecord, PollRequest, PushItem, PushKind,
     RunEnd, RunId, SqliteStore, StateStore, StoreError,
 };
 use freshindex_vector::{
-    Collections, Filter, Metric, SearchHit, SegmentInfo, SegmentedCollection, VectorCollection,
+    Collections, Filter, Metric, PgTable, SearchHit, SegmentInfo, SegmentedCollection,
+    VectorCollection,
 };
 
 use crate::indexing::{IndexService, IndexServiceOptions, SegmentHost};
@@ -144,6 +146,9 @@ pub struct Engine {
     dir: Option<PathBuf>,
     /// Open collections, shared by runs and item operations.
     open: Mutex<HashMap<String, Arc<SegmentedCollection>>>,
+    /// PostgreSQL tables of `postgres` targets, by connection string and table: one
+    /// connection each, shared by runs and item operations.
+    pg_tables: Mutex<HashMap<String, Arc<PgTable>>>,
     /// Serializes two-phase writes, so that a fence check and the write it allows are atomic
     /// with respect to every other write of this process.
     writer: Mutex<()>,
@@ -204,7 +209,7 @@ impl std::fmt::Debug for Engine {
 pub struct Searched {
     /// Hits, best first.
     pub hits: Vec<SearchHit>,
-    /// The collection searched (its physical name).
+    /// The collection searched (its physical name), or the PostgreSQL table.
     pub collection: String,
     /// The model the query was embedded with.
     pub model: String,
@@ -215,8 +220,10 @@ pub struct Searched {
 pub struct FlowStatus {
     /// Flow name.
     pub flow: String,
-    /// Target collection.
+    /// Target collection, or PostgreSQL table.
     pub collection: String,
+    /// The target, described (`collection `docs``, `PostgreSQL table `public.chunks``).
+    pub target: String,
     /// Items by status.
     pub items: BTreeMap<String, u64>,
     /// Rows in the target.
@@ -284,6 +291,7 @@ impl Engine {
             skip_dirs: Vec::new(),
             dir: None,
             open: Mutex::new(HashMap::new()),
+            pg_tables: Mutex::new(HashMap::new()),
             writer: Mutex::new(()),
             tasks: Mutex::new(()),
             task_flags: Mutex::new(HashMap::new()),
@@ -353,11 +361,86 @@ impl Engine {
     pub fn collection_owner(&self, name: &str) -> Result<Option<String>, EngineError> {
         let name = self.collections.resolve(name)?;
         for spec in self.stored_flows()? {
-            if self.collections.resolve(spec.target.collection())? == name {
+            if let Some(c) = spec.target.collection()
+                && self.collections.resolve(c)? == name
+            {
                 return Ok(Some(spec.name));
             }
         }
         Ok(None)
+    }
+
+    /// The handle on a `postgres` target's table, opened once and shared (by connection
+    /// string and table, so a new password gets a new connection).
+    pub(crate) fn pg_table(&self, target: &PostgresTarget) -> Result<Arc<PgTable>, EngineError> {
+        let url = target.resolve_url().map_err(EngineError::Config)?;
+        let key = format!("{url}#{}", target.table);
+        let mut tables = self.pg_tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = tables.get(&key) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(PgTable::new(&url, &target.table)?);
+        tables.insert(key, t.clone());
+        Ok(t)
+    }
+
+    /// The target a flow writes to, ready for vectors of `dimension`: its collection
+    /// (created if missing), or its PostgreSQL table (created if missing, like `freshindex
+    /// setup`; an existing one of another dimension is refused).
+    pub(crate) fn target_writer(
+        &self,
+        target: &TargetSpec,
+        dimension: usize,
+    ) -> Result<Arc<dyn VectorCollection>, EngineError> {
+        match target {
+            TargetSpec::Collection(c) => Ok(self.collection(&c.name, dimension)?),
+            TargetSpec::Postgres(p) => {
+                let table = self.pg_table(p)?;
+                table.ensure_checked(dimension, p.vector_type)?;
+                Ok(table)
+            }
+        }
+    }
+
+    /// Before a full traversal of a flow with a PostgreSQL target: creates its table when it
+    /// is missing. A table created while the flow's lineage tracks rows (someone dropped it)
+    /// holds none of them, so the flow's items are forgotten first and the traversal writes
+    /// them all again (embeddings come from the memo cache).
+    fn prepare_table(&self, flow: FlowId, spec: &FlowSpec) -> Result<(), EngineError> {
+        let Some(p) = spec.target.postgres() else {
+            return Ok(());
+        };
+        let dimension = embedder_for(spec.embed())
+            .map_err(EngineError::Config)?
+            .dimension();
+        if self.pg_table(p)?.ensure(dimension, p.vector_type)?.created {
+            let forgotten = self.forget_items(flow, None)?.0;
+            if forgotten > 0 {
+                tracing::warn!(
+                    table = p.table,
+                    "the table was missing and is created again: its {forgotten} item(s) are indexed again"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The target for writing as it is, without creating it (`None`: it does not exist).
+    pub(crate) fn existing_target(
+        &self,
+        target: &TargetSpec,
+    ) -> Result<Option<Arc<dyn VectorCollection>>, EngineError> {
+        match target {
+            TargetSpec::Collection(c) => Ok(self
+                .existing_collection(&c.name)?
+                .map(|c| c as Arc<dyn VectorCollection>)),
+            TargetSpec::Postgres(p) => {
+                let table = self.pg_table(p)?;
+                Ok(table
+                    .exists()?
+                    .then_some(table as Arc<dyn VectorCollection>))
+            }
+        }
     }
 
     /// Creates collection `name` (or opens it when it exists with this shape) for writing.
@@ -515,7 +598,19 @@ impl Engine {
             }
             None => None,
         };
-        let opts = opts.unwrap_or_else(|| IndexServiceOptions::new(self.build_dir.clone()));
+        let mut opts = opts.unwrap_or_else(|| IndexServiceOptions::new(self.build_dir.clone()));
+        if self.store.has_shared_locks() && opts.records_prefix.is_empty() {
+            // Other data directories share the store: this one's service keeps to its own
+            // records (it serves this directory's collections only).
+            opts.records_prefix = format!(
+                "{}:{}:",
+                crate::distributed::process_owner()
+                    .split(['@', ':'])
+                    .nth(1)
+                    .unwrap_or("host"),
+                self.build_dir.display()
+            );
+        }
         let service = Arc::new(IndexService::open(self.store.clone(), opts)?);
         *slot = Some((service.clone(), lock));
         Ok(Some(service))
@@ -665,22 +760,21 @@ impl Engine {
         })?;
         let _registry = self.registry_lock()?;
         let stored = self.stored_flows()?;
+        let identity = spec.target.identity();
         if let Some(other) = stored
             .iter()
-            .find(|f| f.name != spec.name && f.target.collection() == spec.target.collection())
+            .find(|f| f.name != spec.name && f.target.identity() == identity)
         {
             return Err(EngineError::Config(format!(
-                "flow `{}`: collection `{}` is already the target of flow `{}` in this data directory; give each flow its own collection",
-                spec.name,
-                spec.target.collection(),
-                other.name
+                "flow `{}`: {} is already the target of flow `{}` in this data directory; give each flow its own target",
+                spec.name, spec.target, other.name
             )));
         }
         if let Some(before) = stored.iter().find(|f| f.name == spec.name)
-            && before.target.collection() != spec.target.collection()
+            && before.target.identity() != identity
             && let Some(rec) = self.store.flow(&spec.name)?
         {
-            self.leave_target(rec.id, before.target.collection())?;
+            self.leave_target(rec.id, &before.target)?;
         }
         Ok(self.store.register_flow(&spec.name, &spec_json)?)
     }
@@ -707,10 +801,10 @@ impl Engine {
     ) -> Result<Ctx<'a>, EngineError> {
         let embedder = embedder_for(spec.embed()).map_err(EngineError::Config)?;
         let splitter = Splitter::new(spec.split()).map_err(EngineError::Config)?;
-        let (record, collection) = match target {
+        let (record, collection): (String, Arc<dyn VectorCollection>) = match target {
             Target::Flow => (
                 spec.name.clone(),
-                self.collection(spec.target.collection(), embedder.dimension())?,
+                self.target_writer(&spec.target, embedder.dimension())?,
             ),
             Target::Hidden { record, collection } => (
                 record.clone(),
@@ -769,7 +863,9 @@ impl Engine {
         let summary = self.recorded(flow, opts.trigger, started_ms, || {
             self.run_locked(spec, source, flow, opts, started, &Target::Flow)
         })?;
-        self.after_write(spec.target.collection());
+        if let Some(c) = spec.target.collection() {
+            self.after_write(c);
+        }
         Ok(summary)
     }
 
@@ -914,6 +1010,9 @@ impl Engine {
     ) -> Result<RunSummary, EngineError> {
         let store = self.store.as_ref();
         let progress = opts.progress;
+        if let Target::Flow = target {
+            self.prepare_table(flow, spec)?;
+        }
 
         progress.start(Phase::Scanning, None);
         // Loading the stored entries (CPU in SQLite) overlaps the walk (system calls).
@@ -1233,8 +1332,23 @@ impl Engine {
     /// until this completes, so an interrupted switch is redone. A reset of the flow does the
     /// same with its current target. Returns how many items were forgotten and how many
     /// tracked rows deleted.
-    pub(crate) fn leave_target(&self, flow: FlowId, old: &str) -> Result<(u64, u64), EngineError> {
-        let old = self.existing_collection(old)?;
+    pub(crate) fn leave_target(
+        &self,
+        flow: FlowId,
+        old: &TargetSpec,
+    ) -> Result<(u64, u64), EngineError> {
+        let old = self.existing_target(old)?;
+        self.forget_items(flow, old.as_deref())
+    }
+
+    /// Forgets every item of the flow (queue entries, lineage, pending keys), each part
+    /// after deleting the rows its lineage tracks from `old` when given. Returns how many
+    /// items were forgotten and how many tracked rows they had.
+    fn forget_items(
+        &self,
+        flow: FlowId,
+        old: Option<&dyn VectorCollection>,
+    ) -> Result<(u64, u64), EngineError> {
         let items = self.store.items(flow)?;
         let mut rows = 0u64;
         for part in items.chunks(1024) {
@@ -1244,7 +1358,7 @@ impl Engine {
                 .values()
                 .map(|l| l.tracked.len() as u64)
                 .sum::<u64>();
-            if let Some(old) = &old {
+            if let Some(old) = old {
                 let deletes: Vec<String> = lineage
                     .values()
                     .flat_map(|l| {
@@ -1278,8 +1392,19 @@ impl Engine {
 
     /// The flow's target for reading: the handle this engine writes through when it has one
     /// open, else a read-only snapshot (another process may be writing it).
+    /// A PostgreSQL table is read through this process's handle (created on first use); a
+    /// missing table is [`VectorError::NotFound`](freshindex_vector::VectorError::NotFound).
     fn collection_of(&self, spec: &FlowSpec) -> Result<Arc<dyn VectorCollection>, EngineError> {
-        self.reader(&self.collections.resolve(spec.target.collection())?)
+        match &spec.target {
+            TargetSpec::Collection(c) => self.reader(&self.collections.resolve(&c.name)?),
+            TargetSpec::Postgres(p) => {
+                let table = self.pg_table(p)?;
+                if !table.exists()? {
+                    return Err(freshindex_vector::VectorError::NotFound(p.table.clone()).into());
+                }
+                Ok(table)
+            }
+        }
     }
 
     /// Collection `name` (a physical name) for reading: this process's open handle, or a
@@ -1316,32 +1441,36 @@ impl Engine {
         filter: Option<&Filter>,
     ) -> Result<Searched, EngineError> {
         let (_, spec) = self.stored_flow(flow)?;
+        let Some(name) = spec.target.collection() else {
+            // A table: no aliases, no reindex switch, the flow's own model.
+            let embedder = embedder_for(spec.embed()).map_err(EngineError::Config)?;
+            let v = embed_query(embedder.as_ref(), query)?;
+            let hits = self.collection_of(&spec)?.search(&v, k, filter)?;
+            return Ok(Searched {
+                hits,
+                collection: spec.target.name().to_string(),
+                model: spec.embed().model.clone(),
+            });
+        };
         // A reindex switch moves a collection right after pointing the name elsewhere: a
         // search that resolved the name just before reads the new collection on its retry.
         let mut attempt = 0;
         let (physical, model, hits) = loop {
             attempt += 1;
-            let physical = self.collections.resolve(spec.target.collection())?;
+            let physical = self.collections.resolve(name)?;
             let model = match self.collection_model(&physical)? {
                 Some(m) => m,
                 None => spec.embed().clone(),
             };
             let embedder = embedder_for(&model).map_err(EngineError::Config)?;
-            let v = embedder
-                .embed(&[query])
-                .map_err(|e| EngineError::Config(format!("embedding the query: {e}")))?;
-            let v = v
-                .into_iter()
-                .next()
-                .ok_or_else(|| EngineError::Config("embedder returned no vector".into()))?;
+            let v = embed_query(embedder.as_ref(), query)?;
             match self
                 .reader(&physical)
                 .and_then(|c| Ok(c.search(&v, k, filter)?))
             {
                 Ok(hits) => break (physical, model, hits),
                 Err(EngineError::Target(freshindex_vector::VectorError::NotFound(_)))
-                    if attempt < 3
-                        && self.collections.resolve(spec.target.collection())? != physical => {}
+                    if attempt < 3 && self.collections.resolve(name)? != physical => {}
                 Err(e) => return Err(e),
             }
         };
@@ -1371,7 +1500,7 @@ impl Engine {
                 let msg = e.to_string();
                 failure = Some(e);
                 freshindex_vector::VectorError::Storage {
-                    collection: spec.target.collection().into(),
+                    collection: spec.target.name().into(),
                     message: msg,
                 }
             })
@@ -1408,7 +1537,8 @@ impl Engine {
         };
         Ok(FlowStatus {
             flow: spec.name.clone(),
-            collection: spec.target.collection().to_string(),
+            collection: spec.target.name().to_string(),
+            target: spec.target.to_string(),
             items,
             rows,
             cache_entries,
@@ -1486,6 +1616,33 @@ fn traversal(
         unseen(p, &mut out);
     }
     out
+}
+
+/// The flow's built-in collection; for a target outside the data directory (a PostgreSQL
+/// table), `what` is refused with an error saying why.
+pub(crate) fn collection_target<'s>(
+    spec: &'s FlowSpec,
+    what: &str,
+) -> Result<&'s str, EngineError> {
+    spec.target.collection().ok_or_else(|| {
+        EngineError::Invalid(format!(
+            "flow `{}` writes to {}: {what}",
+            spec.name, spec.target
+        ))
+    })
+}
+
+/// The query's vector.
+fn embed_query(
+    embedder: &dyn crate::steps::embed::Embedder,
+    query: &str,
+) -> Result<Vec<f32>, EngineError> {
+    embedder
+        .embed(&[query])
+        .map_err(|e| EngineError::Config(format!("embedding the query: {e}")))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| EngineError::Config("embedder returned no vector".into()))
 }
 
 /// Checks that the flow's steps can be built (a known model, a valid splitter).

@@ -347,7 +347,7 @@ fn live_mode_hears_the_trigger_and_drop_removes_it() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = Engine::open(dir.path()).expect("engine");
-    let done = engine.setup_source(&spec).expect("setup");
+    let done = engine.setup_flow(&spec).expect("setup");
     assert!(
         done.iter().any(|l| l.contains("freshindex_live")),
         "{done:?}"
@@ -355,7 +355,7 @@ fn live_mode_hears_the_trigger_and_drop_removes_it() {
     let triggers = "SELECT count(*) FROM pg_trigger WHERE tgname = 'freshindex_live'";
     assert_eq!(pg.psql("live", triggers), "1");
     // Setting up twice is fine.
-    engine.setup_source(&spec).expect("setup again");
+    engine.setup_flow(&spec).expect("setup again");
 
     let control = LiveControl::default();
     // No periodic work: only notifications can bring changes in.
@@ -440,7 +440,7 @@ fn live_mode_hears_the_trigger_and_drop_removes_it() {
         control.stop();
         watcher.join().expect("watcher").expect("live loop");
     });
-    let removed = engine.teardown_source(&spec).expect("drop");
+    let removed = engine.drop_flow_resources(&spec).expect("drop");
     assert!(!removed.is_empty());
     assert_eq!(pg.psql("live", triggers), "0");
     assert_eq!(

@@ -165,7 +165,7 @@ async fn list_flows(State(st): St) -> ApiResult {
             json!({
                 "name": spec.name,
                 "source": source,
-                "collection": spec.target.collection(),
+                "collection": spec.target.name(),
                 "mode": spec.mode().as_str(),
                 "state": wire::flow_state(schedule.as_ref(), live.as_ref()),
                 "nextRunTime": schedule

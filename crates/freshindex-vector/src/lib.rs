@@ -4,9 +4,12 @@
 //! under a metric. [`VectorCollection`] is the API every collection implementation keeps.
 //! [`SegmentedCollection`] is the one flows write to: segments, an append log, HNSW indexes
 //! on sealed segments. [`SqliteCollection`] (one SQLite file, exact search) is the earlier
-//! format, still read, and migrated by [`Collections`] on first write. No threads of their own.
+//! format, still read, and migrated by [`Collections`] on first write. [`PgTable`] keeps the
+//! same API over a table of a PostgreSQL database (a flow's `postgres` target). No threads of
+//! their own.
 
 pub mod ann;
+pub mod postgres;
 pub mod segmented;
 mod sqlite;
 pub mod wal;
@@ -15,6 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use freshindex_core::{Row, RowPayload};
+pub use postgres::{Ensured, PgTable, VectorColumn};
 #[cfg(feature = "hnsw")]
 pub use segmented::build_segment_index;
 pub use segmented::{SegmentInfo, SegmentOptions, SegmentStats, SegmentedCollection};
@@ -58,6 +62,19 @@ pub enum VectorError {
     /// An ANN index could not be built, saved, opened or searched.
     #[error("index: {0}")]
     Index(String),
+    /// A PostgreSQL table target failed (connection, shape, dimension, a statement).
+    #[error("PostgreSQL table `{table}` at {endpoint}: {message}")]
+    Postgres {
+        /// The table, as configured.
+        table: String,
+        /// `host:port/dbname` (never credentials).
+        endpoint: String,
+        /// The table does not fit the flow (shape, dimension, name, connection string): the
+        /// user must fix it, and trying again unchanged fails again.
+        user: bool,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// Result alias of this crate.
@@ -571,6 +588,12 @@ fn remove_sqlite_files(path: &Path, name: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The exact score of `row` for the query `q` under `metric` ("higher is closer"): what every
+/// exact search scores with, so that targets of one flow rank alike.
+pub fn exact_score(metric: Metric, q: &[f32], row: &[f32]) -> f32 {
+    segmented::exact_score(metric, q, row)
 }
 
 /// Cosine similarity of two vectors of equal length (0 when either is zero).

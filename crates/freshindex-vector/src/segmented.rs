@@ -197,6 +197,11 @@ fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     sum
 }
 
+/// The exact score of `row` for a query `q` (see [`crate::exact_score`]).
+pub(crate) fn exact_score(metric: Metric, q: &[f32], row: &[f32]) -> f32 {
+    score_with(metric, q, lane_sum(q, q, |x, y| x * y).sqrt(), row)
+}
+
 /// The exact score of `row` for a query `q` whose norm is `q_norm`.
 fn score_with(metric: Metric, q: &[f32], q_norm: f32, row: &[f32]) -> f32 {
     match metric {

@@ -133,14 +133,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Install what the config's flows need in their sources and targets (the notify
-    /// trigger of a PostgreSQL source with `notify = true`).
+    /// Create what the config's flows need outside the program (the notify trigger of a
+    /// `postgres` source with `notify = true`, a `postgres` target's table; optional: a run
+    /// creates the table too). Says what was created or already there.
     Setup {
         /// Only this flow of the config.
         #[arg(long)]
         flow: Option<String>,
     },
-    /// Remove what `setup` installed.
+    /// Remove what `setup` creates (a `postgres` source's trigger; a `postgres` target's
+    /// table: DROP TABLE IF EXISTS, and the flow's state for that target).
     Drop {
         /// Only this flow of the config.
         #[arg(long)]
@@ -419,7 +421,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         // Indexes of the segments the run sealed, so that searches are fast
                         // from the start. A failure leaves them to exact search.
-                        let collection = spec.target.collection();
+                        // A table outside the data directory has no segments to index.
+                        let Some(collection) = spec.target.collection() else {
+                            too_many_failures |= summary.status == RunStatus::Failed;
+                            results.push(serde_json::to_value(&summary)?);
+                            continue;
+                        };
                         match engine.build_indexes_now(collection, default_workers()) {
                             Ok(0) => {}
                             Ok(n) if !json => {
@@ -578,6 +585,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Setup { ref flow } | Command::Drop { ref flow } => {
+            let setup = matches!(cli.command, Command::Setup { .. });
+            let Some(path) = config_path(cli.config.as_deref()) else {
+                bail!(
+                    "no freshindex.toml in the current directory; pass --config or write one with `freshindex init`"
+                );
+            };
+            let config = Config::load(&path)?;
+            let flows = match flow {
+                Some(name) => vec![config.flow(name).map_err(|e| anyhow!(e))?.clone()],
+                None => config.flows,
+            };
+            let engine = open_engine(&cli.data_dir)?;
+            for spec in &flows {
+                let lines = if setup {
+                    engine.setup_flow(spec)
+                } else {
+                    engine.drop_flow_resources(spec)
+                }
+                .with_context(|| format!("flow `{}`", spec.name))?;
+                for line in lines {
+                    println!("{line}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reset {
             flow,
             drop_cache,
@@ -624,23 +657,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Setup { ref flow } | Command::Drop { ref flow } => {
-            let setup = matches!(cli.command, Command::Setup { .. });
-            let flows = flows_to_run(cli.config.as_deref(), None, flow.as_deref())?;
-            let engine = open_engine(&cli.data_dir)?;
-            for spec in &flows {
-                let done = if setup {
-                    engine.setup_source(spec)
-                } else {
-                    engine.teardown_source(spec)
-                }
-                .with_context(|| format!("flow `{}`", spec.name))?;
-                for line in done {
-                    println!("{line}");
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Status { flow, json } => {
             let engine = open_engine(&cli.data_dir)?;
             let names = match flow {
@@ -662,7 +678,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("no flow has run in {}", cli.data_dir.display());
             } else {
                 for s in statuses {
-                    println!("flow {} → collection {}", s.flow, s.collection);
+                    println!("flow {} → {}", s.flow, s.target);
                     let items: Vec<String> =
                         s.items.iter().map(|(k, v)| format!("{k} {v}")).collect();
                     println!("  items  {}", items.join(" · "));

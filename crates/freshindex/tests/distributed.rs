@@ -105,11 +105,13 @@ fn differs_from_scratch(ws: &Workspace, pg: &TestPg, db: &str, url: &str) -> Vec
     std::fs::create_dir_all(&scratch).expect("scratch dir");
     let cfg = scratch.join("freshindex.toml");
     std::fs::write(&cfg, config(None, url, "docs_scratch")).expect("config");
-    std::fs::create_dir_all(scratch.join("docs")).expect("docs");
-    // The same tree, through a link (item keys are relative to the folder).
+    // The same tree, through a link (item keys are relative to the folder), indexed from
+    // nothing each time.
     let link = scratch.join("docs");
-    std::fs::remove_dir(&link).expect("empty docs");
-    std::os::unix::fs::symlink(ws.src(), &link).expect("link the tree");
+    if !link.exists() {
+        std::os::unix::fs::symlink(ws.src(), &link).expect("link the tree");
+    }
+    let _ = std::fs::remove_dir_all(scratch.join("data"));
     pg.psql(db, "DROP TABLE IF EXISTS docs_scratch");
     common::Fi::new(&scratch)
         .arg("--config")
@@ -161,7 +163,7 @@ fn assert_no_overlap(log: &[(String, String, i64, i64, bool)]) {
         spans.sort_by_key(|s| s.1);
         for w in spans.windows(2) {
             assert!(
-                w[1].1 >= w[0].2 || w[0].0 == w[1].0 && w[1].1 >= w[0].2,
+                w[1].1 >= w[0].2,
                 "item {key} was processed by {} ({}..{}) and {} ({}..{}) at the same time",
                 w[0].0,
                 w[0].1,
@@ -263,14 +265,15 @@ fn workers_and_schedulers_share_one_postgres_store() {
     assert!(diff.is_empty(), "target differs from scratch: {diff:?}");
     let entries = work_log(&log);
     assert_no_overlap(&entries);
-    let owners: std::collections::BTreeSet<&str> =
-        entries.iter().map(|e| e.0.as_str()).collect();
+    let owners: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.0.as_str()).collect();
     assert!(
         owners.len() >= 3,
         "several workers shared the run: {owners:?}"
     );
     assert!(
-        owners.iter().any(|o| o.ends_with(&format!(":{killed_owner_pid}"))),
+        owners
+            .iter()
+            .any(|o| o.ends_with(&format!(":{killed_owner_pid}"))),
         "the killed worker had worked: {owners:?}"
     );
 
@@ -318,7 +321,10 @@ fn workers_and_schedulers_share_one_postgres_store() {
         "{h:#?}"
     );
     let diff = differs_from_scratch(&ws, &pg, "fi", &url);
-    assert!(diff.is_empty(), "target differs from scratch after the takeover: {diff:?}");
+    assert!(
+        diff.is_empty(),
+        "target differs from scratch after the takeover: {diff:?}"
+    );
     assert_no_overlap(&work_log(&log));
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
@@ -359,19 +365,26 @@ fn a_database_restart_under_a_run_loses_nothing() {
         || work_log(&log).len() >= n / 5,
         &context,
     );
+    let restarted_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     pg.restart();
     wait_for(
         "the run succeeds",
-        || {
-            history(&leader)
-                .iter()
-                .any(|r| r["status"] == "success")
-        },
+        || history(&leader).iter().any(|r| r["status"] == "success"),
         &context,
     );
     let h = history(&leader);
     assert_eq!(h.len(), 1, "{h:#?}");
     assert_eq!(h[0]["items"]["seen"], n);
+    let (started, finished) = (
+        h[0]["started_at_ms"].as_i64().expect("start"),
+        h[0]["finished_at_ms"].as_i64().expect("end"),
+    );
+    assert!(
+        started < restarted_ms && restarted_ms < finished,
+        "the database restarted during the run: {started} < {restarted_ms} < {finished}"
+    );
     let diff = differs_from_scratch(&ws, &pg, "fi", &url);
     assert!(diff.is_empty(), "target differs from scratch: {diff:?}");
     assert_no_overlap(&work_log(&log));

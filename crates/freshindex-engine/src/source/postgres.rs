@@ -898,7 +898,9 @@ impl Engine {
             self.store().memo_gc(flow)?;
             ctx.into_summary(started)
         })?;
-        self.after_write(spec.target.collection());
+        if let Some(c) = spec.target.collection() {
+            self.after_write(c);
+        }
         Ok(summary)
     }
 
@@ -1016,7 +1018,9 @@ impl Engine {
             self.sync_pages(&ctx, source)?;
             ctx.into_summary(started)
         })?;
-        self.after_write(spec.target.collection());
+        if let Some(c) = spec.target.collection() {
+            self.after_write(c);
+        }
         Ok(summary)
     }
 
@@ -1121,23 +1125,6 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    /// Installs what a flow's source needs in the source (the notify trigger of a
-    /// PostgreSQL table); one line per thing done. Nothing for other sources.
-    pub fn setup_source(&self, spec: &FlowSpec) -> Result<Vec<String>, EngineError> {
-        match spec.postgres() {
-            Some(pg) => PgSource::new(pg)?.setup(&spec.name),
-            None => Ok(Vec::new()),
-        }
-    }
-
-    /// Removes what [`Engine::setup_source`] installed; one line per thing removed.
-    pub fn teardown_source(&self, spec: &FlowSpec) -> Result<Vec<String>, EngineError> {
-        match spec.postgres() {
-            Some(pg) => PgSource::new(pg)?.teardown(&spec.name),
-            None => Ok(Vec::new()),
-        }
     }
 }
 

@@ -115,7 +115,9 @@ impl Engine {
             self.sync_pages(&ctx, source)?;
             ctx.into_summary(started)
         })?;
-        self.after_write(spec.target.collection());
+        if let Some(c) = spec.target.collection() {
+            self.after_write(c);
+        }
         Ok(summary)
     }
 

@@ -18,7 +18,7 @@ pub fn processing_fingerprint(spec: &FlowSpec) -> Fingerprint {
         .u64(split.chunk_overlap as u64)
         .str(&spec.embed().identity())
         .u64(embed::behavior_version(&spec.embed().model))
-        .str(spec.target.collection())
+        .str(&spec.target.identity())
         // The size cap decides whether a file is indexed at all.
         .u64(spec.files().map_or(0, |f| f.max_file_size.0))
         .finish()
