@@ -180,7 +180,7 @@ impl Config {
                         files.path = base.join(&files.path);
                     }
                 }
-                SourceSpec::Push(_) => {}
+                SourceSpec::Push(_) | SourceSpec::Postgres(_) => {}
             }
         }
         Ok(config)
@@ -237,7 +237,9 @@ disabled = false
 # refresh_interval = "PT1H"
 
 # The source: a folder scanned in full on every run — or, for items that external connectors
-# push through the HTTP queue API (`freshindex serve`), `source = { type = "push" }`.
+# push through the HTTP queue API (`freshindex serve`), `source = { type = "push" }` — or
+# the rows of a PostgreSQL table: `type = "postgres"` with `url` (or `url_env`), `table` (or
+# `query`), `key_columns`, `content_columns`, `ordinal_column` (README: PostgreSQL source).
 # Unchanged files (same size and
 # modification time) are not read; changed ones are fingerprinted with BLAKE3, and only
 # files whose content changed are processed again. Deleted files lose their rows.

@@ -26,6 +26,6 @@ pub use schedule::{
 };
 pub use spec::{
     DEFAULT_OPENAI_BASE_URL, EmbedSpec, FlowMode, FlowSpec, ModelRef, ParseSpec, PgVectorType,
-    PostgresTarget, SourceSpec, SplitSpec, StepSpec, TargetSpec,
+    PostgresSource, PostgresTarget, SourceSpec, SplitSpec, StepSpec, TargetSpec,
 };
 pub use status::ItemStatus;

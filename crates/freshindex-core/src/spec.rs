@@ -241,7 +241,24 @@ impl FlowSpec {
     pub fn files(&self) -> Option<&FilesSource> {
         match &self.source {
             SourceSpec::Files(f) => Some(f),
-            SourceSpec::Push(_) => None,
+            SourceSpec::Push(_) | SourceSpec::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL source, if the flow reads a table or a query.
+    pub fn postgres(&self) -> Option<&PostgresSource> {
+        match &self.source {
+            SourceSpec::Postgres(p) => Some(p),
+            SourceSpec::Files(_) | SourceSpec::Push(_) => None,
+        }
+    }
+
+    /// Whether runs read the flow's items from its source (a folder, a database); a push
+    /// flow's items arrive through the queue API only.
+    pub fn has_runs(&self) -> bool {
+        match &self.source {
+            SourceSpec::Files(_) | SourceSpec::Postgres(_) => true,
+            SourceSpec::Push(_) => false,
         }
     }
 }
@@ -389,6 +406,8 @@ pub enum SourceSpec {
     /// Items pushed by external connectors through the queue API: `index` carries each item's
     /// content.
     Push(PushSource),
+    /// The rows of a PostgreSQL table or query, followed by their ordinal column.
+    Postgres(PostgresSource),
 }
 
 /// A source that only the queue API feeds.
@@ -402,11 +421,240 @@ impl<'de> Deserialize<'de> for SourceSpec {
         match kind.as_str() {
             "files" => from_value(rest).map(SourceSpec::Files),
             "push" => from_value(rest).map(SourceSpec::Push),
+            "postgres" => from_value(rest).map(SourceSpec::Postgres),
             other => Err(format!(
-                "type: unknown source type `{other}`; expected `files` or `push`"
+                "type: unknown source type `{other}`; expected `files`, `push` or `postgres`"
             )),
         }
         .map_err(D::Error::custom)
+    }
+}
+
+/// The rows of a PostgreSQL table or query: each row is an item, keyed by its key columns,
+/// with its content columns as the text to index. Changes are found through the ordinal
+/// column (rows with a greater (ordinal, key) than the saved mark), deletions through a
+/// periodic scan of the keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawPostgresSource")]
+pub struct PostgresSource {
+    /// The connection URL (`postgres://user@host:port/db`); or
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// the environment variable that holds it (exactly one of the two).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
+    /// The table (`schema.table` or `table`, as the catalog spells it); or
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// a `SELECT` whose rows are the items (exactly one of the two), read as a subquery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The columns that identify a row (the item key).
+    pub key_columns: Vec<String>,
+    /// Text columns joined with a blank line into the text to index.
+    pub content_columns: Vec<String>,
+    /// Columns stored as JSON with every row of the item.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metadata_columns: Vec<String>,
+    /// A timestamp, timestamptz, integer or bigint column that grows on every change.
+    pub ordinal_column: String,
+    /// A column whose value marks a row deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_delete_column: Option<String>,
+    /// The value (as text) of `soft_delete_column` that marks a row deleted.
+    #[serde(
+        default = "default_soft_delete_marker",
+        skip_serializing_if = "is_default_marker"
+    )]
+    pub soft_delete_marker: String,
+    /// Live mode listens for the notifications of the trigger `freshindex setup` installs.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub notify: bool,
+}
+
+fn default_soft_delete_marker() -> String {
+    "true".into()
+}
+
+fn is_default_marker(m: &str) -> bool {
+    m == "true"
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgresSource {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    url_env: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    query: Option<String>,
+    key_columns: Vec<String>,
+    content_columns: Vec<String>,
+    #[serde(default)]
+    metadata_columns: Vec<String>,
+    ordinal_column: String,
+    #[serde(default)]
+    soft_delete_column: Option<String>,
+    #[serde(default)]
+    soft_delete_marker: Option<String>,
+    #[serde(default)]
+    notify: bool,
+}
+
+/// Most metadata columns a PostgreSQL source takes (`json_build_object` takes 100 arguments).
+pub const MAX_METADATA_COLUMNS: usize = 50;
+
+/// Checks a column or table name part: PostgreSQL identifiers are at most 63 bytes, and
+/// names are used as written (quoted).
+fn check_identifier(field: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{field}: a name must not be empty"));
+    }
+    if name.len() > 63 {
+        return Err(format!(
+            "{field}: `{name}` is {} bytes; PostgreSQL names are at most 63",
+            name.len()
+        ));
+    }
+    if name.contains('\0') || name.contains('"') {
+        return Err(format!(
+            "{field}: `{name}` contains a NUL or a double quote"
+        ));
+    }
+    Ok(())
+}
+
+fn check_columns(field: &str, columns: &[String], required: bool) -> Result<(), String> {
+    if required && columns.is_empty() {
+        return Err(format!("{field}: name at least one column"));
+    }
+    for (i, c) in columns.iter().enumerate() {
+        check_identifier(&format!("{field}[{i}]"), c)?;
+        if columns[..i].contains(c) {
+            return Err(format!("{field}: `{c}` is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+impl TryFrom<RawPostgresSource> for PostgresSource {
+    type Error = String;
+
+    fn try_from(raw: RawPostgresSource) -> Result<Self, Self::Error> {
+        match (&raw.url, &raw.url_env) {
+            (Some(_), Some(_)) => {
+                return Err("url: give either `url` or `url_env`, not both".into());
+            }
+            (None, None) => {
+                return Err(
+                    "url: missing; give `url` (postgres://user@host/db) or `url_env` (the variable that holds it)"
+                        .into(),
+                );
+            }
+            (Some(url), None) => {
+                let lower = url.to_ascii_lowercase();
+                if !(lower.starts_with("postgres://") || lower.starts_with("postgresql://")) {
+                    return Err(format!(
+                        "url: `{}` is not a postgres:// or postgresql:// URL",
+                        redact_url(url)
+                    ));
+                }
+            }
+            (None, Some(var)) => {
+                if var.is_empty() || var.contains('=') || var.contains('\0') {
+                    return Err(format!(
+                        "url_env: `{var}` is not an environment variable name"
+                    ));
+                }
+            }
+        }
+        match (&raw.table, &raw.query) {
+            (Some(_), Some(_)) => {
+                return Err("table: give either `table` or `query`, not both".into());
+            }
+            (None, None) => {
+                return Err(
+                    "table: missing; give `table` (schema.table) or `query` (a SELECT)".into(),
+                );
+            }
+            (Some(table), None) => {
+                let parts: Vec<&str> = table.split('.').collect();
+                if parts.len() > 2 {
+                    return Err(format!(
+                        "table: `{table}` has more than two parts; write `schema.table` or `table`"
+                    ));
+                }
+                for p in parts {
+                    check_identifier("table", p)?;
+                }
+            }
+            (None, Some(query)) => {
+                let q = query.trim().trim_end_matches(';').trim();
+                if q.is_empty() {
+                    return Err("query: must not be empty".into());
+                }
+                if query.contains('\0') {
+                    return Err("query: contains a NUL".into());
+                }
+            }
+        }
+        check_columns("key_columns", &raw.key_columns, true)?;
+        check_columns("content_columns", &raw.content_columns, true)?;
+        check_columns("metadata_columns", &raw.metadata_columns, false)?;
+        if raw.metadata_columns.len() > MAX_METADATA_COLUMNS {
+            return Err(format!(
+                "metadata_columns: {} columns, over the limit of {MAX_METADATA_COLUMNS}",
+                raw.metadata_columns.len()
+            ));
+        }
+        check_identifier("ordinal_column", &raw.ordinal_column)?;
+        if let Some(c) = &raw.soft_delete_column {
+            check_identifier("soft_delete_column", c)?;
+        } else if raw.soft_delete_marker.is_some() {
+            return Err("soft_delete_marker: only meaningful with `soft_delete_column`".into());
+        }
+        if raw.notify && raw.table.is_none() {
+            return Err(
+                "notify: needs `table`: the trigger that notifies is installed on a table, and a query has none"
+                    .into(),
+            );
+        }
+        Ok(PostgresSource {
+            url: raw.url,
+            url_env: raw.url_env,
+            table: raw.table,
+            // A trailing `;` would end the subquery it is read as.
+            query: raw
+                .query
+                .map(|q| q.trim().trim_end_matches(';').trim_end().to_string()),
+            key_columns: raw.key_columns,
+            content_columns: raw.content_columns,
+            metadata_columns: raw.metadata_columns,
+            ordinal_column: raw.ordinal_column,
+            soft_delete_column: raw.soft_delete_column,
+            soft_delete_marker: raw
+                .soft_delete_marker
+                .unwrap_or_else(default_soft_delete_marker),
+            notify: raw.notify,
+        })
+    }
+}
+
+/// A connection URL with its password replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((auth, host)) => (auth, host),
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
     }
 }
 
@@ -1268,6 +1516,82 @@ mod tests {
         assert!(
             f.set_schedule(Some(every("PT5M").expect("schedule")))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn postgres_sources_are_checked_while_read_and_round_trip() {
+        let base = serde_json::json!({
+            "type": "postgres",
+            "url": "postgres://app:secret@db.internal:5433/app",
+            "table": "public.docs",
+            "key_columns": ["id"],
+            "content_columns": ["title", "body"],
+            "ordinal_column": "updated_at",
+        });
+        let read = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut source = base.clone();
+            edit(&mut source);
+            flow(serde_json::json!({ "name": "pg", "source": source }))
+        };
+        let f = read(&|_| {}).expect("valid");
+        let pg = f.postgres().expect("a postgres source");
+        assert_eq!(pg.soft_delete_marker, "true");
+        assert!(f.has_runs() && f.files().is_none());
+        let back: FlowSpec =
+            serde_json::from_str(&serde_json::to_string(&f).expect("json")).expect("round trip");
+        assert_eq!(back, f);
+
+        type Edit<'a> = &'a dyn Fn(&mut serde_json::Value);
+        let cases: [(Edit<'_>, &[&str]); 9] = [
+            (&|s| s["url_env"] = "DB_URL".into(), &["url:", "not both"]),
+            (
+                &|s| {
+                    s.as_object_mut().map(|o| o.remove("url"));
+                },
+                &["url:", "url_env"],
+            ),
+            (
+                &|s| s["url"] = "mysql://u:pw@h/db".into(),
+                &["url:", "u:***@h/db"],
+            ),
+            (&|s| s["query"] = "SELECT 1".into(), &["table:", "not both"]),
+            (&|s| s["table"] = "a.b.c".into(), &["table:", "two parts"]),
+            (
+                &|s| s["key_columns"] = serde_json::json!([]),
+                &["key_columns:", "at least one"],
+            ),
+            (
+                &|s| s["content_columns"] = serde_json::json!(["body", "body"]),
+                &["content_columns:", "`body`", "twice"],
+            ),
+            (
+                &|s| s["soft_delete_marker"] = "yes".into(),
+                &["soft_delete_marker:", "soft_delete_column"],
+            ),
+            (
+                &|s| {
+                    s.as_object_mut().map(|o| o.remove("table"));
+                    s["query"] = "SELECT * FROM docs".into();
+                    s["notify"] = true.into();
+                },
+                &["notify:", "table"],
+            ),
+        ];
+        for (edit, words) in cases {
+            let e = read(edit).expect_err("invalid");
+            assert!(words.iter().all(|w| e.contains(w)), "{words:?}: {e}");
+            assert!(!e.contains("secret"), "the password leaked: {e}");
+        }
+        // A trailing `;` would end the subquery.
+        let q = read(&|s| {
+            s.as_object_mut().map(|o| o.remove("table"));
+            s["query"] = "SELECT * FROM docs ; ".into();
+        })
+        .expect("query");
+        assert_eq!(
+            q.postgres().and_then(|p| p.query.as_deref()),
+            Some("SELECT * FROM docs")
         );
     }
 

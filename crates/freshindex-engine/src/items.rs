@@ -136,6 +136,11 @@ impl Engine {
                 "flow `{flow}` reads a folder: its runs read and index its items; index applies to push flows"
             )));
         }
+        if spec.postgres().is_some() {
+            return Err(EngineError::Invalid(format!(
+                "flow `{flow}` reads a PostgreSQL source: its runs read and index its rows; index applies to push flows"
+            )));
+        }
         let existing = self.store().get(id, &req.key)?.map(|e| e.item);
         let mut record = ItemRecord::new(&req.key, ItemStatus::Accepted);
         record.content_hash = req.content_hash;

@@ -29,6 +29,8 @@ pub struct LiveOptions {
     pub max_delay: Duration,
     /// Full traversal this often (`None`: only when the watcher lost events).
     pub refresh_interval: Option<Duration>,
+    /// A database source without notifications is asked for its recent changes this often.
+    pub poll_interval: Duration,
 }
 
 impl Default for LiveOptions {
@@ -37,6 +39,7 @@ impl Default for LiveOptions {
             quiet: Duration::from_millis(30),
             max_delay: Duration::from_millis(300),
             refresh_interval: Some(Duration::from_secs(3600)),
+            poll_interval: Duration::from_secs(5),
         }
     }
 }
@@ -106,7 +109,8 @@ impl LiveControl {
 impl Engine {
     /// Keeps a files flow's target fresh until `control` says stop: a full run, then the
     /// changes a watcher reports, in debounced batches, and the full traversals `control`
-    /// asks for. `report` hears about every run and batch. An error of the loop's own runs
+    /// asks for. A PostgreSQL-source flow's loop is the same over notifications (or polls)
+    /// of its table (see [`crate::source::postgres`]). `report` hears about every run and batch. An error of the loop's own runs
     /// ends it; the error of a requested run goes to the requester and the loop goes on.
     pub fn watch(
         &self,
@@ -116,16 +120,19 @@ impl Engine {
         control: &LiveControl,
         report: &mut dyn FnMut(LiveEvent),
     ) -> Result<(), EngineError> {
-        let Some(source) = spec.files() else {
-            return Err(EngineError::Config(format!(
-                "flow `{}` has a push source: live mode watches folders",
-                spec.name
-            )));
-        };
         // A stop also ends a run in progress, between two batches.
         let opts = &RunOptions {
             cancel: Some(control.stop.as_ref()),
             ..*opts
+        };
+        if let Some(pg) = spec.postgres() {
+            return self.watch_postgres(spec, pg, opts, live, control, report);
+        }
+        let Some(source) = spec.files() else {
+            return Err(EngineError::Config(format!(
+                "flow `{}` has a push source: live mode watches folders and databases",
+                spec.name
+            )));
         };
         let ignore: Vec<PathBuf> = self.data_dir().map(PathBuf::from).into_iter().collect();
         // Started before the first run, so that no change during it is missed.

@@ -40,6 +40,9 @@ pub(crate) enum Work {
         metadata: Option<serde_json::Value>,
         is_new: bool,
     },
+    /// An item the source holds in a shape that cannot be indexed: recorded as failed with
+    /// `error`, its rows kept.
+    Failed { record: ItemRecord, error: String },
     /// An item that is gone: all its rows go.
     Gone {
         key: String,
@@ -411,6 +414,7 @@ impl Ctx<'_> {
                 warning,
                 polled: false,
             },
+            Work::Failed { record, error } => Outcome::Failed { record, error },
             Work::Text {
                 record,
                 text,

@@ -534,6 +534,12 @@ impl Engine {
     /// task of the flow is active, unless the request waits on conflict.
     pub fn create_reindex(&self, req: &ReindexRequest) -> Result<ReindexTask, EngineError> {
         let (_, spec) = self.flow(&req.flow)?;
+        if spec.postgres().is_some() {
+            return Err(EngineError::Invalid(format!(
+                "flow `{}` reads a PostgreSQL source: reindex tasks read folders only so far; change the model in the flow's definition and reset it (the next run reads every row again)",
+                req.flow
+            )));
+        }
         if spec.files().is_none() {
             return Err(EngineError::Invalid(format!(
                 "flow `{}` has a push source: a reindex reads every item again from its source, and a push source's items are only what was pushed; push them again into a flow with the new model",

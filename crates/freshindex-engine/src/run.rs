@@ -832,7 +832,9 @@ impl Engine {
         })
     }
 
-    /// Runs a flow once: brings its target in line with its source.
+    /// Runs a flow once: brings its target in line with its source (a full traversal of a
+    /// folder; for a PostgreSQL source, its recent changes and a scan of its keys — see
+    /// [`crate::source::postgres`]).
     ///
     /// The run is recorded in the flow's execution history: `inProgress` once it holds the
     /// data directory (entries a dead process left `inProgress` are marked interrupted first),
@@ -843,6 +845,10 @@ impl Engine {
     pub fn run(&self, spec: &FlowSpec, opts: &RunOptions<'_>) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
         let spec = &self.effective(spec)?;
+        if let Some(pg) = spec.postgres() {
+            let source = crate::source::postgres::PgSource::new(pg)?;
+            return self.run_postgres(spec, &source, opts);
+        }
         let Some(source) = spec.files() else {
             return Err(EngineError::Config(format!(
                 "flow `{}` has a push source: its items arrive through the queue API (`freshindex serve`), not through runs",
@@ -853,18 +859,7 @@ impl Engine {
         check_steps(spec)?;
         let _lock = self.lock_run(&spec.name)?;
         let started_ms = now_ms();
-        let flow = match self.register(spec) {
-            Ok(flow) => flow,
-            Err(e) => {
-                // A flow the data directory knows keeps the failed attempt in its history.
-                if let Ok(Some(rec)) = self.store.flow(&spec.name)
-                    && let Ok(run) = self.begin_run(rec.id, opts.trigger, started_ms)
-                {
-                    self.finish_failed_run(run, &e);
-                }
-                return Err(e);
-            }
-        };
+        let flow = self.register_or_record(spec, opts.trigger, started_ms)?;
         let summary = self.recorded(flow, opts.trigger, started_ms, || {
             self.run_locked(spec, source, flow, opts, started, &Target::Flow)
         })?;
@@ -872,6 +867,27 @@ impl Engine {
             self.after_write(c);
         }
         Ok(summary)
+    }
+
+    /// Registers the flow of a run; when that fails, a flow the data directory knows keeps
+    /// the failed attempt in its history.
+    pub(crate) fn register_or_record(
+        &self,
+        spec: &FlowSpec,
+        trigger: Trigger,
+        started_ms: i64,
+    ) -> Result<FlowId, EngineError> {
+        match self.register(spec) {
+            Ok(flow) => Ok(flow),
+            Err(e) => {
+                if let Ok(Some(rec)) = self.store.flow(&spec.name)
+                    && let Ok(run) = self.begin_run(rec.id, trigger, started_ms)
+                {
+                    self.finish_failed_run(run, &e);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Compacts the collections this engine has open (segments past their tombstone ratio are

@@ -1,23 +1,27 @@
 //! What a flow needs outside the program, made and removed on request (`freshindex setup`,
 //! `freshindex drop`).
 //!
-//! Each part of a flow that lives outside the data directory — a PostgreSQL target's table,
-//! for now — is one [`Step`]: [`Engine::setup_flow`] makes what each step needs (a second
+//! Each part of a flow that lives outside the data directory — a PostgreSQL source's notify
+//! trigger, a PostgreSQL target's table — is one [`Step`]: [`Engine::setup_flow`] makes what each step needs (a second
 //! time, it finds it there and says so), [`Engine::drop_flow_resources`] removes it and then
-//! forgets the flow's state, which described rows of what was removed. Steps are a plain list,
+//! forgets the flow's state when it removed the target, whose rows that state described. Steps are a plain list,
 //! sources' first, then the target's; a part that keeps nothing outside the data directory
 //! (a files source, a built-in collection) has no step.
 //!
 //! Setting up is optional: a run creates a missing table the same way.
 
 use freshindex_core::FlowSpec;
-use freshindex_core::spec::PostgresTarget;
+use freshindex_core::spec::{PostgresSource, PostgresTarget};
+
+use crate::source::postgres::PgSource;
 
 use crate::steps::embed::embedder_for;
 use crate::{Engine, EngineError};
 
 /// One part of a flow that keeps something outside the data directory.
 enum Step<'a> {
+    /// A `postgres` source with `notify = true`: the trigger that notifies its live loop.
+    PgTrigger(&'a PostgresSource),
     /// A `postgres` target: its table (and the table's `source_key` index).
     PgTable(&'a PostgresTarget),
 }
@@ -25,6 +29,9 @@ enum Step<'a> {
 /// The flow's steps, in the order they are set up (and dropped).
 fn steps(spec: &FlowSpec) -> Vec<Step<'_>> {
     let mut steps = Vec::new();
+    if let Some(p) = spec.postgres().filter(|p| p.notify) {
+        steps.push(Step::PgTrigger(p));
+    }
     if let Some(p) = spec.target.postgres() {
         steps.push(Step::PgTable(p));
     }
@@ -40,9 +47,10 @@ impl Engine {
         let spec = &self.effective(spec)?;
         let mut lines = Vec::new();
         for step in steps(spec) {
-            lines.push(match step {
-                Step::PgTable(p) => self.setup_pg_table(spec, p)?,
-            });
+            match step {
+                Step::PgTrigger(p) => lines.extend(PgSource::new(p)?.setup(&spec.name)?),
+                Step::PgTable(p) => lines.push(self.setup_pg_table(spec, p)?),
+            }
         }
         if lines.is_empty() {
             lines.push(format!(
@@ -74,10 +82,15 @@ impl Engine {
             None => None,
         };
         let mut lines = Vec::new();
+        let drops_target = steps.iter().any(|s| matches!(s, Step::PgTable(_)));
         {
             let _writer = self.writer();
             for step in steps {
                 lines.push(match step {
+                    Step::PgTrigger(p) => {
+                        lines.extend(PgSource::new(p)?.teardown(&spec.name)?);
+                        continue;
+                    }
                     Step::PgTable(p) => {
                         let table = self.pg_table(p)?;
                         let place =
@@ -93,7 +106,8 @@ impl Engine {
         }
         // The table went first: a drop that fails to reach the database changes nothing, and
         // a run after a drop cut short here finds the table missing and indexes everything.
-        if stored.is_some() {
+        // A flow whose target stays (a collection) keeps the state that describes it.
+        if stored.is_some() && drops_target {
             let (id, before) = self.flow(&spec.name)?;
             if before.target.identity() == spec.target.identity() {
                 let _writer = self.writer();

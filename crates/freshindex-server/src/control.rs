@@ -180,7 +180,7 @@ fn failures_in(history: &[freshindex_engine::RunEntry]) -> (u32, Option<i64>) {
 /// within the deployment's bounds, and a schedule only where there is something to run.
 pub fn check_servable(spec: &FlowSpec, min: Interval) -> Result<(), String> {
     spec.check_min_interval(min)?;
-    if spec.schedule().is_some() && spec.files().is_none() {
+    if spec.schedule().is_some() && !spec.has_runs() {
         return Err(format!(
             "schedule: flow `{}` has a push source; its items arrive through the queue API, so there is nothing to run on a schedule",
             spec.name
@@ -337,13 +337,13 @@ impl Control {
         }
     }
 
-    /// Runs a files flow now, on the calling thread, and returns its summary. Refused while
+    /// Runs a files or database flow now, on the calling thread, and returns its summary. Refused while
     /// a run of the flow is in progress.
     pub fn run_now(&self, name: &str) -> Result<RunSummary, ControlError> {
         self.claim(name, "run it again")?;
         // Read under the claim: a definition stored before is the one that runs.
         let result = self.engine.flow(name).map_err(ControlError::from).and_then(|(_, spec)| {
-            if spec.files().is_none() {
+            if !spec.has_runs() {
                 return Err(ControlError::Invalid(format!(
                     "flow `{name}` has a push source: its items arrive through `items:push` and `items/{{key}}:index`, not through runs"
                 )));
@@ -607,12 +607,13 @@ impl Control {
         self.finished(name, outcome);
     }
 
-    /// Starts the live loop of a live, enabled files flow (when schedules are served).
+    /// Starts the live loop of a live, enabled files or database flow (when schedules are
+    /// served).
     fn start_live(&self, spec: &FlowSpec) {
         if !self.opts.scheduler
             || !spec.mode().is_live()
             || spec.disabled
-            || spec.files().is_none()
+            || !spec.has_runs()
             || self.stopping.load(Ordering::Relaxed)
         {
             return;

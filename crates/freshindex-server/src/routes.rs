@@ -151,6 +151,7 @@ async fn list_flows(State(st): St) -> ApiResult {
                 let source = match &spec.source {
                     freshindex_core::SourceSpec::Files(_) => "files",
                     freshindex_core::SourceSpec::Push(_) => "push",
+                    freshindex_core::SourceSpec::Postgres(_) => "postgres",
                 };
                 out.push((spec, source));
             }

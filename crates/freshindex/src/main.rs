@@ -133,15 +133,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Create what the config's flows need outside the program (a `postgres` target's table;
-    /// optional: a run creates it too). Says what was created or already there.
+    /// Create what the config's flows need outside the program (the notify trigger of a
+    /// `postgres` source with `notify = true`, a `postgres` target's table; optional: a run
+    /// creates the table too). Says what was created or already there.
     Setup {
         /// Only this flow of the config.
         #[arg(long)]
         flow: Option<String>,
     },
-    /// Remove what `setup` creates (a `postgres` target's table: DROP TABLE IF EXISTS) and
-    /// forget the flow's state for that target.
+    /// Remove what `setup` creates (a `postgres` source's trigger; a `postgres` target's
+    /// table: DROP TABLE IF EXISTS, and the flow's state for that target).
     Drop {
         /// Only this flow of the config.
         #[arg(long)]
@@ -736,10 +737,14 @@ fn watch_flow(
             .or(freshindex_engine::LiveOptions::default().refresh_interval),
         ..freshindex_engine::LiveOptions::default()
     };
-    let path = spec
-        .files()
-        .map(|f| f.path.display().to_string())
-        .unwrap_or_default();
+    let path = match (spec.files(), spec.postgres()) {
+        (Some(f), _) => f.path.display().to_string(),
+        (None, Some(pg)) => pg
+            .table
+            .as_deref()
+            .map_or_else(|| "the query".to_string(), |t| format!("table {t}")),
+        (None, None) => String::new(),
+    };
     let mut first = true;
     let mut report = |event: freshindex_engine::LiveEvent| {
         let (kind, summary) = match &event {

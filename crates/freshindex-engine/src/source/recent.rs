@@ -11,14 +11,14 @@
 //! so a crash between the two makes the next sync see those changes again, which costs
 //! nothing (the memo cache and the lineage diff make re-indexing the same content a no-op).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use freshindex_core::queue::{DEFAULT_QUEUE, check_key};
 use freshindex_core::{Fingerprint, FlowSpec, ItemStatus};
 use freshindex_store::ItemRecord;
 
-use crate::process::{Work, content_hash};
+use crate::process::{Ctx, Work, content_hash};
 use crate::run::{RunOptions, now_ms};
 use crate::summary::{Issue, RunSummary};
 use crate::{Engine, EngineError};
@@ -38,6 +38,14 @@ pub enum ChangeKind {
     },
     /// The source reports it deleted (a soft-delete flag, a tombstone in a change feed).
     Deleted,
+    /// The source holds it in a shape that cannot be indexed (a missing or mistyped content
+    /// value): recorded as a failed item with `error`, its rows kept, and tried again when
+    /// it changes or the next full scan of the source finds it. A change whose key is empty
+    /// (a row without a key) is only reported.
+    Invalid {
+        /// What is wrong, naming the item and the field.
+        error: String,
+    },
 }
 
 /// One changed item.
@@ -101,97 +109,155 @@ impl Engine {
         crate::run::check_steps(spec)?;
         let _lock = self.lock(&spec.name)?;
         let flow = self.register(spec)?;
-        self.recorded(flow, opts.trigger, now_ms(), || {
-            let store = self.store().as_ref();
+        let summary = self.recorded(flow, opts.trigger, now_ms(), || {
             // No lease holder: changes are fenced by version only.
             let ctx = self.ctx(flow, spec, opts.progress, None)?;
-            let mut mark = store.change_mark(flow)?;
-            loop {
-                let page =
-                    source
-                        .changes_since(mark.as_deref(), MAX_PAGE)
-                        .map_err(|e| match e {
-                            EngineError::Source(m) => {
-                                EngineError::Source(format!("{}: {m}", source.describe()))
-                            }
-                            e => e,
-                        })?;
-                let changes = newest_per_key(page.changes);
-                let mut work = Vec::with_capacity(changes.len());
-                let mut issues = Vec::new();
-                let mut stale = 0u64;
-                for change in changes {
-                    if let Err(e) = check_key(&change.key) {
-                        issues.push(Issue::error(change.key.clone(), e));
-                        continue;
-                    }
-                    let existing = store.get(flow, &change.key)?.map(|e| e.item);
-                    // Older than what is indexed: skipped before any work (the fence in
-                    // the write refuses it anyway, and catches deleted items' tombstones).
-                    let indexed = existing.as_ref().and_then(|e| e.version.as_ref());
-                    if let (Some(old), Some(new)) = (indexed, change.version.as_ref())
-                        && new <= old
-                    {
-                        stale += 1;
-                        continue;
-                    }
-                    work.push(match change.kind {
-                        ChangeKind::Deleted => Work::Gone {
-                            existed: existing.is_some(),
-                            key: change.key,
-                            if_queue: None,
-                            version: change.version,
-                            warning: None,
-                        },
-                        ChangeKind::Upsert { text, metadata } => {
-                            let hash = content_hash(&ctx.spec_fp, text.as_bytes());
-                            let meta_hash = metadata
-                                .as_ref()
-                                .map(|m| Fingerprint::of(m.to_string().as_bytes()).hex_prefix(32));
-                            let same = existing.as_ref().is_some_and(|e| {
-                                e.status == ItemStatus::Accepted
-                                    && e.content_hash.as_deref() == Some(hash.as_str())
-                                    && e.metadata_hash == meta_hash
-                            });
-                            let mut record = ItemRecord::new(&change.key, ItemStatus::Accepted);
-                            record.content_hash = Some(hash);
-                            record.metadata_hash = meta_hash;
-                            record.version = change.version;
-                            record.queue = existing
-                                .as_ref()
-                                .map_or_else(|| DEFAULT_QUEUE.to_string(), |e| e.queue.clone());
-                            Work::Text {
-                                is_new: existing.is_none(),
-                                record,
-                                // Same content as indexed: only the entry is recorded.
-                                text: (!same).then_some(text),
-                                metadata,
-                            }
-                        }
-                    });
-                }
-                {
-                    let mut tally = ctx.tally();
-                    tally.summary.items.seen += work.len() as u64 + stale;
-                    tally.summary.items.unchanged += stale;
-                    tally.issues(&issues);
-                }
-                // Changes older than what is indexed are refused by the fence: that is the
-                // point of versions, not an error.
-                let stale = ctx.process(work)?;
-                ctx.tally().summary.items.unchanged += stale.len() as u64;
-                if let Some(m) = page.mark {
-                    store.set_change_mark(flow, Some(&m))?;
-                    mark = Some(m);
-                }
-                if !page.more {
-                    break;
-                }
-            }
+            self.sync_pages(&ctx, source)?;
             ctx.into_summary(started)
-        })
+        })?;
+        if let Some(c) = spec.target.collection() {
+            self.after_write(c);
+        }
+        Ok(summary)
+    }
+
+    /// The pages of changes after the flow's mark, each processed and committed before the
+    /// mark moves past it. The caller holds the flow's run lock. Returns the keys of the
+    /// changes read.
+    pub(crate) fn sync_pages(
+        &self,
+        ctx: &Ctx<'_>,
+        source: &dyn RecentChanges,
+    ) -> Result<HashSet<String>, EngineError> {
+        let store = self.store().as_ref();
+        let mut mark = store.change_mark(ctx.flow)?;
+        let mut read = HashSet::new();
+        loop {
+            let page = source
+                .changes_since(mark.as_deref(), MAX_PAGE)
+                .map_err(|e| match e {
+                    EngineError::Source(m) => {
+                        EngineError::Source(format!("{}: {m}", source.describe()))
+                    }
+                    e => e,
+                })?;
+            read.extend(page.changes.iter().map(|c| c.key.clone()));
+            self.apply_changes(ctx, page.changes)?;
+            if let Some(m) = page.mark {
+                store.set_change_mark(ctx.flow, Some(&m))?;
+                mark = Some(m);
+            }
+            if !page.more {
+                return Ok(read);
+            }
+        }
+    }
+
+    /// Processes one batch of changes (the newest of each key; those older than what is
+    /// indexed are skipped) and commits it.
+    pub(crate) fn apply_changes(
+        &self,
+        ctx: &Ctx<'_>,
+        changes: Vec<Change>,
+    ) -> Result<(), EngineError> {
+        let store = self.store().as_ref();
+        let flow = ctx.flow;
+        let changes = newest_per_key(changes);
+        let mut work = Vec::with_capacity(changes.len());
+        let mut issues = Vec::new();
+        let mut stale = 0u64;
+        let mut keyless = 0u64;
+        for change in changes {
+            if let Err(e) = check_key(&change.key) {
+                match change.kind {
+                    // A row without a usable key: reported, counted, nothing stored.
+                    ChangeKind::Invalid { error } => {
+                        keyless += 1;
+                        let item = if change.key.is_empty() {
+                            NO_KEY.to_string()
+                        } else {
+                            change.key
+                        };
+                        issues.push(Issue::error(item, error));
+                    }
+                    ChangeKind::Upsert { .. } | ChangeKind::Deleted => {
+                        issues.push(Issue::error(change.key.clone(), e));
+                    }
+                }
+                continue;
+            }
+            let existing = store.get(flow, &change.key)?.map(|e| e.item);
+            // Older than what is indexed: skipped before any work (the fence in the write
+            // refuses it anyway, and catches deleted items' tombstones).
+            let indexed = existing.as_ref().and_then(|e| e.version.as_ref());
+            if let (Some(old), Some(new)) = (indexed, change.version.as_ref())
+                && new <= old
+            {
+                stale += 1;
+                continue;
+            }
+            let queue = existing
+                .as_ref()
+                .map_or_else(|| DEFAULT_QUEUE.to_string(), |e| e.queue.clone());
+            work.push(match change.kind {
+                ChangeKind::Deleted => Work::Gone {
+                    existed: existing.is_some(),
+                    key: change.key,
+                    if_queue: None,
+                    version: change.version,
+                    warning: None,
+                },
+                ChangeKind::Invalid { error } => {
+                    let mut record = ItemRecord::new(&change.key, ItemStatus::Error);
+                    record.message = Some(error.clone());
+                    // Unversioned, so that the next full scan of the source finds it
+                    // different and tries it again.
+                    record.version = None;
+                    record.queue = queue;
+                    Work::Failed { record, error }
+                }
+                ChangeKind::Upsert { text, metadata } => {
+                    let hash = content_hash(&ctx.spec_fp, text.as_bytes());
+                    let meta_hash = metadata
+                        .as_ref()
+                        .map(|m| Fingerprint::of(m.to_string().as_bytes()).hex_prefix(32));
+                    let same = existing.as_ref().is_some_and(|e| {
+                        e.status == ItemStatus::Accepted
+                            && e.content_hash.as_deref() == Some(hash.as_str())
+                            && e.metadata_hash == meta_hash
+                    });
+                    let mut record = ItemRecord::new(&change.key, ItemStatus::Accepted);
+                    record.content_hash = Some(hash);
+                    record.metadata_hash = meta_hash;
+                    record.version = change.version;
+                    record.queue = queue;
+                    Work::Text {
+                        is_new: existing.is_none(),
+                        record,
+                        // Same content as indexed: only the entry is recorded.
+                        text: (!same).then_some(text),
+                        metadata,
+                    }
+                }
+            });
+        }
+        {
+            let mut tally = ctx.tally();
+            tally.summary.items.seen += work.len() as u64 + stale + keyless;
+            tally.summary.items.unchanged += stale;
+            tally.summary.items.failed += keyless;
+            tally.issues(&issues);
+        }
+        // Changes older than what is indexed are refused by the fence: that is the point of
+        // versions, not an error.
+        let stale = ctx.process(work)?;
+        ctx.tally().summary.items.unchanged += stale.len() as u64;
+        Ok(())
     }
 }
+
+/// The item named in the error of a changed row that has no key.
+pub const NO_KEY: &str = "(row without a key)";
 
 /// One change per key: a page may hold several changes of one item (a row updated twice),
 /// and one batch must not process an item twice against the same stored lineage. The newest
@@ -254,7 +320,7 @@ mod tests {
             .map(|c| {
                 let text = match &c.kind {
                     ChangeKind::Upsert { text, .. } => Some(text.clone()),
-                    ChangeKind::Deleted => None,
+                    ChangeKind::Deleted | ChangeKind::Invalid { .. } => None,
                 };
                 (c.key.clone(), text)
             })
