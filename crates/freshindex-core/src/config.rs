@@ -204,6 +204,10 @@ pub const REFERENCE_CONFIG: &str = r#"# freshindex configuration: one [[flow]] t
 # Run one flow:     freshindex index --flow docs
 # Search it:        freshindex search "how do I rotate keys" --flow docs
 
+# The state store, when several processes share one (see "Running on PostgreSQL with several
+# workers" in the README); leave it out for the embedded SQLite store of the data directory.
+# store = "postgres://freshindex@db.internal:5432/freshindex"
+
 [[flow]]
 # Unique name of the flow (letters, digits, '-', '_', '.'). Also the default collection name.
 name = "docs"
@@ -300,6 +304,20 @@ name = "docs"
 mod tests {
     use super::*;
     use crate::FlowMode;
+
+    #[test]
+    fn the_store_is_a_postgres_url_or_nothing() {
+        let flow = "[[flow]]\nname = \"a\"\nsource = { type = \"files\", path = \".\" }\n";
+        let c = Config::parse(flow, None).expect("no store");
+        assert_eq!(c.store, None);
+        let text = format!("store = \"postgres://u@h/db\"\n{flow}");
+        let c = Config::parse(&text, None).expect("a store");
+        assert_eq!(c.store.as_deref(), Some("postgres://u@h/db"));
+        let text = format!("store = \"mysql://h/db\"\n{flow}");
+        let e = Config::parse(&text, None).expect_err("not postgres");
+        assert!(e.message.starts_with("store:"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
+    }
 
     #[test]
     fn reference_config_parses() {
