@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use freshindex_core::{FlowSpec, ItemStatus, RunState, TargetSpec};
+use freshindex_core::{FlowSpec, ItemStatus, RunState, TargetSpec, Trigger};
 use freshindex_store::{FlowId, StateStore};
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +35,7 @@ use crate::run::{RunOptions, now_ms};
 use crate::summary::{EmbedCounts, ItemCounts, ItemError, ItemWarning, RowCounts};
 use crate::{Engine, EngineError};
 
-/// The lease holder name of this process over a shared store: `engine@HOST:PID`.
+/// The lease holder name of this process over a shared store: `engine@HOST:PID:NONCE`.
 pub(crate) fn process_owner() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
@@ -43,7 +43,12 @@ pub(crate) fn process_owner() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "host".into());
-    format!("engine@{host}:{}", std::process::id())
+    // A nonce besides the pid: containers that share a host name may share pids too.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().rotate_left(16);
+    format!("engine@{host}:{}:{nonce:08x}", std::process::id())
 }
 
 /// Opens a shared state store from its URL.
@@ -111,13 +116,15 @@ fn owner_id(owner: &str) -> u64 {
     u64::from_le_bytes(b) >> 1
 }
 
-/// The flow's run in progress, if any: the newest `inProgress` entry among the newest few
-/// (skipped occurrences are recorded while a run goes on).
+/// The flow's run in progress that workers may help, if any: the newest `inProgress` entry of
+/// the history the store keeps (skipped occurrences are recorded while a run goes on), unless
+/// it is a live batch (live batches list their own files and do not drain).
 fn run_in_progress(store: &dyn StateStore, flow: FlowId) -> Result<Option<i64>, EngineError> {
     Ok(store
-        .runs(flow, 8)?
+        .runs(flow, freshindex_store::RUNS_KEPT as usize)?
         .into_iter()
         .find(|r| r.status == RunState::InProgress)
+        .filter(|r| r.trigger != Trigger::Live)
         .map(|r| r.id.0))
 }
 
@@ -146,6 +153,8 @@ pub struct HelpReport {
     pub flows: Vec<String>,
     /// Entries processed.
     pub items: u64,
+    /// Flows whose batches failed in this pass (logged).
+    pub failed: Vec<String>,
 }
 
 impl Engine {
@@ -182,7 +191,9 @@ impl Engine {
             } else {
                 quiet_since = None;
             }
-            if available > 0 && opts.workers > 0 {
+            // Workers of other processes help only flows with a shared target: the run
+            // processes the rest itself, whatever its worker count.
+            if available > 0 && (opts.workers > 0 || !shared_target(ctx.spec)) {
                 self.work(ctx, files, None, opts, None)?;
                 continue;
             }
@@ -248,12 +259,19 @@ impl Engine {
             if queue_work(store, rec.id)?.0 == 0 {
                 continue;
             }
-            let mut ctx = self.ctx(
+            let mut ctx = match self.ctx(
                 rec.id,
                 &spec,
                 opts.progress,
                 Some(self.run_owner().to_string()),
-            )?;
+            ) {
+                Ok(ctx) => ctx,
+                Err(e) => {
+                    tracing::warn!(flow = spec.name, "worker: {e}");
+                    report.failed.push(spec.name.clone());
+                    continue;
+                }
+            };
             // Nothing was listed here: polled entries are stat-ed by their keys.
             ctx.stat_unlisted = true;
             let kind = report_kind(rec.id, run);
@@ -307,7 +325,13 @@ impl Engine {
             let result = self.work(&ctx, &empty, None, &work_opts, Some(&after));
             match result {
                 Ok(()) | Err(EngineError::Cancelled(_)) => {}
-                Err(e) => return Err(e),
+                // One flow that fails here (its target unreachable from this process) does
+                // not keep the others from being helped.
+                Err(e) => {
+                    tracing::warn!(flow = spec.name, "worker: {e}");
+                    report.failed.push(spec.name.clone());
+                    continue;
+                }
             }
             report.items += done.load(Ordering::Relaxed);
             report.flows.push(spec.name.clone());

@@ -857,12 +857,21 @@ impl Engine {
         };
         // Checked before taking the lock, so a bad spec fails fast.
         check_steps(spec)?;
-        let _lock = self.lock_run(&spec.name)?;
+        let lock = self.lock_run(&spec.name)?;
         let started_ms = now_ms();
         let flow = self.register_or_record(spec, opts.trigger, started_ms)?;
-        let summary = self.recorded(flow, opts.trigger, started_ms, || {
-            self.run_locked(spec, source, flow, opts, started, &Target::Flow)
-        })?;
+        let summary = if self.store.has_shared_locks() {
+            self.run_watching_lock(&spec.name, lock, opts, |o| {
+                self.recorded(flow, opts.trigger, started_ms, || {
+                    self.run_locked(spec, source, flow, o, started, &Target::Flow)
+                })
+            })?
+        } else {
+            let _held = lock;
+            self.recorded(flow, opts.trigger, started_ms, || {
+                self.run_locked(spec, source, flow, opts, started, &Target::Flow)
+            })?
+        };
         if let Some(c) = spec.target.collection() {
             self.after_write(c);
         }
@@ -1291,6 +1300,72 @@ impl Engine {
         }
     }
 
+    /// Runs `body`, holding `lock` (the run lock of `flow` over a shared store), with options
+    /// whose cancel flag is also raised when the lock is lost for good. A lock whose database
+    /// session ended (a restart, a network failure) is taken again when it is free, and the
+    /// run goes on; when another process took it meanwhile, the run stops between two batches
+    /// with an error saying so, instead of going on beside another run of the flow.
+    fn run_watching_lock(
+        &self,
+        flow: &str,
+        lock: Option<RunLock>,
+        opts: &RunOptions<'_>,
+        body: impl FnOnce(&RunOptions<'_>) -> Result<RunSummary, EngineError>,
+    ) -> Result<RunSummary, EngineError> {
+        let stop = AtomicBool::new(false);
+        let lost = AtomicBool::new(false);
+        let done = AtomicBool::new(false);
+        let mut lock = lock;
+        std::thread::scope(|scope| {
+            let (stop, lost, done, lock) = (&stop, &lost, &done, &mut lock);
+            scope.spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    if lock.as_ref().is_some_and(|l| !l.is_held()) && !lost.load(Ordering::Relaxed)
+                    {
+                        match self.lock(flow) {
+                            Ok(again) => {
+                                tracing::warn!(
+                                    flow,
+                                    "the run lock's session ended; the lock was taken again"
+                                );
+                                *lock = again;
+                            }
+                            Err(EngineError::Busy(_)) => {
+                                lost.store(true, Ordering::Relaxed);
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                            // The database is still away: try again at the next look.
+                            Err(_) => {}
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            });
+            let o = RunOptions {
+                batch_items: opts.batch_items,
+                workers: opts.workers,
+                lease_ms: opts.lease_ms,
+                progress: opts.progress,
+                trigger: opts.trigger,
+                cancel: Some(stop),
+                queue: opts.queue,
+            };
+            let result = body(&o);
+            done.store(true, Ordering::Relaxed);
+            result.map_err(|e| match e {
+                EngineError::Cancelled(_) if lost.load(Ordering::Relaxed) => {
+                    EngineError::Internal(
+                        "the run lost its lock (the state store's session ended) and stopped: another process may run the flow now; what it committed stays".into(),
+                    )
+                }
+                e => e,
+            })
+        })
+    }
+
     /// The run lock of a run: [`Engine::lock`], but over a shared store a lock held briefly
     /// (another process storing the flow's definition at its start) is waited for, up to 3 s,
     /// before the run is refused as busy.
@@ -1324,7 +1399,7 @@ impl Engine {
                             .into(),
                     ));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
         let Some(dir) = self.data_dir() else {
@@ -1711,14 +1786,23 @@ fn log_work(owner: &str, keys: &[String], refused: &[FenceError], polled_ms: i64
 }
 
 /// A held run lock: a lock file of the data directory, or a lock of a shared state store.
-/// Dropping it releases the lock (held, never read).
+/// Dropping it releases the lock.
 #[derive(Debug)]
-#[allow(dead_code)]
 pub(crate) enum RunLock {
-    /// An exclusive lock on a file of `<data-dir>/locks/`.
-    File(std::fs::File),
+    /// An exclusive lock on a file of `<data-dir>/locks/` (held, never read).
+    File(#[allow(dead_code)] std::fs::File),
     /// A lock of the shared state store.
     Store(freshindex_store::StoreLock),
+}
+
+impl RunLock {
+    /// Whether the lock still holds (a shared store's lock is lost with its session).
+    pub(crate) fn is_held(&self) -> bool {
+        match self {
+            RunLock::File(_) => true,
+            RunLock::Store(l) => l.is_held(),
+        }
+    }
 }
 
 /// Opens (creating it and its folder) a lock file.

@@ -27,6 +27,10 @@ pub(crate) fn start(
                     ..RunOptions::default()
                 };
                 match engine.help_runs(&opts, &stop) {
+                    Ok(r) if !r.failed.is_empty() && r.flows.is_empty() => {
+                        // Every flow with work failed: wait longer before trying again.
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
                     Ok(r) if !r.flows.is_empty() => {
                         tracing::info!(flows = ?r.flows, items = r.items, "worked for runs in progress");
                         pause = IDLE;

@@ -273,7 +273,7 @@ fn workers_and_schedulers_share_one_postgres_store() {
     assert!(
         owners
             .iter()
-            .any(|o| o.ends_with(&format!(":{killed_owner_pid}"))),
+            .any(|o| o.contains(&format!(":{killed_owner_pid}:"))),
         "the killed worker had worked: {owners:?}"
     );
 
