@@ -4,7 +4,8 @@
 //! (`push`, `poll`, `heartbeat`, `unreserve`, `fence`, `list`, `queue_keys`, `queue_stats`) and
 //! of `ItemChange::Upsert` / `ItemChange::Delete` — deliberately without calling
 //! `freshindex_store::rules`, which is what it checks. A proptest drives random sequences of
-//! operations against both the model and a real `SqliteStore` (in memory and on disk) under an
+//! operations against both the model and a real `SqliteStore` (in memory and on disk) or
+//! `PgStore` (a real PostgreSQL the test starts) under an
 //! injected clock, and after every operation compares every entry, every answer of the
 //! operation and the derived views (`get`, `items`, `queue_keys`, `queue_stats`).
 //!
@@ -1009,6 +1010,24 @@ proptest! {
         let reopened = store.list(flow, &all()).expect("list");
         let again = SqliteStore::open(&path).expect("reopen twice");
         prop_assert_eq!(reopened, again.list(flow, &all()).expect("list"));
+    }
+}
+
+/// The same model against PostgreSQL: one server for the test, a fresh database per case
+/// (shrinking included).
+#[test]
+fn postgres_store_matches_the_model() {
+    let pg = freshindex_testpg::TestPg::start();
+    let mut runner = proptest::test_runner::TestRunner::new(config(32));
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
+        let i = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url = pg.create_database(&format!("model{i}"));
+        let store = freshindex_store::PgStore::connect(&url).expect("connect");
+        run_ops(&store, &ops)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 
