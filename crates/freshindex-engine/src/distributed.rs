@@ -37,18 +37,23 @@ use crate::{Engine, EngineError};
 
 /// The lease holder name of this process over a shared store: `engine@HOST:PID:NONCE`.
 pub(crate) fn process_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".into());
+    let host = host_name();
     // A nonce besides the pid: containers that share a host name may share pids too.
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos())
         ^ std::process::id().rotate_left(16);
     format!("engine@{host}:{}:{nonce:08x}", std::process::id())
+}
+
+/// This machine's host name (`host` when it cannot be read).
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
 }
 
 /// Opens a shared state store from its URL.
@@ -313,13 +318,10 @@ impl Engine {
                 write_report(ctx);
             };
             let work_opts = RunOptions {
-                batch_items: opts.batch_items,
                 workers: opts.workers.max(1),
-                lease_ms: opts.lease_ms,
-                progress: opts.progress,
-                trigger: opts.trigger,
                 cancel: Some(stop),
                 queue: None,
+                ..*opts
             };
             let empty = HashMap::new();
             let result = self.work(&ctx, &empty, None, &work_opts, Some(&after));

@@ -604,10 +604,7 @@ impl Engine {
             // records (it serves this directory's collections only).
             opts.records_prefix = format!(
                 "{}:{}:",
-                crate::distributed::process_owner()
-                    .split(['@', ':'])
-                    .nth(1)
-                    .unwrap_or("host"),
+                crate::distributed::host_name(),
                 self.build_dir.display()
             );
         }
@@ -1345,13 +1342,8 @@ impl Engine {
                 }
             });
             let o = RunOptions {
-                batch_items: opts.batch_items,
-                workers: opts.workers,
-                lease_ms: opts.lease_ms,
-                progress: opts.progress,
-                trigger: opts.trigger,
                 cancel: Some(stop),
-                queue: opts.queue,
+                ..*opts
             };
             let result = body(&o);
             done.store(true, Ordering::Relaxed);

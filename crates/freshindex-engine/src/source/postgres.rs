@@ -264,6 +264,15 @@ impl PgSource {
 
     /// Runs `f` on the connection (opened when needed); a connection found closed is
     /// opened again once, after a short pause. `doing` names the operation in errors.
+    /// Runs `sql` (several statements) in one transaction.
+    fn execute_in_transaction(&self, doing: &str, sql: &str) -> Result<(), EngineError> {
+        self.with_client(doing, |c| {
+            let mut tx = c.transaction()?;
+            tx.batch_execute(sql)?;
+            tx.commit()
+        })
+    }
+
     fn with_client<T>(
         &self,
         doing: &str,
@@ -670,11 +679,7 @@ CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table}
             old_text = texts(&old),
             new_text = texts(&new),
         );
-        self.with_client("installing the trigger", |c| {
-            let mut tx = c.transaction()?;
-            tx.batch_execute(&sql)?;
-            tx.commit()
-        })?;
+        self.execute_in_transaction("installing the trigger", &sql)?;
         Ok(vec![format!(
             "flow `{flow}`: trigger {channel} on {} notifies channel {channel} ({})",
             self.spec.table.as_deref().unwrap_or_default(),
@@ -692,11 +697,7 @@ CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table}
             "DROP TRIGGER IF EXISTS {} ON {table}; DROP FUNCTION IF EXISTS {function}();",
             ident(&channel)
         );
-        self.with_client("removing the trigger", |c| {
-            let mut tx = c.transaction()?;
-            tx.batch_execute(&sql)?;
-            tx.commit()
-        })?;
+        self.execute_in_transaction("removing the trigger", &sql)?;
         Ok(vec![format!(
             "flow `{flow}`: trigger {channel} removed from {} ({})",
             self.spec.table.as_deref().unwrap_or_default(),
