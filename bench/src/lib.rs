@@ -2,4 +2,5 @@
 //! clustered vectors and measuring helpers.
 
 pub mod http;
+pub mod queue;
 pub mod vectors;

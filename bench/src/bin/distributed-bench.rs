@@ -20,11 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use freshindex_bench::http::{Http, Server};
-use freshindex_core::ItemStatus;
-use freshindex_store::{
-    BatchCommit, FlowId, ItemChange, ItemRecord, PgStore, PollRequest, PushItem, PushKind,
-    SqliteStore, StateStore,
-};
+use freshindex_bench::queue::poll_index_all;
+use freshindex_store::{FlowId, PgStore, PushItem, PushKind, SqliteStore, StateStore};
 use freshindex_testpg::TestPg;
 
 #[allow(dead_code)]
@@ -196,58 +193,11 @@ fn queue_run(store: Arc<dyn StateStore>, n: usize) -> Result<f64> {
             .collect();
         store.push(flow, &items, now_ms())?;
     }
-    let t = Instant::now();
-    let handles: Vec<_> = (0..4)
-        .map(|w| {
-            let store = Arc::clone(&store);
-            std::thread::spawn(move || -> Result<usize> {
-                let mut done = 0;
-                loop {
-                    let req = PollRequest {
-                        queue: None,
-                        limit: 100,
-                        statuses: Vec::new(),
-                        owner: format!("w{w}"),
-                        lease_ms: 60_000,
-                    };
-                    let got = store.poll(flow, &req, now_ms())?;
-                    if got.is_empty() {
-                        return Ok(done);
-                    }
-                    done += got.len();
-                    let items = got
-                        .into_iter()
-                        .map(|e| {
-                            let mut r = ItemRecord::new(&e.item.key, ItemStatus::Accepted);
-                            r.content_hash = e.item.content_hash;
-                            ItemChange::Upsert {
-                                record: r,
-                                rows: Some(Vec::new()),
-                            }
-                        })
-                        .collect();
-                    store.commit(
-                        flow,
-                        BatchCommit {
-                            items,
-                            now_ms: now_ms(),
-                            ..BatchCommit::default()
-                        },
-                    )?;
-                }
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for h in handles {
-        total += h
-            .join()
-            .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
-    }
+    let (secs, total) = poll_index_all(&store, flow, 4, 100)?;
     if total != n {
         bail!("the queue handed out {total} entries, not {n}");
     }
-    Ok(t.elapsed().as_secs_f64())
+    Ok(secs)
 }
 
 fn main() -> Result<()> {

@@ -16,11 +16,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use freshindex_bench::http::Http;
-use freshindex_core::ItemStatus;
-use freshindex_store::{
-    BatchCommit, FlowId, FlowStore, ItemChange, ItemRecord, ItemStore, LineageStore, PollRequest,
-    PushItem, PushKind, SqliteStore,
-};
+use freshindex_bench::queue::poll_index_all;
+use freshindex_store::{FlowId, FlowStore, ItemStore, PushItem, PushKind, SqliteStore, StateStore};
 
 const USAGE: &str = "\
 usage: queue-bench [--items N] [--http-items M] [--bin PATH]
@@ -117,60 +114,6 @@ fn push_all(store: &SqliteStore, flow: FlowId, n: usize, label: &str) -> Result<
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// `workers` threads poll batches of 100 and index them until the queue is empty.
-fn poll_index_all(store: &Arc<SqliteStore>, flow: FlowId, workers: usize) -> Result<(f64, usize)> {
-    let t = Instant::now();
-    let handles: Vec<_> = (0..workers)
-        .map(|w| {
-            let store = store.clone();
-            std::thread::spawn(move || -> Result<usize> {
-                let owner = format!("w{w}");
-                let mut done = 0;
-                loop {
-                    let req = PollRequest {
-                        queue: None,
-                        limit: BATCH,
-                        statuses: Vec::new(),
-                        owner: owner.clone(),
-                        lease_ms: 60_000,
-                    };
-                    let got = store.poll(flow, &req, now_ms())?;
-                    if got.is_empty() {
-                        return Ok(done);
-                    }
-                    let items = got
-                        .into_iter()
-                        .map(|e| {
-                            let mut r = ItemRecord::new(&e.item.key, ItemStatus::Accepted);
-                            r.content_hash = e.item.content_hash;
-                            ItemChange::Upsert {
-                                record: r,
-                                rows: Some(Vec::new()),
-                            }
-                        })
-                        .collect::<Vec<_>>();
-                    done += items.len();
-                    store.commit(
-                        flow,
-                        BatchCommit {
-                            items,
-                            now_ms: now_ms(),
-                            ..BatchCommit::default()
-                        },
-                    )?;
-                }
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for h in handles {
-        total += h
-            .join()
-            .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
-    }
-    Ok((t.elapsed().as_secs_f64(), total))
-}
-
 /// The baseline: plain inserts of the same rows, 100 per transaction, same durability.
 fn sqlite_floor(dir: &Path, n: usize) -> Result<f64> {
     let conn = rusqlite::Connection::open(dir.join("floor.sqlite"))?;
@@ -236,7 +179,12 @@ fn embedded(n: usize) -> Result<()> {
         let store = Arc::new(SqliteStore::open(&dir.0.join("state.sqlite"))?);
         let flow = store.register_flow("bench", "{}")?;
         let push = push_all(&store, flow, n, "A")?;
-        let (index, done) = poll_index_all(&store, flow, workers)?;
+        let (index, done) = poll_index_all(
+            &(store.clone() as Arc<dyn StateStore>),
+            flow,
+            workers,
+            BATCH,
+        )?;
         if done != n {
             bail!("{workers} workers indexed {done} items of {n}");
         }
