@@ -126,8 +126,10 @@ impl Config {
             ));
         }
         let mut flows: Vec<FlowSpec> = Vec::with_capacity(raw.flow.len());
+        let mut positions = Vec::with_capacity(raw.flow.len());
         for spanned in raw.flow {
             let pos = line_col(text, spanned.span().start);
+            positions.push(pos);
             let flow = spanned.into_inner();
             if flows.iter().any(|f| f.name == flow.name) {
                 return Err(err(
@@ -148,6 +150,15 @@ impl Config {
                 ));
             }
             flows.push(flow);
+        }
+        let refs: Vec<&FlowSpec> = flows.iter().collect();
+        if let Err(e) = crate::spec::check_flow_graph(&refs) {
+            // The position of the flow the message starts with.
+            let at = flows
+                .iter()
+                .position(|f| e.starts_with(&format!("flow `{}`", f.name)))
+                .map(|i| positions[i]);
+            return Err(err(at, e));
         }
         if let Some(store) = &raw.store
             && !(store.starts_with("postgres://") || store.starts_with("postgresql://"))
@@ -180,7 +191,7 @@ impl Config {
                         files.path = base.join(&files.path);
                     }
                 }
-                SourceSpec::Push(_) | SourceSpec::Postgres(_) => {}
+                SourceSpec::Push(_) | SourceSpec::Postgres(_) | SourceSpec::Flows(_) => {}
             }
         }
         Ok(config)

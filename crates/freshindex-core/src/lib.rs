@@ -14,6 +14,7 @@ pub mod row;
 pub mod schedule;
 pub mod spec;
 pub mod status;
+pub mod template;
 
 pub use config::{Config, ConfigError};
 pub use fingerprint::{Fingerprint, FpMap};
@@ -25,7 +26,8 @@ pub use schedule::{
     Schedule, Scheduler, Trigger,
 };
 pub use spec::{
-    DEFAULT_OPENAI_BASE_URL, EmbedSpec, FlowMode, FlowSpec, ModelRef, ParseSpec, PgVectorType,
-    PostgresSource, PostgresTarget, SourceSpec, SplitSpec, StepSpec, TargetSpec,
+    Aggregate, DEFAULT_OPENAI_BASE_URL, EmbedSpec, FlowMode, FlowSpec, FlowsSource, GroupSpec,
+    LookupSpec, MergeRule, ModelRef, ParseSpec, PgVectorType, PostgresSource, PostgresTarget,
+    SourceSpec, SplitSpec, StepSpec, TargetSpec, TemplateSpec,
 };
 pub use status::ItemStatus;

@@ -12,6 +12,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::schedule::{Interval, Schedule, check_min};
+use crate::template::Template;
 
 /// Deserializes `T` from a JSON value, prefixing errors with the path of the offending field
 /// (`steps[1]: chunk_size: invalid type ...`). Tagged tables are read through this, since
@@ -208,40 +209,99 @@ impl FlowSpec {
 
     /// The parse step.
     pub fn parse(&self) -> &ParseSpec {
-        match &self.steps[0] {
-            StepSpec::Parse(p) => p,
-            StepSpec::Split(_) | StepSpec::Embed(_) => unreachable!("validated step order"),
-        }
+        self.steps
+            .iter()
+            .find_map(|s| match s {
+                StepSpec::Parse(p) => Some(p),
+                _ => None,
+            })
+            .unwrap_or(&ParseSpec {})
     }
 
     /// The split step.
     pub fn split(&self) -> &SplitSpec {
-        match &self.steps[1] {
+        match &self.steps[self.steps.len() - 2] {
             StepSpec::Split(s) => s,
-            StepSpec::Parse(_) | StepSpec::Embed(_) => unreachable!("validated step order"),
+            _ => unreachable!("validated step order: split is second to last"),
         }
     }
 
     /// The embed step.
     pub fn embed(&self) -> &EmbedSpec {
-        match &self.steps[2] {
+        match &self.steps[self.steps.len() - 1] {
             StepSpec::Embed(e) => e,
-            StepSpec::Parse(_) | StepSpec::Split(_) => unreachable!("validated step order"),
+            _ => unreachable!("validated step order: embed is last"),
         }
     }
 
     /// The same flow with another embed step (a reindex's destination model).
     pub fn with_embed(&self, embed: EmbedSpec) -> FlowSpec {
         let mut spec = self.clone();
-        spec.steps[2] = StepSpec::Embed(embed);
+        let last = spec.steps.len() - 1;
+        spec.steps[last] = StepSpec::Embed(embed);
         spec
+    }
+
+    /// The lookup steps, in order.
+    pub fn lookups(&self) -> impl Iterator<Item = &LookupSpec> {
+        self.steps.iter().filter_map(|s| match s {
+            StepSpec::Lookup(l) => Some(l),
+            _ => None,
+        })
+    }
+
+    /// The template step, if the flow makes its text from fields.
+    pub fn template(&self) -> Option<&TemplateSpec> {
+        self.steps.iter().find_map(|s| match s {
+            StepSpec::Template(t) => Some(t),
+            _ => None,
+        })
+    }
+
+    /// The group step, if the flow makes one item per group of its input's items.
+    pub fn group(&self) -> Option<&GroupSpec> {
+        self.steps.iter().find_map(|s| match s {
+            StepSpec::Group(g) => Some(g),
+            _ => None,
+        })
+    }
+
+    /// The flows source, if the flow's items are made from other flows' items.
+    pub fn flows_source(&self) -> Option<&FlowsSource> {
+        match &self.source {
+            SourceSpec::Flows(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The flows this flow reads: its flows source's inputs, then its lookups' (each once).
+    pub fn inputs(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        let from = self
+            .flows_source()
+            .map(|f| f.from.iter().map(String::as_str));
+        for name in from
+            .into_iter()
+            .flatten()
+            .chain(self.lookups().map(|l| l.from.as_str()))
+        {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// Whether the flow takes more than its own source's items (lookups, merges, groups).
+    pub fn is_multi_input(&self) -> bool {
+        !self.inputs().is_empty()
     }
 
     /// The files source, if the flow reads a folder.
     pub fn files(&self) -> Option<&FilesSource> {
         match &self.source {
             SourceSpec::Files(f) => Some(f),
-            SourceSpec::Push(_) | SourceSpec::Postgres(_) => None,
+            SourceSpec::Push(_) | SourceSpec::Postgres(_) | SourceSpec::Flows(_) => None,
         }
     }
 
@@ -249,7 +309,7 @@ impl FlowSpec {
     pub fn postgres(&self) -> Option<&PostgresSource> {
         match &self.source {
             SourceSpec::Postgres(p) => Some(p),
-            SourceSpec::Files(_) | SourceSpec::Push(_) => None,
+            SourceSpec::Files(_) | SourceSpec::Push(_) | SourceSpec::Flows(_) => None,
         }
     }
 
@@ -257,7 +317,7 @@ impl FlowSpec {
     /// flow's items arrive through the queue API only.
     pub fn has_runs(&self) -> bool {
         match &self.source {
-            SourceSpec::Files(_) | SourceSpec::Postgres(_) => true,
+            SourceSpec::Files(_) | SourceSpec::Postgres(_) | SourceSpec::Flows(_) => true,
             SourceSpec::Push(_) => false,
         }
     }
@@ -325,13 +385,8 @@ impl TryFrom<RawFlowSpec> for FlowSpec {
             ],
             Some(steps) => steps,
         };
-        let kinds: Vec<&str> = steps.iter().map(StepSpec::kind).collect();
-        if kinds != ["parse", "split", "embed"] {
-            return Err(format!(
-                "steps: expected the ops parse, split, embed in that order, got [{}]",
-                kinds.join(", ")
-            ));
-        }
+        check_step_order(&steps)?;
+        check_inputs(&raw.name, &raw.source, &steps)?;
         let target = match raw.target {
             Some(t) => t,
             None => TargetSpec::Collection(CollectionTarget {
@@ -408,6 +463,8 @@ pub enum SourceSpec {
     Push(PushSource),
     /// The rows of a PostgreSQL table or query, followed by their ordinal column.
     Postgres(PostgresSource),
+    /// The items of other flows: merged by a key, or grouped by a `group` step.
+    Flows(FlowsSource),
 }
 
 /// A source that only the queue API feeds.
@@ -422,8 +479,9 @@ impl<'de> Deserialize<'de> for SourceSpec {
             "files" => from_value(rest).map(SourceSpec::Files),
             "push" => from_value(rest).map(SourceSpec::Push),
             "postgres" => from_value(rest).map(SourceSpec::Postgres),
+            "flows" => from_value(rest).map(SourceSpec::Flows),
             other => Err(format!(
-                "type: unknown source type `{other}`; expected `files`, `push` or `postgres`"
+                "type: unknown source type `{other}`; expected `files`, `push`, `postgres` or `flows`"
             )),
         }
         .map_err(D::Error::custom)
@@ -707,6 +765,12 @@ fn yes() -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum StepSpec {
+    /// One item per group of the input flow's items (flows source only; first step).
+    Group(GroupSpec),
+    /// Adds the current item of another flow, found by key, to the item's fields.
+    Lookup(LookupSpec),
+    /// Makes the text to index from the item's fields.
+    Template(TemplateSpec),
     /// Bytes to text.
     Parse(ParseSpec),
     /// Text to chunks.
@@ -722,8 +786,11 @@ impl<'de> Deserialize<'de> for StepSpec {
             "parse" => from_value(rest).map(StepSpec::Parse),
             "split" => from_value(rest).map(StepSpec::Split),
             "embed" => from_value(rest).map(StepSpec::Embed),
+            "lookup" => from_value(rest).map(StepSpec::Lookup),
+            "template" => from_value(rest).map(StepSpec::Template),
+            "group" => from_value(rest).map(StepSpec::Group),
             other => Err(format!(
-                "op: unknown op `{other}`; expected parse, split or embed"
+                "op: unknown op `{other}`; expected group, lookup, template, parse, split or embed"
             )),
         }
         .map_err(D::Error::custom)
@@ -734,11 +801,437 @@ impl StepSpec {
     /// The step kind, as written in `op`.
     pub fn kind(&self) -> &'static str {
         match self {
+            StepSpec::Group(_) => "group",
+            StepSpec::Lookup(_) => "lookup",
+            StepSpec::Template(_) => "template",
             StepSpec::Parse(_) => "parse",
             StepSpec::Split(_) => "split",
             StepSpec::Embed(_) => "embed",
         }
     }
+}
+
+/// The items of other flows (seed 002's multi-input transformations): each item of this flow
+/// is made from the items of the flows in `from` that share a key — the `merge_key` (one
+/// item per key across several flows, their fields combined by `merge`), or, with a `group`
+/// step, the group's `by` value (one item per group of one flow's items). Without either,
+/// one item per input item. The inputs' items are read from what their flows last indexed,
+/// so `from` names flows, not tables or folders.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawFlowsSource")]
+pub struct FlowsSource {
+    /// The input flows, highest priority first.
+    pub from: Vec<String>,
+    /// The key expression items are merged by (a field, or a template); `None`: an input
+    /// item's own key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge_key: Option<String>,
+    /// How the fields of items with the same merge key are combined.
+    pub merge: MergeRule,
+}
+
+/// How a merged item's fields are combined from its contributors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MergeRule {
+    /// Each field (and the text) is the first non-empty value, in the order of `from`.
+    #[default]
+    First,
+    /// Each field is the list of the contributors' non-empty values, in the order of `from`;
+    /// the text is their texts joined by blank lines.
+    List,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowsSource {
+    from: FromList,
+    #[serde(default)]
+    merge_key: Option<String>,
+    #[serde(default)]
+    merge: MergeRule,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FromList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl TryFrom<RawFlowsSource> for FlowsSource {
+    type Error = String;
+
+    fn try_from(raw: RawFlowsSource) -> Result<Self, Self::Error> {
+        let from = match raw.from {
+            FromList::One(f) => vec![f],
+            FromList::Many(v) => v,
+        };
+        if from.is_empty() {
+            return Err("from: name at least one flow".into());
+        }
+        for (i, name) in from.iter().enumerate() {
+            validate_name(&format!("from[{i}]"), name)?;
+            if from[..i].contains(name) {
+                return Err(format!("from[{i}]: `{name}` is listed twice"));
+            }
+        }
+        if let Some(k) = &raw.merge_key {
+            Template::key_expr(k).map_err(|e| format!("merge_key: {e}"))?;
+        }
+        Ok(FlowsSource {
+            from,
+            merge_key: raw.merge_key,
+            merge: raw.merge,
+        })
+    }
+}
+
+/// `{ op = "lookup", from, key, as, required }`: reads the current item of flow `from` whose
+/// key is `key` evaluated on this item's fields, and adds its fields (with `key` and `text`)
+/// as the field `as` (`null` when there is none). The item then depends on that key of that
+/// flow: when the looked-up item is created, changed or deleted, the item is processed again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawLookupSpec")]
+pub struct LookupSpec {
+    /// The flow whose items are looked up.
+    pub from: String,
+    /// Key expression: a field (`company_id`) or a template (`{region}/{id}`).
+    pub key: String,
+    /// The field the looked-up item is added as.
+    #[serde(rename = "as")]
+    pub as_field: String,
+    /// A missing item fails this item (naming the key) instead of adding `null`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub required: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLookupSpec {
+    from: String,
+    key: String,
+    #[serde(rename = "as")]
+    as_field: String,
+    #[serde(default)]
+    required: bool,
+}
+
+/// Fields every item has; steps cannot write them.
+const OWN_FIELDS: [&str; 2] = ["key", "text"];
+
+impl TryFrom<RawLookupSpec> for LookupSpec {
+    type Error = String;
+
+    fn try_from(raw: RawLookupSpec) -> Result<Self, Self::Error> {
+        validate_name("from", &raw.from)?;
+        Template::key_expr(&raw.key).map_err(|e| format!("key: {e}"))?;
+        check_field_name("as", &raw.as_field)?;
+        Ok(LookupSpec {
+            from: raw.from,
+            key: raw.key,
+            as_field: raw.as_field,
+            required: raw.required,
+        })
+    }
+}
+
+fn check_field_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-'));
+    if !ok {
+        return Err(format!(
+            "{what}: `{name}` is not a field name (letters, digits, `_`, `-`)"
+        ));
+    }
+    if OWN_FIELDS.contains(&name) {
+        return Err(format!(
+            "{what}: `{name}` is a field every item has; choose another name"
+        ));
+    }
+    Ok(())
+}
+
+/// `{ op = "template", text }`: the text to index, made from the item's fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawTemplateSpec")]
+pub struct TemplateSpec {
+    /// `{field}` placeholders (see [`crate::template`]).
+    pub text: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplateSpec {
+    text: String,
+}
+
+impl TryFrom<RawTemplateSpec> for TemplateSpec {
+    type Error = String;
+
+    fn try_from(raw: RawTemplateSpec) -> Result<Self, Self::Error> {
+        Template::parse(&raw.text).map_err(|e| format!("text: {e}"))?;
+        Ok(TemplateSpec { text: raw.text })
+    }
+}
+
+/// `{ op = "group", by, aggregate }`: one item per value of `by` among the input flow's
+/// items, with the aggregates as its fields (and `key` = the group's value). Its text is its
+/// members' texts joined by blank lines, unless a template step makes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawGroupSpec")]
+pub struct GroupSpec {
+    /// Key expression of a member's group; members where it is empty belong to none.
+    pub by: String,
+    /// Output field → aggregate, in name order.
+    pub aggregate: std::collections::BTreeMap<String, Aggregate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroupSpec {
+    by: String,
+    #[serde(default)]
+    aggregate: std::collections::BTreeMap<String, String>,
+}
+
+impl TryFrom<RawGroupSpec> for GroupSpec {
+    type Error = String;
+
+    fn try_from(raw: RawGroupSpec) -> Result<Self, Self::Error> {
+        Template::key_expr(&raw.by).map_err(|e| format!("by: {e}"))?;
+        let mut aggregate = std::collections::BTreeMap::new();
+        for (name, a) in raw.aggregate {
+            check_field_name(&format!("aggregate.{name}"), &name)?;
+            let parsed = Aggregate::parse(&a).map_err(|e| format!("aggregate.{name}: {e}"))?;
+            aggregate.insert(name, parsed);
+        }
+        Ok(GroupSpec {
+            by: raw.by,
+            aggregate,
+        })
+    }
+}
+
+/// One aggregate of a group's members (members in key order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Aggregate {
+    /// `count`: how many members.
+    Count,
+    /// `list:FIELD`: the members' non-empty values of a field.
+    List(String),
+    /// `first:FIELD`: the first member's non-empty value of a field.
+    First(String),
+    /// `sum:FIELD`: the sum of the members' numeric values of a field.
+    Sum(String),
+    /// `min:FIELD` / `max:FIELD`: the least or greatest numeric value of a field.
+    Min(String),
+    /// See [`Aggregate::Min`].
+    Max(String),
+}
+
+impl Aggregate {
+    /// Parses `count` or `FUNCTION:FIELD`.
+    pub fn parse(text: &str) -> Result<Aggregate, String> {
+        if text == "count" {
+            return Ok(Aggregate::Count);
+        }
+        let Some((f, field)) = text.split_once(':') else {
+            return Err(format!(
+                "`{text}` is not an aggregate; expected count, list:FIELD, first:FIELD, sum:FIELD, min:FIELD or max:FIELD"
+            ));
+        };
+        Template::key_expr(field)?;
+        let field = field.to_string();
+        match f {
+            "list" => Ok(Aggregate::List(field)),
+            "first" => Ok(Aggregate::First(field)),
+            "sum" => Ok(Aggregate::Sum(field)),
+            "min" => Ok(Aggregate::Min(field)),
+            "max" => Ok(Aggregate::Max(field)),
+            other => Err(format!(
+                "unknown aggregate function `{other}`; expected count, list, first, sum, min or max"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Aggregate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Aggregate::Count => f.write_str("count"),
+            Aggregate::List(x) => write!(f, "list:{x}"),
+            Aggregate::First(x) => write!(f, "first:{x}"),
+            Aggregate::Sum(x) => write!(f, "sum:{x}"),
+            Aggregate::Min(x) => write!(f, "min:{x}"),
+            Aggregate::Max(x) => write!(f, "max:{x}"),
+        }
+    }
+}
+
+impl Serialize for Aggregate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Steps: an optional `group`, any `lookup`s, an optional `template`, then parse, split,
+/// embed.
+fn check_step_order(steps: &[StepSpec]) -> Result<(), String> {
+    let rank = |s: &StepSpec| match s {
+        StepSpec::Group(_) => 0,
+        StepSpec::Lookup(_) => 1,
+        StepSpec::Template(_) => 2,
+        StepSpec::Parse(_) => 3,
+        StepSpec::Split(_) => 4,
+        StepSpec::Embed(_) => 5,
+    };
+    let kinds: Vec<&str> = steps.iter().map(StepSpec::kind).collect();
+    let ranks: Vec<u8> = steps.iter().map(rank).collect();
+    let tail_ok = kinds.ends_with(&["parse", "split", "embed"]);
+    let ordered = ranks
+        .windows(2)
+        .all(|w| w[0] < w[1] || (w[0] == 1 && w[1] == 1));
+    if !tail_ok || !ordered {
+        return Err(format!(
+            "steps: expected an optional group, any lookups, an optional template, then parse, split, embed, in that order; got [{}]",
+            kinds.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// What multi-input steps need of the flow's source, and names that cannot work.
+fn check_inputs(name: &str, source: &SourceSpec, steps: &[StepSpec]) -> Result<(), String> {
+    let group = steps.iter().position(|s| matches!(s, StepSpec::Group(_)));
+    let mut fields: Vec<&str> = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        match s {
+            StepSpec::Lookup(l) => {
+                if l.from == name {
+                    return Err(format!(
+                        "steps[{i}]: from: flow `{name}` cannot look up its own items"
+                    ));
+                }
+                if fields.contains(&l.as_field.as_str()) {
+                    return Err(format!(
+                        "steps[{i}]: as: the field `{}` is already written by an earlier step",
+                        l.as_field
+                    ));
+                }
+                fields.push(&l.as_field);
+            }
+            StepSpec::Group(g) => fields.extend(g.aggregate.keys().map(String::as_str)),
+            _ => {}
+        }
+    }
+    match source {
+        SourceSpec::Flows(f) => {
+            if f.from.iter().any(|f| f == name) {
+                return Err(format!(
+                    "source.from: flow `{name}` cannot read its own items"
+                ));
+            }
+            if let Some(g) = group {
+                if f.from.len() != 1 {
+                    return Err(format!(
+                        "steps[{g}]: a group step reads one flow; source.from names {}",
+                        f.from.len()
+                    ));
+                }
+                if f.merge_key.is_some() {
+                    return Err(format!(
+                        "steps[{g}]: a group step and source.merge_key both key the items; keep one"
+                    ));
+                }
+            }
+        }
+        SourceSpec::Push(_) if steps.iter().any(|s| matches!(s, StepSpec::Lookup(_))) => {
+            return Err(
+                "steps: a push flow cannot have lookups: its items cannot be read again when a looked-up item changes (read the items through a `flows` source instead)"
+                    .into(),
+            );
+        }
+        SourceSpec::Files(_) | SourceSpec::Push(_) | SourceSpec::Postgres(_) => {
+            if let Some(g) = group {
+                return Err(format!(
+                    "steps[{g}]: a group step needs source type `flows` (the flow whose items it groups)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the flows' inputs as a whole: every input names a flow of `flows`, and no flow
+/// reads itself through others (`a` looks up `b`, `b` looks up `a`). The error names the
+/// cycle.
+pub fn check_flow_graph(flows: &[&FlowSpec]) -> Result<(), String> {
+    for f in flows {
+        for input in f.inputs() {
+            if !flows.iter().any(|g| g.name == input) {
+                return Err(format!(
+                    "flow `{}`: reads flow `{input}`, which is not defined",
+                    f.name
+                ));
+            }
+        }
+    }
+    // Depth-first search with colours; the path on the stack names the cycle.
+    fn visit<'a>(
+        f: &'a FlowSpec,
+        flows: &[&'a FlowSpec],
+        state: &mut std::collections::HashMap<&'a str, bool>,
+        path: &mut Vec<&'a str>,
+    ) -> Result<(), String> {
+        match state.get(f.name.as_str()) {
+            Some(true) => return Ok(()),
+            Some(false) => {
+                let start = path.iter().position(|n| *n == f.name).unwrap_or(0);
+                let mut cycle: Vec<&str> = path[start..].to_vec();
+                cycle.push(&f.name);
+                return Err(format!(
+                    "flow `{}`: its inputs make a cycle: {}; a flow cannot depend on itself",
+                    f.name,
+                    cycle.join(" → ")
+                ));
+            }
+            None => {}
+        }
+        state.insert(&f.name, false);
+        path.push(&f.name);
+        for input in f.inputs() {
+            if let Some(g) = flows.iter().find(|g| g.name == input) {
+                visit(g, flows, state, path)?;
+            }
+        }
+        path.pop();
+        state.insert(&f.name, true);
+        Ok(())
+    }
+    let mut state = std::collections::HashMap::new();
+    for f in flows {
+        visit(f, flows, &mut state, &mut Vec::new())?;
+    }
+    Ok(())
+}
+
+/// The flows in an order where every flow comes after the flows it reads (the file order
+/// otherwise); flows in a cycle (refused by [`check_flow_graph`]) keep their place.
+pub fn dependency_order<'a>(flows: &[&'a FlowSpec]) -> Vec<&'a FlowSpec> {
+    let mut out: Vec<&FlowSpec> = Vec::with_capacity(flows.len());
+    let mut left: Vec<&FlowSpec> = flows.to_vec();
+    while !left.is_empty() {
+        let ready = left.iter().position(|f| {
+            f.inputs()
+                .iter()
+                .all(|i| out.iter().any(|o| o.name == *i) || !left.iter().any(|l| l.name == *i))
+        });
+        out.push(left.remove(ready.unwrap_or(0)));
+    }
+    out
 }
 
 /// Decodes UTF-8 text and Markdown; binary and non-UTF-8 files are skipped.

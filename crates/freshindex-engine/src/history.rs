@@ -213,7 +213,7 @@ impl Engine {
         let run = self.begin_run(id, Trigger::Reset, now_ms())?;
         let result = (|| {
             let _writer = self.writer();
-            let unknown = self.store().requeue_items(id, &unique, now_ms())?;
+            let unknown = self.store().requeue_items(id, &unique, None, now_ms())?;
             let reset = unique
                 .iter()
                 .filter(|k| !unknown.contains(k))

@@ -152,6 +152,7 @@ async fn list_flows(State(st): St) -> ApiResult {
                     freshindex_core::SourceSpec::Files(_) => "files",
                     freshindex_core::SourceSpec::Push(_) => "push",
                     freshindex_core::SourceSpec::Postgres(_) => "postgres",
+                    freshindex_core::SourceSpec::Flows(_) => "flows",
                 };
                 out.push((spec, source));
             }

@@ -17,13 +17,16 @@
 //! store named by a URL.
 
 mod pg;
+mod pg_inputs;
 mod pg_items;
 mod rows;
 pub mod rules;
 mod sqlite;
+mod sqlite_inputs;
 mod sqlite_items;
 mod types;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -188,7 +191,14 @@ pub trait ItemStore {
     /// lease is marked re-pushed (the index that ends the lease leaves it `MODIFIED`). One
     /// transaction; the enqueue time of a changed status is `now_ms`. Returns the keys the
     /// queue does not hold, in the order given (not an error).
-    fn requeue_items(&self, flow: FlowId, keys: &[String], now_ms: i64) -> Result<Vec<String>>;
+    /// `reason`, when given, becomes the entry's message.
+    fn requeue_items(
+        &self,
+        flow: FlowId,
+        keys: &[String],
+        reason: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<String>>;
 }
 
 /// Lineage and the two-phase commit of target mutations.
@@ -318,6 +328,60 @@ impl std::fmt::Debug for StoreLock {
 pub const RUNS_KEPT: u32 = 50;
 
 /// Everything the engine needs from a state store.
+/// What multi-input flows keep (see [`InputStore`]'s methods): the fields of the items of
+/// flows that other flows read ("documents", with a per-flow sequence number that every
+/// change takes), the lookup dependencies of items, the membership of merged and grouped
+/// items, and how far each reading flow has followed each input's sequence.
+pub trait InputStore {
+    /// Whether `flow` keeps the documents of its items.
+    fn docs_kept(&self, flow: FlowId) -> Result<bool>;
+    /// Starts keeping documents (`true`), or stops: the flow's documents are forgotten, and
+    /// the readers' marks on it too (they read it again from the start).
+    fn keep_docs(&self, flow: FlowId, on: bool) -> Result<()>;
+    /// Writes documents in one transaction: `Some((fingerprint, bytes))` stores an item's
+    /// document, `None` records that the item has none (a tombstone, when it had one).
+    /// Only a write that changes something (another fingerprint, a tombstone of a live
+    /// document) takes the next sequence number.
+    fn put_docs(&self, flow: FlowId, docs: &[(String, Option<(Vec<u8>, Vec<u8>)>)]) -> Result<()>;
+    /// The live documents of `keys` (tombstones and unknown keys are left out).
+    fn docs(&self, flow: FlowId, keys: &[String]) -> Result<Vec<StoredDoc>>;
+    /// Documents and tombstones whose sequence number is greater than `after`, in sequence
+    /// order, at most `limit`. Over a shared store the read waits for writes in flight, so
+    /// no smaller number can commit after it.
+    fn docs_since(&self, flow: FlowId, after: i64, limit: usize) -> Result<Vec<StoredDoc>>;
+    /// Replaces the lookup dependencies of items of `flow`: each item's list of (flow, key)
+    /// it read. One transaction.
+    fn set_deps(&self, flow: FlowId, deps: &[(String, Vec<(FlowId, String)>)]) -> Result<()>;
+    /// The items of `flow` that depend on any of `keys` of flow `up`, sorted, once each.
+    fn dependents(&self, flow: FlowId, up: FlowId, keys: &[String]) -> Result<Vec<String>>;
+    /// The group (and the document fingerprint it was placed with) of each of `keys` of
+    /// flow `up` among the members of `flow`'s items.
+    fn member_groups(
+        &self,
+        flow: FlowId,
+        up: FlowId,
+        keys: &[String],
+    ) -> Result<HashMap<String, (String, Vec<u8>)>>;
+    /// The members of item `group` of `flow`: (input flow, key), sorted.
+    fn group_members(&self, flow: FlowId, group: &str) -> Result<Vec<(FlowId, String)>>;
+    /// Applies membership changes of items of flow `up` and moves `flow`'s mark on `up` to
+    /// `mark`, in one transaction. `None` removes the member.
+    fn update_members(
+        &self,
+        flow: FlowId,
+        up: FlowId,
+        changes: &[(String, Option<(String, Vec<u8>)>)],
+        mark: i64,
+    ) -> Result<()>;
+    /// How far `flow` has followed the documents of `up` (0: not at all).
+    fn input_mark(&self, flow: FlowId, up: FlowId) -> Result<i64>;
+    /// Moves `flow`'s mark on `up`.
+    fn set_input_mark(&self, flow: FlowId, up: FlowId, mark: i64) -> Result<()>;
+    /// Forgets what `flow` read of other flows: its dependencies, members and marks (a
+    /// reset: the next run reads its inputs from the start).
+    fn forget_inputs(&self, flow: FlowId) -> Result<()>;
+}
+
 pub trait StateStore:
     FlowStore
     + ItemStore
@@ -326,6 +390,7 @@ pub trait StateStore:
     + RunStore
     + IndexRecordStore
     + LockStore
+    + InputStore
     + Send
     + Sync
 {
@@ -339,6 +404,7 @@ impl<
         + RunStore
         + IndexRecordStore
         + LockStore
+        + InputStore
         + Send
         + Sync,
 > StateStore for T

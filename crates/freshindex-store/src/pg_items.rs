@@ -520,7 +520,13 @@ impl ItemStore for PgStore {
         })
     }
 
-    fn requeue_items(&self, flow: FlowId, keys: &[String], now_ms: i64) -> Result<Vec<String>> {
+    fn requeue_items(
+        &self,
+        flow: FlowId,
+        keys: &[String],
+        reason: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<String>> {
         let mut sorted: Vec<&str> = keys.iter().map(String::as_str).collect();
         sorted.sort_unstable();
         sorted.dedup();
@@ -531,7 +537,7 @@ impl ItemStore for PgStore {
             for key in keys {
                 match known.remove(key) {
                     Some(before) => {
-                        let after = rules::requeue(before, now_ms);
+                        let after = rules::requeue(before, reason, now_ms);
                         writer.store(tx, flow, true, &after, None)?;
                         known.insert(key.clone(), after);
                     }

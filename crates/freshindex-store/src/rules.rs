@@ -128,7 +128,7 @@ fn mark_modified(e: &mut ItemRecord, leased: bool, content_given: bool, now_ms: 
 /// The entry after a reset of the item (see
 /// [`ItemStore::requeue_items`](crate::ItemStore::requeue_items)): processed again from
 /// scratch, whatever its content.
-pub fn requeue(mut e: ItemRecord, now_ms: i64) -> ItemRecord {
+pub fn requeue(mut e: ItemRecord, reason: Option<&str>, now_ms: i64) -> ItemRecord {
     let status = match e.status {
         ItemStatus::NewItem => ItemStatus::NewItem,
         ItemStatus::Modified | ItemStatus::Accepted | ItemStatus::Skipped | ItemStatus::Error => {
@@ -144,6 +144,9 @@ pub fn requeue(mut e: ItemRecord, now_ms: i64) -> ItemRecord {
     e.version = None;
     e.attempts = 0;
     e.available_at_ms = e.available_at_ms.min(now_ms);
+    if let Some(r) = reason {
+        e.message = Some(r.to_string());
+    }
     e
 }
 

@@ -15,7 +15,7 @@ use crate::{
 use freshindex_core::{Fingerprint, FpMap};
 
 /// Schema version this build writes.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Version 1 kept file metadata per item; version 2 turns items into queue entries. Items
 /// become `MODIFIED` (or stay `NEW_ITEM`) under label `B`, so the next run re-reads each once
@@ -169,6 +169,41 @@ CREATE TABLE IF NOT EXISTS index_records (
   doc TEXT NOT NULL,
   PRIMARY KEY (kind, id)
 );
+-- Multi-input flows (schema 6): documents of items other flows read, with a per-flow
+-- sequence number; lookup dependencies; members of merged and grouped items; marks.
+CREATE TABLE IF NOT EXISTS docs (
+  flow_id INTEGER NOT NULL,
+  key TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  fp BLOB NOT NULL,
+  doc BLOB,
+  PRIMARY KEY (flow_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS docs_by_seq ON docs (flow_id, seq);
+CREATE TABLE IF NOT EXISTS docs_kept (flow_id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS deps (
+  flow_id INTEGER NOT NULL,
+  key TEXT NOT NULL,
+  up_flow INTEGER NOT NULL,
+  up_key TEXT NOT NULL,
+  PRIMARY KEY (flow_id, key, up_flow, up_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deps_by_input ON deps (up_flow, up_key, flow_id);
+CREATE TABLE IF NOT EXISTS members (
+  flow_id INTEGER NOT NULL,
+  up_flow INTEGER NOT NULL,
+  up_key TEXT NOT NULL,
+  grp TEXT NOT NULL,
+  fp BLOB NOT NULL,
+  PRIMARY KEY (flow_id, up_flow, up_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_by_group ON members (flow_id, grp);
+CREATE TABLE IF NOT EXISTS input_marks (
+  flow_id INTEGER NOT NULL,
+  up_flow INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  PRIMARY KEY (flow_id, up_flow)
+);
 ";
 
 /// The embedded state store.
@@ -275,7 +310,7 @@ impl SqliteStore {
                 if matches!(found, Some(1..=3)) {
                     conn.execute_batch(MIGRATE_3_TO_4)?;
                 }
-                // 4 → 5 only adds a table, which the schema creates.
+                // 4 → 5 and 5 → 6 only add tables, which the schema creates.
                 conn.execute_batch(SCHEMA)?;
                 if found == Some(1) {
                     conn.execute_batch(MIGRATE_1_TO_2_COPY)?;
@@ -506,6 +541,11 @@ impl FlowStore for SqliteStore {
             "memo_totals",
             "memo_gc",
             "runs",
+            "docs",
+            "docs_kept",
+            "deps",
+            "members",
+            "input_marks",
         ] {
             tx.execute(&format!("DELETE FROM {table} WHERE flow_id = ?1"), [flow.0])
                 .map_err(backend)?;

@@ -463,7 +463,13 @@ impl ItemStore for SqliteStore {
         Ok(stats)
     }
 
-    fn requeue_items(&self, flow: FlowId, keys: &[String], now_ms: i64) -> Result<Vec<String>> {
+    fn requeue_items(
+        &self,
+        flow: FlowId,
+        keys: &[String],
+        reason: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<String>> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -471,7 +477,9 @@ impl ItemStore for SqliteStore {
         let mut unknown = Vec::new();
         for key in keys {
             match entry(&tx, flow, key)? {
-                Some(before) => write_entry(&tx, flow, &rules::requeue(before, now_ms), None)?,
+                Some(before) => {
+                    write_entry(&tx, flow, &rules::requeue(before, reason, now_ms), None)?
+                }
                 None => unknown.push(key.clone()),
             }
         }

@@ -352,3 +352,16 @@ pub struct RunEnd {
     /// When it ended (ms since the epoch).
     pub finished_at_ms: i64,
 }
+
+/// An item's document as its flow last indexed it (see [`crate::InputStore`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDoc {
+    /// The item key.
+    pub key: String,
+    /// The flow's sequence number of the last change.
+    pub seq: i64,
+    /// Fingerprint of the document (empty for a tombstone).
+    pub fp: Vec<u8>,
+    /// The document (JSON bytes); `None` for a tombstone.
+    pub doc: Option<Vec<u8>>,
+}

@@ -512,7 +512,12 @@ fn reset_support(s: &dyn StateStore) {
 
     let t = NOW_MS + 10;
     let unknown = s
-        .requeue_items(f, &["x".into(), "ghost".into(), "s".into(), "n".into()], t)
+        .requeue_items(
+            f,
+            &["x".into(), "ghost".into(), "s".into(), "n".into()],
+            None,
+            t,
+        )
         .expect("requeue");
     assert_eq!(unknown, ["ghost"]);
     let x = s.get(f, "x").expect("get x").expect("x").item;
