@@ -13,6 +13,7 @@ pub use freshindex_core::failpoint;
 pub mod distributed;
 pub mod history;
 pub mod indexing;
+pub(crate) mod inputs;
 pub mod items;
 pub mod live;
 pub mod plan;

@@ -14,6 +14,7 @@ use freshindex_store::{
 use freshindex_vector::{VectorCollection, decode_vector, encode_vector};
 
 use crate::failpoint;
+use crate::inputs::{ItemInputs, doc_fp, fields_of};
 use crate::plan::{plan_item, row_fp, row_key};
 use crate::run::{Phase, Progress, now_ms};
 use crate::source::files::{self, ReadError, ScannedFile};
@@ -43,6 +44,11 @@ pub(crate) enum Work {
     /// An item the source holds in a shape that cannot be indexed: recorded as failed with
     /// `error`, its rows kept.
     Failed { record: ItemRecord, error: String },
+    /// An item of a flows source (a merge key, a group): made from its members' documents.
+    Derived {
+        entry: ItemRecord,
+        has_pending: bool,
+    },
     /// An item that is gone: all its rows go.
     Gone {
         key: String,
@@ -322,6 +328,10 @@ pub(crate) struct Ctx<'a> {
     pub(crate) progress: &'a dyn Progress,
     /// The lease holder the batches process for (fenced before every write).
     pub(crate) owner: Option<String>,
+    /// The flows this flow reads (lookups, a flows source), by name.
+    pub(crate) inputs: std::collections::HashMap<String, FlowId>,
+    /// Whether other flows read this flow's items: their documents are written.
+    pub(crate) keep_docs: bool,
     /// Live batches only list the changed files: a polled entry outside the listing (one
     /// whose retry came due) is stat-ed by its key instead of being taken as unlisted.
     pub(crate) stat_unlisted: bool,
@@ -330,6 +340,8 @@ pub(crate) struct Ctx<'a> {
 /// A batch after looking and embedding, ready for the diff and the write.
 struct Prepared {
     outcomes: Vec<Outcome>,
+    /// What each outcome writes for multi-input flows.
+    inputs: Vec<ItemInputs>,
     vectors: FpMap<Vec<f32>>,
     new_memo: Vec<(Fingerprint, Vec<u8>)>,
     reused: u64,
@@ -398,7 +410,45 @@ impl Ctx<'_> {
         r
     }
 
-    fn look(&self, work: Work) -> Outcome {
+    fn look(&self, work: Work) -> (Outcome, ItemInputs) {
+        match work {
+            Work::Gone { .. } => (self.look_plain(work), ItemInputs::gone()),
+            Work::Text {
+                record,
+                text: Some(text),
+                metadata,
+                is_new,
+            } => {
+                let fields = fields_of(&record.key, &text, metadata.as_ref());
+                match self.finish(&record.key, fields, metadata) {
+                    Ok(f) => {
+                        let chunks = self.chunks(&record.key, &f.text, 0);
+                        (
+                            Outcome::Indexed {
+                                record,
+                                chunks,
+                                metadata: f.metadata,
+                                is_new,
+                            },
+                            f.inputs,
+                        )
+                    }
+                    Err((error, inputs)) => (failed(record, error), inputs),
+                }
+            }
+            Work::File {
+                entry,
+                file,
+                has_pending,
+            } => self.look_file(entry, file, has_pending),
+            Work::Derived { entry, has_pending } => self.look_derived(entry, has_pending),
+            w @ (Work::Failed { .. } | Work::Text { .. }) => {
+                (self.look_plain(w), ItemInputs::default())
+            }
+        }
+    }
+
+    fn look_plain(&self, work: Work) -> Outcome {
         match work {
             Work::Gone {
                 key,
@@ -415,28 +465,67 @@ impl Ctx<'_> {
                 polled: false,
             },
             Work::Failed { record, error } => Outcome::Failed { record, error },
-            Work::Text {
-                record,
-                text,
-                metadata,
-                is_new,
-            } => match text {
-                None => Outcome::Unchanged { record },
-                Some(text) => {
-                    let chunks = self.chunks(&record.key, &text, 0);
+            Work::Text { record, .. } => Outcome::Unchanged { record },
+            Work::File { entry, .. } | Work::Derived { entry, .. } => failed(
+                self.record(&entry, ItemStatus::Error),
+                "internal: not a plain item".into(),
+            ),
+        }
+    }
+
+    /// An item of a flows source: its members' documents combined, then the lookups and
+    /// the template.
+    fn look_derived(&self, entry: ItemRecord, has_pending: bool) -> (Outcome, ItemInputs) {
+        let key = entry.key.clone();
+        let combined = match self.combine(&key) {
+            Ok(c) => c,
+            Err(e) => {
+                let mut r = self.record(&entry, ItemStatus::Error);
+                let error = format!("reading its input items: {e}");
+                r.message = Some(error.clone());
+                return (Outcome::Failed { record: r, error }, ItemInputs::default());
+            }
+        };
+        let Some((fields, hash)) = combined else {
+            return (
+                Outcome::Gone {
+                    key,
+                    existed: true,
+                    if_queue: None,
+                    version: None,
+                    warning: None,
+                    polled: true,
+                },
+                ItemInputs::gone(),
+            );
+        };
+        let mut record = self.record(&entry, ItemStatus::Accepted);
+        if !has_pending
+            && entry.status != ItemStatus::Error
+            && entry.content_hash.as_deref() == Some(hash.as_str())
+        {
+            record.content_hash = Some(hash);
+            return (Outcome::Unchanged { record }, ItemInputs::default());
+        }
+        record.content_hash = Some(hash);
+        match self.finish(&key, fields, None) {
+            Ok(f) => {
+                let chunks = self.chunks(&key, &f.text, 0);
+                (
                     Outcome::Indexed {
                         record,
                         chunks,
-                        metadata,
-                        is_new,
-                    }
-                }
-            },
-            Work::File {
-                entry,
-                file,
-                has_pending,
-            } => self.look_file(entry, file, has_pending),
+                        metadata: f.metadata,
+                        is_new: entry.status == ItemStatus::NewItem,
+                    },
+                    f.inputs,
+                )
+            }
+            Err((error, inputs)) => {
+                record.status = ItemStatus::Error;
+                record.content_hash = None;
+                (failed(record, error), inputs)
+            }
         }
     }
 
@@ -465,6 +554,21 @@ impl Ctx<'_> {
         entry: ItemRecord,
         file: Option<ScannedFile>,
         has_pending: bool,
+    ) -> (Outcome, ItemInputs) {
+        let mut inputs = ItemInputs::default();
+        let outcome = self.read_file(entry, file, has_pending, &mut inputs);
+        match outcome {
+            o @ (Outcome::Skipped { .. } | Outcome::Gone { .. }) => (o, ItemInputs::gone()),
+            o => (o, inputs),
+        }
+    }
+
+    fn read_file(
+        &self,
+        entry: ItemRecord,
+        file: Option<ScannedFile>,
+        has_pending: bool,
+        inputs: &mut ItemInputs,
     ) -> Outcome {
         let key = entry.key.clone();
         let Some(file) = file else {
@@ -560,7 +664,30 @@ impl Ctx<'_> {
             }
         };
         record.content_hash = Some(hash);
-        let chunks = self.chunks(&key, parsed.text, parsed.offset);
+        let (chunks, metadata) = if self.spec.is_multi_input() || self.keep_docs {
+            let fields = fields_of(&key, parsed.text, None);
+            match self.finish(&key, fields, None) {
+                Ok(f) => {
+                    *inputs = f.inputs;
+                    // The rendered text, when a template made it; else the file's own.
+                    let offset = if self.spec.template().is_some() {
+                        0
+                    } else {
+                        parsed.offset
+                    };
+                    (self.chunks(&key, &f.text, offset), f.metadata)
+                }
+                Err((error, i)) => {
+                    *inputs = i;
+                    record.status = ItemStatus::Error;
+                    record.content_hash = None;
+                    record.message = Some(error.clone());
+                    return Outcome::Failed { record, error };
+                }
+            }
+        } else {
+            (self.chunks(&key, parsed.text, parsed.offset), None)
+        };
         if read.changed_during_read {
             record.message = Some(
                 "changed while being read; indexed the content as read, it is checked again on the next run"
@@ -573,7 +700,7 @@ impl Ctx<'_> {
         Outcome::Indexed {
             record,
             chunks,
-            metadata: None,
+            metadata,
             is_new: entry.status == ItemStatus::NewItem,
         }
     }
@@ -581,7 +708,8 @@ impl Ctx<'_> {
     /// Looks at a batch of items and finds a vector for every chunk: from this run's memory,
     /// from the cache, or computed (each missing text once, even across concurrent batches).
     fn prepare(&self, batch: Vec<Work>) -> Result<Prepared, EngineError> {
-        let outcomes: Vec<Outcome> = batch.into_iter().map(|w| self.look(w)).collect();
+        let (outcomes, inputs): (Vec<Outcome>, Vec<ItemInputs>) =
+            batch.into_iter().map(|w| self.look(w)).unzip();
         let mut needed: Vec<(Fingerprint, &str)> = Vec::new();
         // Every chunk counts: one computed or reused embedding each.
         let mut n_needed = 0u64;
@@ -710,6 +838,7 @@ impl Ctx<'_> {
         let reused = n_needed.saturating_sub(new_memo.len() as u64);
         Ok(Prepared {
             outcomes,
+            inputs,
             vectors,
             new_memo,
             reused,
@@ -740,6 +869,7 @@ impl Ctx<'_> {
     fn apply(&self, prepared: Prepared) -> Result<Vec<FenceError>, EngineError> {
         let Prepared {
             outcomes,
+            inputs,
             mut vectors,
             new_memo,
             reused,
@@ -806,6 +936,20 @@ impl Ctx<'_> {
             })
             .collect();
         let lineage = store.lineage(self.flow, &keys)?;
+        // An item whose embedding failed keeps its document (it keeps its rows too).
+        let embed_failed: HashSet<usize> = match &embed_error {
+            None => HashSet::new(),
+            Some(_) => outcomes
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| {
+                    matches!(o, Outcome::Indexed { chunks, .. }
+                        if chunks.iter().any(|c| !vectors.contains_key(&c.memo_key)))
+                })
+                .map(|(i, _)| i)
+                .collect(),
+        };
+        self.write_inputs(&outcomes, inputs, &blocked, &embed_failed)?;
         let empty = ItemLineage::default();
         let mut upserts: Vec<Row> = Vec::new();
         let mut upsert_vectors: Vec<Option<Fingerprint>> = Vec::new();
@@ -1041,6 +1185,53 @@ impl Ctx<'_> {
             ));
         }
         out
+    }
+}
+
+/// A failed outcome whose record carries the error as its message.
+fn failed(mut record: ItemRecord, error: String) -> Outcome {
+    record.status = ItemStatus::Error;
+    record.message = Some(error.clone());
+    Outcome::Failed { record, error }
+}
+
+impl Ctx<'_> {
+    /// Writes what a batch's items give and read for multi-input flows — documents, then
+    /// dependencies — before its two-phase write (see [`crate::inputs`]). Items the fence
+    /// refused write nothing; an item whose embedding failed keeps its document.
+    fn write_inputs(
+        &self,
+        outcomes: &[Outcome],
+        inputs: Vec<ItemInputs>,
+        blocked: &HashSet<usize>,
+        embed_failed: &HashSet<usize>,
+    ) -> Result<(), EngineError> {
+        let mut docs: Vec<(String, Option<(Vec<u8>, Vec<u8>)>)> = Vec::new();
+        let mut deps: Vec<(String, Vec<(FlowId, String)>)> = Vec::new();
+        for (i, (o, inp)) in outcomes.iter().zip(inputs).enumerate() {
+            if blocked.contains(&i) {
+                continue;
+            }
+            if let Some(d) = inp.deps {
+                deps.push((o.key().to_string(), d));
+            }
+            if let (true, Some(doc), false) =
+                (self.keep_docs, inp.doc, embed_failed.contains(&i))
+            {
+                docs.push((
+                    o.key().to_string(),
+                    doc.map(|bytes| (doc_fp(&bytes), bytes)),
+                ));
+            }
+        }
+        let store = self.engine.store();
+        if !deps.is_empty() {
+            store.set_deps(self.flow, &deps)?;
+        }
+        if !docs.is_empty() {
+            store.put_docs(self.flow, &docs)?;
+        }
+        Ok(())
     }
 }
 

@@ -406,7 +406,7 @@ impl Engine {
     /// is missing. A table created while the flow's lineage tracks rows (someone dropped it)
     /// holds none of them, so the flow's items are forgotten first and the traversal writes
     /// them all again (embeddings come from the memo cache).
-    fn prepare_table(&self, flow: FlowId, spec: &FlowSpec) -> Result<(), EngineError> {
+    pub(crate) fn prepare_table(&self, flow: FlowId, spec: &FlowSpec) -> Result<(), EngineError> {
         let Some(p) = spec.target.postgres() else {
             return Ok(());
         };
@@ -773,7 +773,17 @@ impl Engine {
         {
             self.leave_target(rec.id, &before.target)?;
         }
-        Ok(self.store.register_flow(&spec.name, &spec_json)?)
+        // A flow may not read itself through others.
+        let mut all: Vec<&FlowSpec> = stored.iter().filter(|f| f.name != spec.name).collect();
+        all.push(spec);
+        if let Err(e) = freshindex_core::spec::check_flow_graph(&all)
+            && e.contains("cycle")
+        {
+            return Err(EngineError::Config(e));
+        }
+        let id = self.store.register_flow(&spec.name, &spec_json)?;
+        self.link_inputs(spec, id, &stored)?;
+        Ok(id)
     }
 
     /// The processing context of a flow.
@@ -826,6 +836,8 @@ impl Engine {
             progress,
             owner,
             stat_unlisted: false,
+            inputs: crate::inputs::resolve_inputs(self, spec)?,
+            keep_docs: self.store.docs_kept(flow)?,
         })
     }
 
@@ -845,6 +857,9 @@ impl Engine {
         if let Some(pg) = spec.postgres() {
             let source = crate::source::postgres::PgSource::new(pg)?;
             return self.run_postgres(spec, &source, opts);
+        }
+        if spec.flows_source().is_some() {
+            return self.run_flows(spec, opts);
         }
         let Some(source) = spec.files() else {
             return Err(EngineError::Config(format!(
@@ -1020,6 +1035,9 @@ impl Engine {
             self.prepare_table(flow, spec)?;
         }
 
+        // Changes of the flows this one reads requeue their dependents before the entries
+        // are loaded, so the traversal sees them as work.
+        let input_issues = self.sync_inputs(flow, spec)?;
         progress.start(Phase::Scanning, None);
         // Loading the stored entries (CPU in SQLite) overlaps the walk (system calls).
         let (prior, scan) = std::thread::scope(|scope| {
@@ -1034,6 +1052,7 @@ impl Engine {
         let ctx = self.ctx_into(flow, spec, progress, Some(self.owner.clone()), target)?;
         ctx.tally().summary.items.seen = scan.files.len() as u64;
         ctx.tally().issues(&scan.issues);
+        ctx.tally().issues(&input_issues);
 
         // Leases of a run that died are void: this run holds the data directory. (Over a
         // shared store the owner names this process: other processes' leases stay.)
@@ -1196,9 +1215,17 @@ impl Engine {
                                         .collect()
                                 }
                             };
+                            let derived = ctx.spec.flows_source().is_some();
                             let work: Vec<Work> = entries
                                 .into_iter()
-                                .map(|e| Work::File {
+                                .map(|e| if derived {
+                                    Work::Derived {
+                                        has_pending: pending_keys
+                                            .unwrap_or(&pending_here)
+                                            .contains(&e.item.key),
+                                        entry: e.item,
+                                    }
+                                } else { Work::File {
                                     file: files
                                         .get(&e.item.key)
                                         .cloned()
@@ -1207,7 +1234,7 @@ impl Engine {
                                         .unwrap_or(&pending_here)
                                         .contains(&e.item.key),
                                     entry: e.item,
-                                })
+                                }})
                                 .collect();
                             let keys: Option<Vec<String>> = work_log().map(|_| {
                                 entries_keys(&work)
@@ -1361,7 +1388,7 @@ impl Engine {
     /// The run lock of a run: [`Engine::lock`], but over a shared store a lock held briefly
     /// (another process storing the flow's definition at its start) is waited for, up to 3 s,
     /// before the run is refused as busy.
-    fn lock_run(&self, flow: &str) -> Result<Option<RunLock>, EngineError> {
+    pub(crate) fn lock_run(&self, flow: &str) -> Result<Option<RunLock>, EngineError> {
         let deadline = Instant::now() + std::time::Duration::from_secs(3);
         loop {
             match self.lock(flow) {
@@ -1746,7 +1773,7 @@ fn work_log() -> Option<std::path::PathBuf> {
 fn entries_keys(work: &[Work]) -> Vec<String> {
     work.iter()
         .filter_map(|w| match w {
-            Work::File { entry, .. } => Some(entry.key.clone()),
+            Work::File { entry, .. } | Work::Derived { entry, .. } => Some(entry.key.clone()),
             _ => None,
         })
         .collect()

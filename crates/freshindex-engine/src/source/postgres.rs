@@ -892,7 +892,10 @@ impl Engine {
         let started_ms = now_ms();
         let flow = self.register_or_record(spec, opts.trigger, started_ms)?;
         let summary = self.recorded(flow, opts.trigger, started_ms, || {
+            // Items whose looked-up keys changed are requeued; the key scan reads them again.
+            let issues = self.sync_inputs(flow, spec)?;
             let ctx = self.ctx(flow, spec, opts.progress, None)?;
+            ctx.tally().issues(&issues);
             let synced = self.sync_pages(&ctx, source)?;
             self.cancelled(opts)?;
             self.key_scan(&ctx, source, &synced)?;
@@ -965,8 +968,9 @@ impl Engine {
             match indexed.get(row.key.as_str()) {
                 None => again.push(row.key.clone()),
                 Some((v, _)) if v.cloned() != version => again.push(row.key.clone()),
-                Some((_, ItemStatus::Error)) => {
-                    // The same version would be refused as stale: retried unversioned.
+                Some((_, ItemStatus::Error | ItemStatus::Modified | ItemStatus::NewItem)) => {
+                    // Failed, or requeued (a reset, a looked-up item that changed): the same
+                    // version would be refused as stale, so it is read again unversioned.
                     retry.insert(row.key.clone());
                     again.push(row.key.clone());
                 }
