@@ -327,6 +327,14 @@ impl std::fmt::Debug for StoreLock {
 /// Runs kept per flow.
 pub const RUNS_KEPT: u32 = 50;
 
+/// A document write of [`InputStore::put_docs`]: the item key, and `Some((fingerprint,
+/// bytes))` or `None` (the item has no document).
+pub type DocWrite = (String, Option<(Vec<u8>, Vec<u8>)>);
+
+/// A membership change of [`InputStore::update_members`]: the member's key, and
+/// `Some((group, fingerprint))` or `None` (no longer a member).
+pub type MemberChange = (String, Option<(String, Vec<u8>)>);
+
 /// Everything the engine needs from a state store.
 /// What multi-input flows keep (see [`InputStore`]'s methods): the fields of the items of
 /// flows that other flows read ("documents", with a per-flow sequence number that every
@@ -342,7 +350,7 @@ pub trait InputStore {
     /// document, `None` records that the item has none (a tombstone, when it had one).
     /// Only a write that changes something (another fingerprint, a tombstone of a live
     /// document) takes the next sequence number.
-    fn put_docs(&self, flow: FlowId, docs: &[(String, Option<(Vec<u8>, Vec<u8>)>)]) -> Result<()>;
+    fn put_docs(&self, flow: FlowId, docs: &[DocWrite]) -> Result<()>;
     /// The live documents of `keys` (tombstones and unknown keys are left out).
     fn docs(&self, flow: FlowId, keys: &[String]) -> Result<Vec<StoredDoc>>;
     /// Documents and tombstones whose sequence number is greater than `after`, in sequence
@@ -370,7 +378,7 @@ pub trait InputStore {
         &self,
         flow: FlowId,
         up: FlowId,
-        changes: &[(String, Option<(String, Vec<u8>)>)],
+        changes: &[MemberChange],
         mark: i64,
     ) -> Result<()>;
     /// How far `flow` has followed the documents of `up` (0: not at all).

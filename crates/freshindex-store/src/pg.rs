@@ -31,11 +31,12 @@ use crate::{
 use freshindex_core::{Fingerprint, FpMap};
 
 /// Schema version this build writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// The migration steps: `(version, SQL)`, applied in order to a database below that version,
-/// in one transaction. Version 1 is the whole schema as this backend first shipped it.
-const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1)];
+/// in one transaction. Version 1 is the whole schema as this backend first shipped it;
+/// version 2 adds the tables of multi-input flows.
+const MIGRATIONS: &[(i64, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE freshindex.flows (
@@ -130,6 +131,47 @@ CREATE TABLE freshindex.index_records (
 );
 "#;
 
+/// Multi-input flows ([`crate::InputStore`]): documents of items other flows read, with a
+/// per-flow sequence number; lookup dependencies; members of merged and grouped items; how
+/// far each reading flow followed each input.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE freshindex.docs (
+  flow_id BIGINT NOT NULL,
+  key TEXT COLLATE "C" NOT NULL,
+  seq BIGINT NOT NULL,
+  -- Empty for a tombstone.
+  fp BYTEA NOT NULL,
+  -- NULL for a tombstone.
+  doc BYTEA,
+  PRIMARY KEY (flow_id, key)
+);
+CREATE INDEX docs_by_seq ON freshindex.docs (flow_id, seq);
+CREATE TABLE freshindex.docs_kept (flow_id BIGINT PRIMARY KEY);
+CREATE TABLE freshindex.deps (
+  flow_id BIGINT NOT NULL,
+  key TEXT COLLATE "C" NOT NULL,
+  up_flow BIGINT NOT NULL,
+  up_key TEXT COLLATE "C" NOT NULL,
+  PRIMARY KEY (flow_id, key, up_flow, up_key)
+);
+CREATE INDEX deps_by_input ON freshindex.deps (up_flow, up_key, flow_id);
+CREATE TABLE freshindex.members (
+  flow_id BIGINT NOT NULL,
+  up_flow BIGINT NOT NULL,
+  up_key TEXT COLLATE "C" NOT NULL,
+  grp TEXT COLLATE "C" NOT NULL,
+  fp BYTEA NOT NULL,
+  PRIMARY KEY (flow_id, up_flow, up_key)
+);
+CREATE INDEX members_by_group ON freshindex.members (flow_id, grp);
+CREATE TABLE freshindex.input_marks (
+  flow_id BIGINT NOT NULL,
+  up_flow BIGINT NOT NULL,
+  seq BIGINT NOT NULL,
+  PRIMARY KEY (flow_id, up_flow)
+);
+"#;
+
 /// First key of the advisory lock that serializes schema migrations.
 const MIGRATION_LOCK: i32 = 0x4652_4d31;
 /// First key of the per-flow advisory lock between commits (shared) and memo garbage
@@ -137,6 +179,10 @@ const MIGRATION_LOCK: i32 = 0x4652_4d31;
 const MEMO_GC_LOCK: i32 = 0x4652_4d47;
 /// First key of the advisory locks of [`LockStore`]; the second is a hash of the name.
 const NAMED_LOCK: i32 = 0x4652_4c4b;
+/// First key of the per-flow advisory lock that orders document sequence numbers: writers of
+/// a flow's documents take it exclusively (so `MAX(seq) + 1` is given in commit order),
+/// readers of `docs_since` take it shared (so they wait for writes in flight).
+pub(crate) const DOCS_SEQ_LOCK: i32 = 0x4652_4453;
 
 /// How long calls of a [`PgStore`] retry connection-level failures by default.
 pub const DEFAULT_RETRY_LIMIT: Duration = Duration::from_secs(120);
@@ -592,7 +638,7 @@ fn schema_version(c: &mut impl GenericClient) -> PgResult<Option<i64>> {
 }
 
 /// The second key of a per-flow advisory lock.
-fn flow_lock_key(flow: FlowId) -> i32 {
+pub(crate) fn flow_lock_key(flow: FlowId) -> i32 {
     (flow.0 & 0x7fff_ffff) as i32
 }
 
@@ -754,6 +800,11 @@ impl FlowStore for PgStore {
                 "memo_totals",
                 "memo_gc",
                 "runs",
+                "docs",
+                "docs_kept",
+                "deps",
+                "members",
+                "input_marks",
             ] {
                 tx.execute(
                     &format!("DELETE FROM freshindex.{table} WHERE flow_id = $1"),

@@ -3,10 +3,10 @@
 
 use freshindex_core::PushType;
 use freshindex_store::{
-    BatchCommit, FenceCheck, FenceError, Fingerprint, FlowStore, ItemChange, ItemRecord,
+    BatchCommit, DocWrite, FenceCheck, FenceError, Fingerprint, FlowStore, ItemChange, ItemRecord,
     ItemStatus, ItemStore, ListRequest, PgStore, PollRequest, PushItem, PushKind, PushRejection,
     RUNS_KEPT, RunEnd, RunId, RunRecord, RunState, RunStore, SqliteStore, StateStore, StoreError,
-    TrackedRow, Trigger,
+    StoredDoc, TrackedRow, Trigger,
 };
 
 fn fp(n: u8) -> Fingerprint {
@@ -905,9 +905,337 @@ fn queue(s: &dyn StateStore) {
     assert_eq!(s.traversal_label(f).expect("label").as_deref(), Some("B"));
 }
 
+fn stored(key: &str, seq: i64, fp: u8, body: Option<&str>) -> StoredDoc {
+    StoredDoc {
+        key: key.into(),
+        seq,
+        fp: if body.is_some() { vec![fp; 4] } else { vec![] },
+        doc: body.map(|b| b.as_bytes().to_vec()),
+    }
+}
+
+fn doc(key: &str, fp: u8, body: &str) -> DocWrite {
+    (key.into(), Some((vec![fp; 4], body.as_bytes().to_vec())))
+}
+
+fn gone(key: &str) -> DocWrite {
+    (key.into(), None)
+}
+
+fn keys(ks: &[&str]) -> Vec<String> {
+    ks.iter().map(|k| k.to_string()).collect()
+}
+
+fn docs_and_sequence(s: &dyn StateStore) {
+    let up = s.register_flow("up", "{}").expect("register up");
+    let other = s.register_flow("other", "{}").expect("register other");
+    assert!(!s.docs_kept(up).expect("kept"));
+    s.keep_docs(up, true).expect("keep");
+    s.keep_docs(up, true).expect("keep again");
+    assert!(s.docs_kept(up).expect("kept"));
+    assert!(!s.docs_kept(other).expect("kept other"));
+    s.put_docs(up, &[]).expect("empty write");
+    assert!(s.docs_since(up, 0, 100).expect("since").is_empty());
+
+    // New documents take the next numbers; a tombstone of an unknown key takes none.
+    s.put_docs(up, &[doc("a", 1, "A1"), doc("b", 2, "B1"), gone("ghost")])
+        .expect("put");
+    assert_eq!(
+        s.docs_since(up, 0, 100).expect("since"),
+        vec![stored("a", 1, 1, Some("A1")), stored("b", 2, 2, Some("B1"))]
+    );
+    // The same fingerprint again changes nothing (not even the bytes).
+    s.put_docs(up, &[doc("a", 1, "A1 again")]).expect("same fp");
+    assert!(s.docs_since(up, 2, 100).expect("since").is_empty());
+    assert_eq!(
+        s.docs(up, &keys(&["a"])).expect("docs"),
+        vec![stored("a", 1, 1, Some("A1"))]
+    );
+    // Another fingerprint does.
+    s.put_docs(up, &[doc("a", 3, "A2")]).expect("new fp");
+    assert_eq!(
+        s.docs_since(up, 2, 100).expect("since"),
+        vec![stored("a", 3, 3, Some("A2"))]
+    );
+    // A tombstone of a live document does; a second one, or one of an unknown key, does not.
+    s.put_docs(up, &[gone("b")]).expect("tombstone");
+    assert_eq!(
+        s.docs_since(up, 3, 100).expect("since"),
+        vec![stored("b", 4, 0, None)]
+    );
+    s.put_docs(up, &[gone("b"), gone("ghost2")])
+        .expect("tombstones again");
+    assert!(s.docs_since(up, 4, 100).expect("since").is_empty());
+    // A document after a tombstone takes a number even with the old fingerprint.
+    s.put_docs(up, &[doc("b", 2, "B2")]).expect("revive");
+    assert_eq!(
+        s.docs_since(up, 4, 100).expect("since"),
+        vec![stored("b", 5, 2, Some("B2"))]
+    );
+    // A key written twice in one call keeps its last write (each change took a number).
+    s.put_docs(up, &[doc("c", 7, "C"), gone("c")])
+        .expect("twice");
+    assert_eq!(
+        s.docs_since(up, 5, 100).expect("since"),
+        vec![stored("c", 7, 0, None)]
+    );
+    // `docs` answers live documents only, in the order asked.
+    assert_eq!(
+        s.docs(up, &keys(&["b", "c", "zz", "a", "ghost"]))
+            .expect("docs"),
+        vec![stored("b", 5, 2, Some("B2")), stored("a", 3, 3, Some("A2"))]
+    );
+    // `docs_since`: sequence order, tombstones included, at most `limit`.
+    assert_eq!(
+        s.docs_since(up, 0, 2).expect("since"),
+        vec![stored("a", 3, 3, Some("A2")), stored("b", 5, 2, Some("B2"))]
+    );
+    assert_eq!(
+        s.docs_since(up, 3, 10).expect("since"),
+        vec![stored("b", 5, 2, Some("B2")), stored("c", 7, 0, None)]
+    );
+    assert!(s.docs_since(up, 7, 10).expect("since").is_empty());
+    assert!(s.docs_since(up, 0, 0).expect("limit 0").is_empty());
+    // Flows are isolated; numbers are per flow.
+    assert!(s.docs_since(other, 0, 10).expect("since").is_empty());
+    assert!(s.docs(other, &keys(&["a"])).expect("docs").is_empty());
+    s.put_docs(other, &[doc("a", 1, "O")]).expect("put other");
+    assert_eq!(
+        s.docs_since(other, 0, 10).expect("since"),
+        vec![stored("a", 1, 1, Some("O"))]
+    );
+
+    // Stopping forgets the documents and the readers' marks on the flow, nothing else.
+    let reader = s.register_flow("reader", "{}").expect("register reader");
+    s.set_input_mark(reader, up, 7).expect("mark on up");
+    s.set_input_mark(reader, other, 1).expect("mark on other");
+    s.set_input_mark(up, other, 1).expect("up's own mark");
+    s.set_deps(reader, &[("r".into(), vec![(up, "a".into())])])
+        .expect("deps");
+    s.keep_docs(up, false).expect("stop keeping");
+    assert!(!s.docs_kept(up).expect("kept"));
+    assert!(s.docs_since(up, 0, 100).expect("since").is_empty());
+    assert!(s.docs(up, &keys(&["a", "b"])).expect("docs").is_empty());
+    assert_eq!(s.input_mark(reader, up).expect("mark"), 0);
+    assert_eq!(s.input_mark(reader, other).expect("mark"), 1);
+    assert_eq!(s.input_mark(up, other).expect("mark"), 1);
+    assert_eq!(
+        s.dependents(reader, up, &keys(&["a"])).expect("dependents"),
+        vec!["r".to_string()]
+    );
+    assert_eq!(s.docs_since(other, 0, 10).expect("since").len(), 1);
+    // Numbers start again (the readers read from the start).
+    s.keep_docs(up, true).expect("keep again");
+    s.put_docs(up, &[doc("a", 3, "A2")]).expect("put after");
+    assert_eq!(
+        s.docs_since(up, 0, 10).expect("since"),
+        vec![stored("a", 1, 3, Some("A2"))]
+    );
+}
+
+fn deps_members_marks(s: &dyn StateStore) {
+    let up = s.register_flow("up", "{}").expect("register up");
+    let other = s.register_flow("other", "{}").expect("register other");
+    let down = s.register_flow("down", "{}").expect("register down");
+    let side = s.register_flow("side", "{}").expect("register side");
+
+    // Dependencies: each item's edges, replaced as a whole.
+    s.set_deps(down, &[]).expect("empty");
+    s.set_deps(
+        down,
+        &[
+            ("zeta".into(), vec![(up, "a".into()), (up, "b".into())]),
+            ("beta".into(), vec![(up, "a".into()), (up, "a".into())]),
+            ("mid".into(), vec![(other, "a".into())]),
+        ],
+    )
+    .expect("deps");
+    s.set_deps(side, &[("s".into(), vec![(up, "a".into())])])
+        .expect("side deps");
+    assert_eq!(
+        s.dependents(down, up, &keys(&["a"])).expect("dependents"),
+        keys(&["beta", "zeta"])
+    );
+    assert_eq!(
+        s.dependents(down, up, &keys(&["b", "a", "zz", "a"]))
+            .expect("dependents"),
+        keys(&["beta", "zeta"])
+    );
+    assert_eq!(
+        s.dependents(down, other, &keys(&["a"]))
+            .expect("dependents"),
+        keys(&["mid"])
+    );
+    assert_eq!(
+        s.dependents(side, up, &keys(&["a"])).expect("dependents"),
+        keys(&["s"])
+    );
+    assert!(s.dependents(down, up, &[]).expect("none").is_empty());
+    assert!(
+        s.dependents(up, down, &keys(&["zeta"]))
+            .expect("reverse")
+            .is_empty()
+    );
+    s.set_deps(
+        down,
+        &[
+            ("zeta".into(), vec![(up, "c".into())]),
+            ("beta".into(), vec![]),
+        ],
+    )
+    .expect("replace deps");
+    assert!(
+        s.dependents(down, up, &keys(&["a", "b"]))
+            .expect("old")
+            .is_empty()
+    );
+    assert_eq!(
+        s.dependents(down, up, &keys(&["c"])).expect("new"),
+        keys(&["zeta"])
+    );
+    assert_eq!(
+        s.dependents(down, other, &keys(&["a"])).expect("untouched"),
+        keys(&["mid"])
+    );
+
+    // Members and marks.
+    assert_eq!(s.input_mark(down, up).expect("mark"), 0);
+    s.update_members(
+        down,
+        up,
+        &[
+            ("b".into(), Some(("g1".into(), vec![2]))),
+            ("a".into(), Some(("g1".into(), vec![1]))),
+            ("c".into(), Some(("g2".into(), vec![3]))),
+        ],
+        5,
+    )
+    .expect("members");
+    assert_eq!(s.input_mark(down, up).expect("mark"), 5);
+    assert_eq!(s.input_mark(up, down).expect("reverse mark"), 0);
+    assert_eq!(s.input_mark(down, other).expect("other mark"), 0);
+    let groups = s
+        .member_groups(down, up, &keys(&["a", "c", "zz"]))
+        .expect("groups");
+    assert_eq!(groups.len(), 2);
+    assert_eq!(groups.get("a"), Some(&("g1".to_string(), vec![1])));
+    assert_eq!(groups.get("c"), Some(&("g2".to_string(), vec![3])));
+    assert!(
+        s.member_groups(side, up, &keys(&["a"]))
+            .expect("isolated")
+            .is_empty()
+    );
+    assert_eq!(
+        s.group_members(down, "g1").expect("members"),
+        vec![(up, "a".to_string()), (up, "b".to_string())]
+    );
+    s.update_members(
+        down,
+        other,
+        &[("x".into(), Some(("g1".into(), vec![9])))],
+        2,
+    )
+    .expect("members of other");
+    assert_eq!(
+        s.group_members(down, "g1").expect("members"),
+        vec![
+            (up, "a".to_string()),
+            (up, "b".to_string()),
+            (other, "x".to_string())
+        ]
+    );
+    assert_eq!(s.input_mark(down, other).expect("mark"), 2);
+    // Moves and removals; the mark moves with them.
+    s.update_members(
+        down,
+        up,
+        &[
+            ("a".into(), Some(("g2".into(), vec![4]))),
+            ("b".into(), None),
+            ("ghost".into(), None),
+        ],
+        7,
+    )
+    .expect("move");
+    assert_eq!(
+        s.group_members(down, "g1").expect("g1"),
+        vec![(other, "x".to_string())]
+    );
+    assert_eq!(
+        s.group_members(down, "g2").expect("g2"),
+        vec![(up, "a".to_string()), (up, "c".to_string())]
+    );
+    let groups = s
+        .member_groups(down, up, &keys(&["a", "b"]))
+        .expect("groups");
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups.get("a"), Some(&("g2".to_string(), vec![4])));
+    assert!(s.group_members(down, "nothing").expect("empty").is_empty());
+    assert_eq!(s.input_mark(down, up).expect("mark"), 7);
+    s.update_members(down, up, &[], 8).expect("mark only");
+    assert_eq!(s.input_mark(down, up).expect("mark"), 8);
+    s.set_input_mark(down, up, 9).expect("set mark");
+    assert_eq!(s.input_mark(down, up).expect("mark"), 9);
+    s.set_input_mark(side, up, 3).expect("side mark");
+    s.update_members(side, up, &[("a".into(), Some(("s".into(), vec![1])))], 3)
+        .expect("side members");
+
+    // Documents `down` keeps itself are no input of it.
+    s.keep_docs(down, true).expect("keep");
+    s.put_docs(down, &[doc("zeta", 1, "Z")]).expect("own docs");
+
+    // A reset forgets what `down` read, nothing of other flows and not its own documents.
+    s.forget_inputs(down).expect("forget");
+    assert!(
+        s.dependents(down, up, &keys(&["c"]))
+            .expect("deps")
+            .is_empty()
+    );
+    assert!(
+        s.dependents(down, other, &keys(&["a"]))
+            .expect("deps")
+            .is_empty()
+    );
+    assert!(s.group_members(down, "g1").expect("g1").is_empty());
+    assert!(s.group_members(down, "g2").expect("g2").is_empty());
+    assert_eq!(s.input_mark(down, up).expect("mark"), 0);
+    assert_eq!(s.input_mark(down, other).expect("mark"), 0);
+    assert!(s.docs_kept(down).expect("kept"));
+    assert_eq!(s.docs_since(down, 0, 10).expect("own docs").len(), 1);
+    assert_eq!(
+        s.dependents(side, up, &keys(&["a"])).expect("side deps"),
+        keys(&["s"])
+    );
+    assert_eq!(s.input_mark(side, up).expect("side mark"), 3);
+    assert_eq!(s.group_members(side, "s").expect("side").len(), 1);
+
+    // Deleting a flow forgets its documents, dependencies, members and marks.
+    s.update_members(down, up, &[("a".into(), Some(("g".into(), vec![1])))], 4)
+        .expect("members again");
+    s.set_deps(down, &[("zeta".into(), vec![(up, "a".into())])])
+        .expect("deps again");
+    assert!(s.delete_flow(down).expect("delete"));
+    assert!(!s.docs_kept(down).expect("kept"));
+    assert!(s.docs_since(down, 0, 10).expect("docs").is_empty());
+    assert!(
+        s.dependents(down, up, &keys(&["a"]))
+            .expect("deps")
+            .is_empty()
+    );
+    assert!(s.group_members(down, "g").expect("members").is_empty());
+    assert_eq!(s.input_mark(down, up).expect("mark"), 0);
+    // Other flows keep theirs.
+    assert_eq!(
+        s.dependents(side, up, &keys(&["a"])).expect("side deps"),
+        keys(&["s"])
+    );
+    assert_eq!(s.input_mark(side, up).expect("side mark"), 3);
+    assert_eq!(s.group_members(side, "s").expect("side").len(), 1);
+}
+
 type Check = fn(&dyn StateStore);
 
-const CHECKS: [(&str, Check); 9] = [
+const CHECKS: [(&str, Check); 11] = [
     ("tombstones", tombstones),
     ("flows_and_items", flows_and_items),
     ("two_phase", two_phase),
@@ -917,6 +1245,8 @@ const CHECKS: [(&str, Check); 9] = [
     ("runs_interrupted", runs_interrupted),
     ("reset_support", reset_support),
     ("queue", queue),
+    ("docs_and_sequence", docs_and_sequence),
+    ("deps_members_marks", deps_members_marks),
 ];
 
 #[test]
@@ -976,7 +1306,7 @@ fn postgres_schema_is_versioned() {
             "SELECT value FROM freshindex.meta WHERE key = 'schema_version'",
         )
     };
-    assert_eq!(version("versions"), "1");
+    assert_eq!(version("versions"), "2");
     // Connecting to an up-to-date database writes nothing: the meta row and the tables are
     // the ones the first connect made.
     let state = |db: &str| {
@@ -1004,7 +1334,7 @@ fn postgres_schema_is_versioned() {
                 .expect("concurrent connect");
         }
     });
-    assert_eq!(version("race"), "1");
+    assert_eq!(version("race"), "2");
     // A database a newer release migrated is refused, and left as it is.
     pg.psql(
         "versions",
@@ -1012,7 +1342,7 @@ fn postgres_schema_is_versioned() {
     );
     match PgStore::connect(&url) {
         Err(StoreError::SchemaTooNew { found, supported }) => {
-            assert_eq!((found, supported), (99, 1));
+            assert_eq!((found, supported), (99, 2));
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
@@ -1195,7 +1525,7 @@ fn sqlite_migrates_a_version_1_store() {
             |r| r.get(0),
         )
         .expect("schema version");
-    assert_eq!(version, "5");
+    assert_eq!(version, "6");
 }
 
 /// The schema of version 2 (the indexing queue; runs as plain summaries), as that release
@@ -1334,7 +1664,7 @@ fn sqlite_migrates_a_version_2_store() {
             |r| r.get(0),
         )
         .expect("schema version");
-    assert_eq!(version, "5");
+    assert_eq!(version, "6");
     let marks: Vec<Option<String>> = raw
         .prepare("SELECT change_mark FROM flows")
         .expect("flows have a change mark (v4)")
