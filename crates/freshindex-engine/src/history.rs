@@ -156,6 +156,7 @@ impl Engine {
             let (cache_entries, _) = self.store().memo_stats(id)?;
             let (items, rows_deleted) = self.leave_target(id, &spec.target)?;
             self.store().reset_flow(id, drop_cache)?;
+            self.reset_inputs(id)?;
             Ok(ResetReport {
                 flow: spec.name.clone(),
                 items,

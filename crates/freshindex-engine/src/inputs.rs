@@ -27,8 +27,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use freshindex_core::queue::check_key;
 use freshindex_core::spec::{Aggregate, MergeRule};
 use freshindex_core::template::{Template, is_empty, lookup};
-use freshindex_core::{Fingerprint, FlowSpec, ItemStatus, PushType};
-use freshindex_store::{FlowId, ItemRecord, PushItem, PushKind, StoredDoc};
+use freshindex_core::{Fingerprint, FlowSpec, PushType};
+use freshindex_store::{FlowId, PushItem, PushKind, StoredDoc};
 use serde_json::{Map, Value};
 
 use crate::process::Ctx;
@@ -89,6 +89,42 @@ pub(crate) fn fields_of(key: &str, text: &str, metadata: Option<&Value>) -> Valu
     Value::Object(m)
 }
 
+/// The fields of a Markdown front matter block (`---` lines around `name: value` lines at
+/// the start of a file) and the text after it: a files item's fields in multi-input flows.
+/// Values are strings; quotes around a value are removed. `None` when the text has no such
+/// block.
+pub(crate) fn front_matter(text: &str) -> Option<(Value, &str)> {
+    let first = text.split_inclusive('\n').next()?;
+    if first.trim_end() != "---" {
+        return None;
+    }
+    let mut m = Map::new();
+    let mut at = first.len();
+    for line in text[at..].split_inclusive('\n') {
+        at += line.len();
+        let line = line.trim_end();
+        if line == "---" || line == "..." {
+            return Some((Value::Object(m), &text[at..]));
+        }
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let (k, v) = line.split_once(':')?;
+        let k = k.trim();
+        if k.is_empty() || k == "key" || k == "text" {
+            continue;
+        }
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+            .unwrap_or(v);
+        m.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    None
+}
+
 /// The input flows of a flow, by name, as registered in the store.
 pub(crate) fn resolve_inputs(
     engine: &Engine,
@@ -146,13 +182,20 @@ impl Ctx<'_> {
         for l in self.spec.lookups() {
             let expr = match Template::key_expr(&l.key) {
                 Ok(t) => t,
-                Err(e) => return Err((format!("lookup `{}`: key: {e}", l.as_field), ItemInputs::default())),
+                Err(e) => {
+                    return Err((
+                        format!("lookup `{}`: key: {e}", l.as_field),
+                        ItemInputs::default(),
+                    ));
+                }
             };
             let k = expr.render(&fields);
             let found = if k.is_empty() {
                 None
             } else {
-                let up = self.input_id(&l.from).map_err(|e| (e, ItemInputs::default()))?;
+                let up = self
+                    .input_id(&l.from)
+                    .map_err(|e| (e, ItemInputs::default()))?;
                 deps.push((up, k.clone()));
                 match self.engine.store().docs(up, std::slice::from_ref(&k)) {
                     Ok(mut d) => d.pop().and_then(|d| d.doc),
@@ -315,7 +358,10 @@ fn merge(rule: MergeRule, docs: &[&Value]) -> Value {
                     if k == "text" {
                         continue;
                     }
-                    match out.entry(k.clone()).or_insert_with(|| Value::Array(Vec::new())) {
+                    match out
+                        .entry(k.clone())
+                        .or_insert_with(|| Value::Array(Vec::new()))
+                    {
                         Value::Array(a) => a.push(v.clone()),
                         _ => {}
                     }
@@ -379,6 +425,32 @@ pub(crate) fn doc_fp(bytes: &[u8]) -> Vec<u8> {
 }
 
 impl Engine {
+    /// A reset of `flow` for the flows that read it and what it read: its documents become
+    /// tombstones (readers drop them on their next run) and its dependencies, members and
+    /// marks are forgotten (its next run reads its inputs from the start).
+    pub(crate) fn reset_inputs(&self, flow: FlowId) -> Result<(), EngineError> {
+        let store = self.store();
+        let mut live = Vec::new();
+        let mut mark = 0;
+        loop {
+            let page = store.docs_since(flow, mark, PAGE)?;
+            let Some(last) = page.last().map(|d| d.seq) else {
+                break;
+            };
+            live.extend(
+                page.into_iter()
+                    .filter(|d| d.doc.is_some())
+                    .map(|d| (d.key, None)),
+            );
+            mark = last;
+        }
+        for part in live.chunks(PAGE) {
+            store.put_docs(flow, part)?;
+        }
+        store.forget_inputs(flow)?;
+        Ok(())
+    }
+
     /// When a flow is registered: every flow it reads keeps documents, and so does the flow
     /// itself when a stored flow reads it. A flow that starts keeping documents requeues
     /// its items, so that its next run writes their documents (the memo cache keeps it
@@ -580,7 +652,12 @@ impl Engine {
         let summary = self.recorded(flow, opts.trigger, started_ms, || {
             self.prepare_table(flow, spec)?;
             let issues = self.sync_inputs(flow, spec)?;
-            let ctx = self.ctx(flow, spec, opts.progress, Some(self.run_owner().to_string()))?;
+            let ctx = self.ctx(
+                flow,
+                spec,
+                opts.progress,
+                Some(self.run_owner().to_string()),
+            )?;
             ctx.tally().issues(&issues);
             let store = self.store().as_ref();
             store.unreserve(flow, None, Some(self.run_owner()), now_ms())?;
@@ -620,11 +697,25 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn front_matter_gives_string_fields() {
+        let t = "---\ncompany: acme.md\ntitle: \"A: b\"\n# note\n---\nbody";
+        assert_eq!(
+            front_matter(t),
+            Some((json!({"company": "acme.md", "title": "A: b"}), "body"))
+        );
+        assert_eq!(front_matter("no block"), None);
+        assert_eq!(front_matter("---\nunclosed: x\n"), None);
+    }
+
+    #[test]
     fn first_takes_the_first_non_empty_value_by_priority() {
         let a = json!({"key": "1", "name": "", "price": 3, "text": "A"});
         let b = json!({"key": "9", "name": "Drill", "price": 5, "text": "B", "color": "red"});
         let m = merge(MergeRule::First, &[&a, &b]);
-        assert_eq!(m, json!({"name": "Drill", "price": 3, "text": "A", "color": "red"}));
+        assert_eq!(
+            m,
+            json!({"name": "Drill", "price": 3, "text": "A", "color": "red"})
+        );
     }
 
     #[test]

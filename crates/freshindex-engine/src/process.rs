@@ -14,7 +14,7 @@ use freshindex_store::{
 use freshindex_vector::{VectorCollection, decode_vector, encode_vector};
 
 use crate::failpoint;
-use crate::inputs::{ItemInputs, doc_fp, fields_of};
+use crate::inputs::{ItemInputs, doc_fp, fields_of, front_matter};
 use crate::plan::{plan_item, row_fp, row_key};
 use crate::run::{Phase, Progress, now_ms};
 use crate::source::files::{self, ReadError, ScannedFile};
@@ -665,7 +665,11 @@ impl Ctx<'_> {
         };
         record.content_hash = Some(hash);
         let (chunks, metadata) = if self.spec.is_multi_input() || self.keep_docs {
-            let fields = fields_of(&key, parsed.text, None);
+            let (meta, body, body_at) = match front_matter(parsed.text) {
+                Some((m, body)) => (Some(m), body, parsed.text.len() - body.len()),
+                None => (None, parsed.text, 0),
+            };
+            let fields = fields_of(&key, body, meta.as_ref());
             match self.finish(&key, fields, None) {
                 Ok(f) => {
                     *inputs = f.inputs;
@@ -673,7 +677,7 @@ impl Ctx<'_> {
                     let offset = if self.spec.template().is_some() {
                         0
                     } else {
-                        parsed.offset
+                        parsed.offset + body_at
                     };
                     (self.chunks(&key, &f.text, offset), f.metadata)
                 }
@@ -1215,9 +1219,7 @@ impl Ctx<'_> {
             if let Some(d) = inp.deps {
                 deps.push((o.key().to_string(), d));
             }
-            if let (true, Some(doc), false) =
-                (self.keep_docs, inp.doc, embed_failed.contains(&i))
-            {
+            if let (true, Some(doc), false) = (self.keep_docs, inp.doc, embed_failed.contains(&i)) {
                 docs.push((
                     o.key().to_string(),
                     doc.map(|bytes| (doc_fp(&bytes), bytes)),

@@ -390,8 +390,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lease_secs,
             watch,
         } => {
-            let flows = flows_to_run(cli.config.as_deref(), path.as_deref(), flow.as_deref())?;
+            let (flows, inputs) =
+                flows_to_run(cli.config.as_deref(), path.as_deref(), flow.as_deref())?;
             let engine = open_engine(&cli.data_dir)?;
+            // Flows the chosen one reads are defined (not run) when the data directory does
+            // not know them yet.
+            // Flows that read others, and the flows they read, are defined before any runs,
+            // so that each knows its readers from its first run (it then keeps the documents
+            // they read).
+            let linked: Vec<&FlowSpec> = flows
+                .iter()
+                .filter(|f| {
+                    f.is_multi_input()
+                        || flows.iter().any(|g| g.inputs().contains(&f.name.as_str()))
+                })
+                .collect();
+            if !watch {
+                for spec in linked {
+                    engine
+                        .define_flow(spec)
+                        .with_context(|| format!("defining flow `{}`", spec.name))?;
+                }
+            }
+            for spec in &inputs {
+                if engine.flow(&spec.name).is_err() {
+                    engine
+                        .define_flow(spec)
+                        .with_context(|| format!("defining flow `{}`", spec.name))?;
+                }
+            }
             if watch {
                 let [spec] = flows.as_slice() else {
                     bail!(
@@ -838,7 +865,7 @@ fn flows_to_run(
     config: Option<&Path>,
     path: Option<&Path>,
     flow: Option<&str>,
-) -> Result<Vec<FlowSpec>> {
+) -> Result<(Vec<FlowSpec>, Vec<FlowSpec>)> {
     if let Some(path) = path {
         let abs = std::fs::canonicalize(path)
             .with_context(|| format!("source path {}", path.display()))?;
@@ -852,9 +879,10 @@ fn flows_to_run(
                     .unwrap_or_default(),
             )
         });
-        return Ok(vec![
-            FlowSpec::quick_start(&name, abs).map_err(|e| anyhow!(e))?,
-        ]);
+        return Ok((
+            vec![FlowSpec::quick_start(&name, abs).map_err(|e| anyhow!(e))?],
+            Vec::new(),
+        ));
     }
     let Some(config) = config_path(config) else {
         bail!(
@@ -862,9 +890,38 @@ fn flows_to_run(
         );
     };
     let config = Config::load(&config)?;
+    let all: Vec<&FlowSpec> = config.flows.iter().collect();
     match flow {
-        Some(name) => Ok(vec![config.flow(name).map_err(|e| anyhow!(e))?.clone()]),
-        None => Ok(config.flows),
+        Some(name) => {
+            let spec = config.flow(name).map_err(|e| anyhow!(e))?;
+            // The flows it reads, inputs first, so that the engine knows them.
+            let mut needed: Vec<&str> = spec.inputs();
+            let mut i = 0;
+            while i < needed.len() {
+                if let Ok(f) = config.flow(needed[i]) {
+                    for n in f.inputs() {
+                        if !needed.contains(&n) {
+                            needed.push(n);
+                        }
+                    }
+                }
+                i += 1;
+            }
+            let inputs = freshindex_core::spec::dependency_order(&all)
+                .into_iter()
+                .filter(|f| needed.contains(&f.name.as_str()))
+                .cloned()
+                .collect();
+            Ok((vec![spec.clone()], inputs))
+        }
+        // Every flow after the flows it reads: one pass brings them all up to date.
+        None => Ok((
+            freshindex_core::spec::dependency_order(&all)
+                .into_iter()
+                .cloned()
+                .collect(),
+            Vec::new(),
+        )),
     }
 }
 
