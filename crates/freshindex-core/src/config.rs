@@ -309,6 +309,20 @@ name = "docs"
 #   url = "postgres://user@host:5432/db"   # or url_env = "VAR", the variable holding it
 #   table = "public.doc_chunks"            # schema.table or a bare name; lower case
 #   vector_type = "auto"                   # "real[]", "vector" (pgvector), or auto: pgvector if installed
+
+# Flows can read other flows' items (see the README's "Flows that combine sources"):
+#   [[flow]]
+#   name = "products"                       # one item per item of flow `catalog`,
+#   source = { type = "flows", from = "catalog" }
+#   steps = [                               # with its maker's item from flow `companies`
+#     { op = "lookup", from = "companies", key = "company", as = "maker", required = false },
+#     { op = "template", text = "{name} by {maker.name}: {text}" },
+#     { op = "parse" }, { op = "split" }, { op = "embed" },
+#   ]
+# A merge: source = { type = "flows", from = ["eu", "us"], merge_key = "sku", merge = "first" }
+# A group: { op = "group", by = "category", aggregate = { count = "count", names = "list:name" } }
+# as the first step of a flow whose source reads one flow. Fields come from Markdown front
+# matter, a table's metadata_columns, or pushed metadata. `freshindex index` runs inputs first.
 "#;
 
 #[cfg(test)]

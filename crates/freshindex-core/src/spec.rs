@@ -403,6 +403,12 @@ impl TryFrom<RawFlowSpec> for FlowSpec {
             (ModeName::Live, refresh_interval) => FlowMode::Live { refresh_interval },
         };
         check_mode(mode, raw.schedule.as_ref())?;
+        if let (FlowMode::Live { .. }, SourceSpec::Flows(_)) = (mode, &raw.source) {
+            return Err(
+                "mode: a flow with a `flows` source follows its inputs on its runs, not live; use a schedule (or run it after its inputs: `freshindex index` runs every flow, inputs first)"
+                    .into(),
+            );
+        }
         Ok(FlowSpec {
             name: raw.name,
             source: raw.source,

@@ -540,6 +540,12 @@ impl Engine {
                 req.flow
             )));
         }
+        if spec.flows_source().is_some() {
+            return Err(EngineError::Invalid(format!(
+                "flow `{}` reads other flows: reindex tasks read folders only so far; change the model in the flow's definition and reset it (its next run reads its inputs again)",
+                req.flow
+            )));
+        }
         if spec.files().is_none() {
             return Err(EngineError::Invalid(format!(
                 "flow `{}` has a push source: a reindex reads every item again from its source, and a push source's items are only what was pushed; push them again into a flow with the new model",
