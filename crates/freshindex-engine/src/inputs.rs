@@ -28,7 +28,7 @@ use freshindex_core::queue::check_key;
 use freshindex_core::spec::{Aggregate, MergeRule};
 use freshindex_core::template::{Template, is_empty, lookup};
 use freshindex_core::{Fingerprint, FlowSpec, PushType};
-use freshindex_store::{FlowId, PushItem, PushKind, StoredDoc};
+use freshindex_store::{FlowId, MemberChange, PushItem, PushKind, StoredDoc};
 use serde_json::{Map, Value};
 
 use crate::process::Ctx;
@@ -358,12 +358,11 @@ fn merge(rule: MergeRule, docs: &[&Value]) -> Value {
                     if k == "text" {
                         continue;
                     }
-                    match out
+                    if let Value::Array(a) = out
                         .entry(k.clone())
                         .or_insert_with(|| Value::Array(Vec::new()))
                     {
-                        Value::Array(a) => a.push(v.clone()),
-                        _ => {}
+                        a.push(v.clone());
                     }
                 }
             }
@@ -570,7 +569,7 @@ impl Engine {
             };
             let keys: Vec<String> = page.iter().map(|d| d.key.clone()).collect();
             let before = store.member_groups(flow, up, &keys)?;
-            let mut changes: Vec<(String, Option<(String, Vec<u8>)>)> = Vec::new();
+            let mut changes: Vec<MemberChange> = Vec::new();
             // Group → the first member change that touched it, as its reason.
             let mut touched: BTreeMap<String, String> = BTreeMap::new();
             for d in page {

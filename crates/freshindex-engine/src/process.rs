@@ -1210,7 +1210,7 @@ impl Ctx<'_> {
         blocked: &HashSet<usize>,
         embed_failed: &HashSet<usize>,
     ) -> Result<(), EngineError> {
-        let mut docs: Vec<(String, Option<(Vec<u8>, Vec<u8>)>)> = Vec::new();
+        let mut docs: Vec<freshindex_store::DocWrite> = Vec::new();
         let mut deps: Vec<(String, Vec<(FlowId, String)>)> = Vec::new();
         for (i, (o, inp)) in outcomes.iter().zip(inputs).enumerate() {
             if blocked.contains(&i) {
