@@ -161,7 +161,6 @@ impl Ctx<'_> {
     /// (the message names the lookup and the key) with the dependencies it recorded.
     pub(crate) fn finish(
         &self,
-        key: &str,
         mut fields: Value,
         source_metadata: Option<Value>,
     ) -> Result<Finished, (String, ItemInputs)> {
@@ -262,7 +261,6 @@ impl Ctx<'_> {
         } else {
             source_metadata
         };
-        let _ = key;
         Ok(Finished {
             text,
             metadata,

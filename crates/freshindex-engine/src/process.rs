@@ -420,7 +420,7 @@ impl Ctx<'_> {
                 is_new,
             } => {
                 let fields = fields_of(&record.key, &text, metadata.as_ref());
-                match self.finish(&record.key, fields, metadata) {
+                match self.finish(fields, metadata) {
                     Ok(f) => {
                         let chunks = self.chunks(&record.key, &f.text, 0);
                         (
@@ -508,7 +508,7 @@ impl Ctx<'_> {
             return (Outcome::Unchanged { record }, ItemInputs::default());
         }
         record.content_hash = Some(hash);
-        match self.finish(&key, fields, None) {
+        match self.finish(fields, None) {
             Ok(f) => {
                 let chunks = self.chunks(&key, &f.text, 0);
                 (
@@ -670,7 +670,7 @@ impl Ctx<'_> {
                 None => (None, parsed.text, 0),
             };
             let fields = fields_of(&key, body, meta.as_ref());
-            match self.finish(&key, fields, None) {
+            match self.finish(fields, None) {
                 Ok(f) => {
                     *inputs = f.inputs;
                     // The rendered text, when a template made it; else the file's own.
