@@ -257,6 +257,7 @@ impl Ctx<'_> {
             };
             m.remove("text");
             m.remove("key");
+            cap_metadata(&mut m);
             (!m.is_empty()).then_some(Value::Object(m))
         } else {
             source_metadata
@@ -335,6 +336,33 @@ impl Ctx<'_> {
         }
         Ok(Some((fields, hash)))
     }
+}
+
+/// Most bytes of fields (as JSON) every row of a multi-input item carries as metadata.
+pub(crate) const MAX_ROW_METADATA: usize = 16 * 1024;
+
+/// Keeps a row's metadata under [`MAX_ROW_METADATA`]: every chunk row of an item repeats
+/// it, so a group's long member lists would otherwise be copied into each of its chunks.
+/// The largest fields are left out first, and their names listed in `omitted_fields`.
+fn cap_metadata(m: &mut Map<String, Value>) {
+    let size = |v: &Value| serde_json::to_string(v).map_or(0, |s| s.len());
+    let mut total: usize = m.iter().map(|(k, v)| k.len() + 4 + size(v)).sum();
+    if total <= MAX_ROW_METADATA {
+        return;
+    }
+    let mut by_size: Vec<(usize, String)> = m.iter().map(|(k, v)| (size(v), k.clone())).collect();
+    by_size.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let mut omitted = Vec::new();
+    for (n, k) in by_size {
+        if total <= MAX_ROW_METADATA {
+            break;
+        }
+        m.remove(&k);
+        total = total.saturating_sub(n + k.len() + 4);
+        omitted.push(Value::String(k));
+    }
+    omitted.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    m.insert("omitted_fields".into(), Value::Array(omitted));
 }
 
 /// Fields merged from documents in priority order.
@@ -692,6 +720,23 @@ impl Engine {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn row_metadata_leaves_out_the_largest_fields_first() {
+        let mut m = Map::new();
+        m.insert("names".into(), json!(vec!["x".repeat(100); 300]));
+        m.insert("count".into(), json!(300));
+        m.insert("about".into(), json!("y".repeat(1000)));
+        cap_metadata(&mut m);
+        assert_eq!(
+            Value::Object(m),
+            json!({"count": 300, "about": "y".repeat(1000), "omitted_fields": ["names"]})
+        );
+        let mut small = Map::new();
+        small.insert("a".into(), json!("b"));
+        cap_metadata(&mut small);
+        assert_eq!(Value::Object(small), json!({"a": "b"}));
+    }
 
     #[test]
     fn front_matter_gives_string_fields() {
