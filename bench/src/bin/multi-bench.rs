@@ -245,6 +245,7 @@ name = "categories"
 source = {{ type = "flows", from = ["products"] }}
 steps = [
   {{ op = "group", by = "category", aggregate = {{ count = "count", names = "list:name" }} }},
+  {{ op = "template", text = "Category {{key}}: {{count}} products: {{names}}" }},
 {steps}
 ]
 "#
