@@ -105,8 +105,7 @@ fn write_dated(path: &std::path::Path, content: &str, age: Duration) {
         .write(true)
         .open(path)
         .expect("open to set mtime");
-    f.set_modified(SystemTime::now() - age)
-        .expect("set mtime");
+    f.set_modified(SystemTime::now() - age).expect("set mtime");
 }
 
 fn config(shape: Shape) -> String {
@@ -116,7 +115,8 @@ fn config(shape: Shape) -> String {
   { op = "parse" }, { op = "split" }, { op = "embed" },
 ]
 "#;
-    let companies = "[[flow]]\nname = \"companies\"\nsource = { type = \"files\", path = \"companies\" }\n";
+    let companies =
+        "[[flow]]\nname = \"companies\"\nsource = { type = \"files\", path = \"companies\" }\n";
     match shape {
         Shape::FilesLookup => format!(
             "[[flow]]\nname = \"products\"\nsource = {{ type = \"files\", path = \"products\" }}\n{lookup_steps}\n{companies}"
@@ -150,11 +150,7 @@ impl Catalog {
             );
         }
         for p in 0..PRODUCTS {
-            write_dated(
-                &ws.src().join(format!("p{p:04}.md")),
-                &product_file(p),
-                old,
-            );
+            write_dated(&ws.src().join(format!("p{p:04}.md")), &product_file(p), old);
         }
         Catalog { ws, shape }
     }
@@ -288,7 +284,10 @@ fn crash_and_recover(shape: Shape, kill: Kill) {
     let texts = product_texts(&before);
     assert_eq!(texts.len(), PRODUCTS, "products indexed by the first run");
     let old_rows = texts.values().filter(|t| t.contains(OLD_NAME)).count();
-    assert_eq!(old_rows, edited, "products naming the company before the edit");
+    assert_eq!(
+        old_rows, edited,
+        "products naming the company before the edit"
+    );
 
     cat.rename_company();
     let (point, nth) = kill.failpoint();
@@ -302,7 +301,10 @@ fn crash_and_recover(shape: Shape, kill: Kill) {
         child.wait_stderr(&format!("failpoint {point} reached"), TIMEOUT),
         "{shape:?}/{kill:?}: the run ended without reaching {point}:{nth}"
     );
-    assert!(child.kill(), "{shape:?}/{kill:?}: the run ended before the kill");
+    assert!(
+        child.kill(),
+        "{shape:?}/{kill:?}: the run ended before the kill"
+    );
 
     // Where the kill landed, as the target shows it.
     let cut = product_texts(&cat.ws.export());
@@ -337,6 +339,9 @@ fn crash_and_recover(shape: Shape, kill: Kill) {
     let products = &rerun["products"];
     let reprocessed = cat.reprocessed(products);
     let left = (edited - expect_done) as u64;
+    println!(
+        "{shape:?}/{kill:?}: {renamed} renamed rows after the kill, {left} products not done, the rerun reprocessed {reprocessed}"
+    );
     assert!(
         reprocessed >= left,
         "{shape:?}/{kill:?}: the rerun reprocessed {reprocessed} products, {left} were not done: {}",
@@ -380,7 +385,11 @@ fn crash_and_recover(shape: Shape, kill: Kill) {
         );
         assert_eq!(s.n("embeddings.computed"), 0, "flow {flow}: {}", s.0);
     }
-    assert_eq!(cat.ws.export(), got_products, "a no-op run changed products");
+    assert_eq!(
+        cat.ws.export(),
+        got_products,
+        "a no-op run changed products"
+    );
 }
 
 #[test]
