@@ -456,19 +456,14 @@ impl Engine {
     pub(crate) fn reset_inputs(&self, flow: FlowId) -> Result<(), EngineError> {
         let store = self.store();
         let mut live = Vec::new();
-        let mut mark = 0;
-        loop {
-            let page = store.docs_since(flow, mark, PAGE)?;
-            let Some(last) = page.last().map(|d| d.seq) else {
-                break;
-            };
+        self.each_page(flow, 0, |page, _| {
             live.extend(
                 page.into_iter()
                     .filter(|d| d.doc.is_some())
                     .map(|d| (d.key, None)),
             );
-            mark = last;
-        }
+            Ok(())
+        })?;
         for part in live.chunks(PAGE) {
             store.put_docs(flow, part)?;
         }
@@ -549,12 +544,7 @@ impl Engine {
     /// Requeues the items of `flow` that looked up keys of `up` that changed.
     fn sync_lookup(&self, flow: FlowId, name: &str, up: FlowId) -> Result<(), EngineError> {
         let store = self.store();
-        let mut mark = store.input_mark(flow, up)?;
-        loop {
-            let page = store.docs_since(up, mark, PAGE)?;
-            let Some(last) = page.last().map(|d| d.seq) else {
-                return Ok(());
-            };
+        self.each_page(up, store.input_mark(flow, up)?, |page, last| {
             let keys: Vec<String> = page.into_iter().map(|d| d.key).collect();
             // Each dependent item with the first changed key it read, as its reason.
             let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -572,9 +562,9 @@ impl Engine {
             for (reason, items) in reasons {
                 store.requeue_items(flow, &items, Some(&reason), now_ms())?;
             }
-            mark = last;
-            store.set_input_mark(flow, up, mark)?;
-        }
+            store.set_input_mark(flow, up, last)?;
+            Ok(())
+        })
     }
 
     /// Places the changed documents of input `up` in their groups of `flow`.
@@ -587,12 +577,7 @@ impl Engine {
         issues: &mut Vec<Issue>,
     ) -> Result<(), EngineError> {
         let store = self.store();
-        let mut mark = store.input_mark(flow, up)?;
-        loop {
-            let page = store.docs_since(up, mark, PAGE)?;
-            let Some(last) = page.last().map(|d| d.seq) else {
-                return Ok(());
-            };
+        self.each_page(up, store.input_mark(flow, up)?, |page, last| {
             let keys: Vec<String> = page.iter().map(|d| d.key.clone()).collect();
             let before = store.member_groups(flow, up, &keys)?;
             let mut changes: Vec<MemberChange> = Vec::new();
@@ -654,8 +639,26 @@ impl Engine {
                     store.push(flow, &push, now_ms())?;
                 }
             }
+            store.update_members(flow, up, &changes, last)?;
+            Ok(())
+        })
+    }
+
+    /// Calls `each` with the pages of `flow`'s documents and tombstones after `mark`, in
+    /// sequence order, with the sequence number of each page's last one.
+    fn each_page(
+        &self,
+        flow: FlowId,
+        mut mark: i64,
+        mut each: impl FnMut(Vec<StoredDoc>, i64) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        loop {
+            let page = self.store().docs_since(flow, mark, PAGE)?;
+            let Some(last) = page.last().map(|d| d.seq) else {
+                return Ok(());
+            };
+            each(page, last)?;
             mark = last;
-            store.update_members(flow, up, &changes, mark)?;
         }
     }
 }
