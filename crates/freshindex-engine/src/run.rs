@@ -776,11 +776,7 @@ impl Engine {
         // A flow may not read itself through others.
         let mut all: Vec<&FlowSpec> = stored.iter().filter(|f| f.name != spec.name).collect();
         all.push(spec);
-        if let Err(e) = freshindex_core::spec::check_flow_graph(&all)
-            && e.contains("cycle")
-        {
-            return Err(EngineError::Config(e));
-        }
+        freshindex_core::spec::check_cycles(&all).map_err(EngineError::Config)?;
         let id = self.store.register_flow(&spec.name, &spec_json)?;
         self.link_inputs(spec, id, &stored)?;
         Ok(id)
