@@ -164,7 +164,7 @@ impl Ctx<'_> {
         mut fields: Value,
         source_metadata: Option<Value>,
     ) -> Result<Finished, (String, ItemInputs)> {
-        if !self.multi() && !self.keep_docs {
+        if !self.multi() && !self.keeps_docs() {
             let text = fields
                 .get("text")
                 .and_then(Value::as_str)
@@ -248,7 +248,7 @@ impl Ctx<'_> {
             m.insert("text".into(), Value::String(text.clone()));
         }
         let doc = self
-            .keep_docs
+            .keeps_docs()
             .then(|| Some(serde_json::to_vec(&fields).unwrap_or_default()));
         let metadata = if self.multi() {
             let mut m = match fields {

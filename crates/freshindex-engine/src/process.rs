@@ -330,8 +330,10 @@ pub(crate) struct Ctx<'a> {
     pub(crate) owner: Option<String>,
     /// The flows this flow reads (lookups, a flows source), by name.
     pub(crate) inputs: std::collections::HashMap<String, FlowId>,
-    /// Whether other flows read this flow's items: their documents are written.
-    pub(crate) keep_docs: bool,
+    /// Whether other flows read this flow's items: their documents are written. Read again
+    /// at the start of every batch, so a reader defined while a run is going is served from
+    /// the next batch on (its definition requeued the items this run already did).
+    pub(crate) keep_docs: std::sync::atomic::AtomicBool,
     /// Live batches only list the changed files: a polled entry outside the listing (one
     /// whose retry came due) is stat-ed by its key instead of being taken as unlisted.
     pub(crate) stat_unlisted: bool,
@@ -375,6 +377,11 @@ impl Ctx<'_> {
         ScannedFile::stat(key.to_string(), src.path.join(key), src.follow_symlinks)
             .ok()
             .map(|(file, _)| file)
+    }
+
+    /// Whether this batch writes documents (see [`Ctx::keep_docs`]).
+    pub(crate) fn keeps_docs(&self) -> bool {
+        self.keep_docs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn tally(&self) -> MutexGuard<'_, Tally> {
@@ -664,7 +671,7 @@ impl Ctx<'_> {
             }
         };
         record.content_hash = Some(hash);
-        let (chunks, metadata) = if self.spec.is_multi_input() || self.keep_docs {
+        let (chunks, metadata) = if self.spec.is_multi_input() || self.keeps_docs() {
             let (meta, body, body_at) = match front_matter(parsed.text) {
                 Some((m, body)) => (Some(m), body, parsed.text.len() - body.len()),
                 None => (None, parsed.text, 0),
@@ -712,6 +719,9 @@ impl Ctx<'_> {
     /// Looks at a batch of items and finds a vector for every chunk: from this run's memory,
     /// from the cache, or computed (each missing text once, even across concurrent batches).
     fn prepare(&self, batch: Vec<Work>) -> Result<Prepared, EngineError> {
+        let kept = self.engine.store().docs_kept(self.flow)?;
+        self.keep_docs
+            .store(kept, std::sync::atomic::Ordering::Relaxed);
         let (outcomes, inputs): (Vec<Outcome>, Vec<ItemInputs>) =
             batch.into_iter().map(|w| self.look(w)).unzip();
         let mut needed: Vec<(Fingerprint, &str)> = Vec::new();
@@ -1219,7 +1229,9 @@ impl Ctx<'_> {
             if let Some(d) = inp.deps {
                 deps.push((o.key().to_string(), d));
             }
-            if let (true, Some(doc), false) = (self.keep_docs, inp.doc, embed_failed.contains(&i)) {
+            if let (true, Some(doc), false) =
+                (self.keeps_docs(), inp.doc, embed_failed.contains(&i))
+            {
                 docs.push((
                     o.key().to_string(),
                     doc.map(|bytes| (doc_fp(&bytes), bytes)),

@@ -833,7 +833,7 @@ impl Engine {
             owner,
             stat_unlisted: false,
             inputs: crate::inputs::resolve_inputs(self, spec)?,
-            keep_docs: self.store.docs_kept(flow)?,
+            keep_docs: self.store.docs_kept(flow)?.into(),
         })
     }
 
