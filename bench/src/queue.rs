@@ -56,6 +56,7 @@ pub fn poll_index_all(
                         BatchCommit {
                             items,
                             now_ms: now_ms(),
+                            inputs: Default::default(),
                             ..BatchCommit::default()
                         },
                     )?;

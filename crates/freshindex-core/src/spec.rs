@@ -297,6 +297,12 @@ impl FlowSpec {
         !self.inputs().is_empty()
     }
 
+    /// Whether the flow works on its items' fields (multi-input, or a template): its rows
+    /// then carry the fields as metadata.
+    pub fn uses_fields(&self) -> bool {
+        self.is_multi_input() || self.template().is_some()
+    }
+
     /// The files source, if the flow reads a folder.
     pub fn files(&self) -> Option<&FilesSource> {
         match &self.source {

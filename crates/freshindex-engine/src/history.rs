@@ -154,9 +154,10 @@ impl Engine {
             // No write of this process (the queue API) may interleave with the reset.
             let _writer = self.writer();
             let (cache_entries, _) = self.store().memo_stats(id)?;
+            // Inputs and documents first (see `reset_inputs` for why that order is safe).
+            self.reset_inputs(id)?;
             let (items, rows_deleted) = self.leave_target(id, &spec.target)?;
             self.store().reset_flow(id, drop_cache)?;
-            self.reset_inputs(id)?;
             Ok(ResetReport {
                 flow: spec.name.clone(),
                 items,

@@ -4,10 +4,9 @@
 //!
 //! - **Documents.** A flow that another flow reads keeps the fields of each item it indexes
 //!   (key, text, metadata, what its own lookups added) as a document in the store, written
-//!   under the writer lock just before the batch's two-phase write, with a per-flow
-//!   sequence number that every change takes. A crash between the document and the commit
-//!   leaves the item unaccepted, so the next run writes the same document again: readers may
-//!   see a change twice, never miss one.
+//!   in the batch's commit with the item's state (so a document is never newer or older than
+//!   what the item's entry says was indexed), with a per-flow sequence number that every
+//!   change takes.
 //! - **Lookups** read documents by key and record dependency edges (this item read that
 //!   key of that flow, present or not). A run of the reading flow first follows the
 //!   sequence of each looked-up flow past its mark: the items that depend on a changed key
@@ -109,7 +108,10 @@ pub(crate) fn front_matter(text: &str) -> Option<(Value, &str)> {
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
         }
-        let (k, v) = line.split_once(':')?;
+        // Lines that are no `name: value` (a list item, a continued value) are passed over.
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         let k = k.trim();
         if k.is_empty() || k == "key" || k == "text" {
             continue;
@@ -147,7 +149,7 @@ impl Ctx<'_> {
     /// Whether this flow's items pass through the multi-input steps (their rows then carry
     /// the item's fields as metadata).
     fn multi(&self) -> bool {
-        self.spec.is_multi_input()
+        self.spec.uses_fields()
     }
 
     fn input_id(&self, name: &str) -> Result<FlowId, String> {
@@ -365,6 +367,40 @@ fn cap_metadata(m: &mut Map<String, Value>) {
     m.insert("omitted_fields".into(), Value::Array(omitted));
 }
 
+/// Most distinct reasons one page of changes requeues with: past it, one transaction
+/// requeues the page's items with a reason that counts the changes.
+const MAX_REASONS: usize = 32;
+
+/// Items to requeue by reason, as few requeues as [`MAX_REASONS`] allows.
+fn merge_reasons(
+    reasons: BTreeMap<String, Vec<String>>,
+    input: &str,
+) -> Vec<(String, Vec<String>)> {
+    if reasons.len() <= MAX_REASONS {
+        return reasons.into_iter().collect();
+    }
+    let n = reasons.len();
+    let mut items: Vec<String> = reasons.into_values().flatten().collect();
+    items.sort_unstable();
+    items.dedup();
+    vec![(
+        format!("{n} items of flow `{input}` it reads changed"),
+        items,
+    )]
+}
+
+fn requeue_by_reason(
+    store: &dyn freshindex_store::StateStore,
+    flow: FlowId,
+    reasons: BTreeMap<String, Vec<String>>,
+    input: &str,
+) -> Result<(), EngineError> {
+    for (reason, items) in merge_reasons(reasons, input) {
+        store.requeue_items(flow, &items, Some(&reason), now_ms())?;
+    }
+    Ok(())
+}
+
 /// Fields merged from documents in priority order.
 fn merge(rule: MergeRule, docs: &[&Value]) -> Value {
     let mut out = Map::new();
@@ -455,6 +491,12 @@ impl Engine {
     /// marks are forgotten (its next run reads its inputs from the start).
     pub(crate) fn reset_inputs(&self, flow: FlowId) -> Result<(), EngineError> {
         let store = self.store();
+        // What it read first: cut short after this, its next run follows its inputs anew
+        // and requeues every item it still has.
+        store.forget_inputs(flow)?;
+        if !store.docs_kept(flow)? {
+            return Ok(());
+        }
         let mut live = Vec::new();
         self.each_page(flow, 0, |page, _| {
             live.extend(
@@ -467,7 +509,9 @@ impl Engine {
         for part in live.chunks(PAGE) {
             store.put_docs(flow, part)?;
         }
-        store.forget_inputs(flow)?;
+        // Cut short before the items are forgotten, the next run processes them all again
+        // and writes their documents back.
+        self.requeue_all(flow, "reset")?;
         Ok(())
     }
 
@@ -498,14 +542,39 @@ impl Engine {
             if store.docs_kept(flow)? {
                 continue;
             }
+            // Requeued before and after the switch: a crash after it leaves the items
+            // requeued, and a run going on meanwhile processed some without documents.
+            let reason = format!("read by flow `{why}`: indexed again to record its fields");
+            self.requeue_all(flow, &reason)?;
             store.keep_docs(flow, true)?;
-            let keys: Vec<String> = store.items(flow)?.into_iter().map(|i| i.key).collect();
-            if !keys.is_empty() {
-                let reason = format!("read by flow `{why}`: indexed again to record its fields");
-                store.requeue_items(flow, &keys, Some(&reason), now_ms())?;
-            }
+            self.requeue_all(flow, &reason)?;
         }
         Ok(())
+    }
+
+    /// Requeues every item of `flow`, with `reason` as their message.
+    fn requeue_all(&self, flow: FlowId, reason: &str) -> Result<(), EngineError> {
+        let store = self.store();
+        let keys: Vec<String> = store.items(flow)?.into_iter().map(|i| i.key).collect();
+        for part in keys.chunks(PAGE) {
+            store.requeue_items(flow, part, Some(reason), now_ms())?;
+        }
+        Ok(())
+    }
+
+    /// The mark `flow` follows input `up` from. A flow that never followed this input (a
+    /// new input, or one deleted and defined again under a new id) requeues every item it
+    /// has, since its records of what it read name the input's old id.
+    fn follow_from(&self, flow: FlowId, name: &str, up: FlowId) -> Result<i64, EngineError> {
+        match self.store().input_mark(flow, up)? {
+            Some(mark) => Ok(mark),
+            None => {
+                let reason = format!("follows flow `{name}` from its start");
+                self.requeue_all(flow, &reason)?;
+                self.store().set_input_mark(flow, up, 0)?;
+                Ok(0)
+            }
+        }
     }
 
     /// Follows the flow's inputs past its marks, before a run looks at its queue: requeues
@@ -544,7 +613,8 @@ impl Engine {
     /// Requeues the items of `flow` that looked up keys of `up` that changed.
     fn sync_lookup(&self, flow: FlowId, name: &str, up: FlowId) -> Result<(), EngineError> {
         let store = self.store();
-        self.each_page(up, store.input_mark(flow, up)?, |page, last| {
+        let from = self.follow_from(flow, name, up)?;
+        self.each_page(up, from, |page, last| {
             let keys: Vec<String> = page.into_iter().map(|d| d.key).collect();
             // Each dependent item with the first changed key it read, as its reason.
             let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -559,9 +629,7 @@ impl Engine {
                     }
                 }
             }
-            for (reason, items) in reasons {
-                store.requeue_items(flow, &items, Some(&reason), now_ms())?;
-            }
+            requeue_by_reason(store.as_ref(), flow, reasons, name)?;
             store.set_input_mark(flow, up, last)?;
             Ok(())
         })
@@ -577,7 +645,8 @@ impl Engine {
         issues: &mut Vec<Issue>,
     ) -> Result<(), EngineError> {
         let store = self.store();
-        self.each_page(up, store.input_mark(flow, up)?, |page, last| {
+        let from = self.follow_from(flow, name, up)?;
+        self.each_page(up, from, |page, last| {
             let keys: Vec<String> = page.iter().map(|d| d.key.clone()).collect();
             let before = store.member_groups(flow, up, &keys)?;
             let mut changes: Vec<MemberChange> = Vec::new();
@@ -624,7 +693,7 @@ impl Engine {
             for (g, r) in touched {
                 by_reason.entry(r).or_default().push(g);
             }
-            for (reason, groups) in by_reason {
+            for (reason, groups) in merge_reasons(by_reason, name) {
                 let unknown = store.requeue_items(flow, &groups, Some(&reason), now_ms())?;
                 if !unknown.is_empty() {
                     let push: Vec<PushItem> = unknown
@@ -688,6 +757,13 @@ impl Engine {
             )?;
             ctx.tally().issues(&issues);
             let store = self.store().as_ref();
+            // No traversal looks at every item: a new definition (template, aggregates,
+            // chunking, model) requeues them all, then its fingerprint is recorded.
+            let fp = ctx.spec_fp.to_hex();
+            if store.change_mark(flow)?.as_deref() != Some(fp.as_str()) {
+                self.requeue_all(flow, "the flow's definition changed")?;
+                store.set_change_mark(flow, Some(&fp))?;
+            }
             store.unreserve(flow, None, Some(self.run_owner()), now_ms())?;
             let stats = store.item_counts(flow)?;
             let total: u64 = stats.iter().map(|(_, n)| n).sum();

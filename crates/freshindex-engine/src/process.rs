@@ -8,8 +8,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use freshindex_core::{Fingerprint, FlowSpec, FpMap, ItemStatus, Row, RowPayload};
 use freshindex_store::{
-    BatchCommit, FenceCheck, FenceError, FlowId, ItemChange, ItemLineage, ItemRecord, StoreError,
-    TrackedRow,
+    BatchCommit, BatchInputs, FenceCheck, FenceError, FlowId, ItemChange, ItemLineage, ItemRecord,
+    StoreError, TrackedRow,
 };
 use freshindex_vector::{VectorCollection, decode_vector, encode_vector};
 
@@ -671,7 +671,7 @@ impl Ctx<'_> {
             }
         };
         record.content_hash = Some(hash);
-        let (chunks, metadata) = if self.spec.is_multi_input() || self.keeps_docs() {
+        let (chunks, metadata) = if self.spec.uses_fields() || self.keeps_docs() {
             let (meta, body, body_at) = match front_matter(parsed.text) {
                 Some((m, body)) => (Some(m), body, parsed.text.len() - body.len()),
                 None => (None, parsed.text, 0),
@@ -680,13 +680,18 @@ impl Ctx<'_> {
             match self.finish(fields, None) {
                 Ok(f) => {
                     *inputs = f.inputs;
-                    // The rendered text, when a template made it; else the file's own.
-                    let offset = if self.spec.template().is_some() {
-                        0
+                    if !self.spec.uses_fields() {
+                        // A plain flow others read: its rows stay what they always were.
+                        (self.chunks(&key, parsed.text, parsed.offset), None)
                     } else {
-                        parsed.offset + body_at
-                    };
-                    (self.chunks(&key, &f.text, offset), f.metadata)
+                        // The rendered text, when a template made it; else the body.
+                        let offset = if self.spec.template().is_some() {
+                            0
+                        } else {
+                            parsed.offset + body_at
+                        };
+                        (self.chunks(&key, &f.text, offset), f.metadata)
+                    }
                 }
                 Err((error, i)) => {
                     *inputs = i;
@@ -963,7 +968,7 @@ impl Ctx<'_> {
                 .map(|(i, _)| i)
                 .collect(),
         };
-        self.write_inputs(&outcomes, inputs, &blocked, &embed_failed)?;
+        let batch_inputs = self.batch_inputs(&outcomes, inputs, &blocked, &embed_failed);
         let empty = ItemLineage::default();
         let mut upserts: Vec<Row> = Vec::new();
         let mut upsert_vectors: Vec<Option<Fingerprint>> = Vec::new();
@@ -1143,6 +1148,7 @@ impl Ctx<'_> {
                     },
                     memo: new_memo,
                     now_ms: now,
+                    inputs: batch_inputs,
                 },
             )?;
             self.memo.committed(&computed);
@@ -1210,16 +1216,16 @@ fn failed(mut record: ItemRecord, error: String) -> Outcome {
 }
 
 impl Ctx<'_> {
-    /// Writes what a batch's items give and read for multi-input flows — documents, then
-    /// dependencies — before its two-phase write (see [`crate::inputs`]). Items the fence
-    /// refused write nothing; an item whose embedding failed keeps its document.
-    fn write_inputs(
+    /// What a batch's items give and read for multi-input flows — documents and
+    /// dependencies — for its commit (see [`crate::inputs`]). Items the fence refused write
+    /// nothing; an item whose embedding failed keeps its document.
+    fn batch_inputs(
         &self,
         outcomes: &[Outcome],
         inputs: Vec<ItemInputs>,
         blocked: &HashSet<usize>,
         embed_failed: &HashSet<usize>,
-    ) -> Result<(), EngineError> {
+    ) -> BatchInputs {
         let mut docs: Vec<freshindex_store::DocWrite> = Vec::new();
         let mut deps: Vec<(String, Vec<(FlowId, String)>)> = Vec::new();
         for (i, (o, inp)) in outcomes.iter().zip(inputs).enumerate() {
@@ -1238,14 +1244,7 @@ impl Ctx<'_> {
                 ));
             }
         }
-        let store = self.engine.store();
-        if !deps.is_empty() {
-            store.set_deps(self.flow, &deps)?;
-        }
-        if !docs.is_empty() {
-            store.put_docs(self.flow, &docs)?;
-        }
-        Ok(())
+        BatchInputs { docs, deps }
     }
 }
 

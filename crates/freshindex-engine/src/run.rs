@@ -1491,6 +1491,7 @@ impl Engine {
                     memo: Vec::new(),
                     gc_candidates: Vec::new(),
                     now_ms: now_ms(),
+                    inputs: Default::default(),
                 },
             )?;
         }

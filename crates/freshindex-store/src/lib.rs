@@ -381,8 +381,9 @@ pub trait InputStore {
         changes: &[MemberChange],
         mark: i64,
     ) -> Result<()>;
-    /// How far `flow` has followed the documents of `up` (0: not at all).
-    fn input_mark(&self, flow: FlowId, up: FlowId) -> Result<i64>;
+    /// How far `flow` has followed the documents of `up`; `None` when it never did (a
+    /// mark of 0 is a flow that followed `up` while it had no documents).
+    fn input_mark(&self, flow: FlowId, up: FlowId) -> Result<Option<i64>>;
     /// Moves `flow`'s mark on `up`.
     fn set_input_mark(&self, flow: FlowId, up: FlowId, mark: i64) -> Result<()>;
     /// Forgets what `flow` read of other flows: its dependencies, members and marks (a

@@ -1092,6 +1092,8 @@ fn commit_batch(tx: &mut Transaction<'_>, flow: FlowId, batch: &BatchCommit) -> 
             &[&flow.0, &keys],
         )?;
     }
+    crate::pg_inputs::put_docs_in(tx, flow, &batch.inputs.docs)?;
+    crate::pg_inputs::set_deps_in(tx, flow, &batch.inputs.deps)?;
     Ok(())
 }
 

@@ -110,69 +110,7 @@ impl InputStore for PgStore {
         if docs.is_empty() {
             return Ok(());
         }
-        let keys: Vec<&str> = docs.iter().map(|(k, _)| k.as_str()).collect();
-        self.write("writing documents", |tx| {
-            lock_docs(tx, flow, true)?;
-            let mut seq: i64 = tx
-                .query_one(
-                    "SELECT COALESCE(MAX(seq), 0)::BIGINT FROM freshindex.docs WHERE flow_id = $1",
-                    &[&flow.0],
-                )?
-                .try_get(0)?;
-            // Each key's fingerprint, when it has a live document (`None`: a tombstone).
-            let mut now: HashMap<String, Option<Vec<u8>>> = HashMap::with_capacity(docs.len());
-            for r in tx.query(
-                "SELECT key, fp, doc IS NOT NULL FROM freshindex.docs
-                 WHERE flow_id = $1 AND key = ANY($2)",
-                &[&flow.0, &keys],
-            )? {
-                let live: bool = r.try_get(2)?;
-                now.insert(r.try_get(0)?, live.then(|| r.try_get(1)).transpose()?);
-            }
-            // The rows to write: (seq, fp, doc) by key, the last change of each key.
-            let mut rows: HashMap<&str, DocRow<'_>> = HashMap::new();
-            for (key, doc) in docs {
-                let live = now.get(key.as_str()).and_then(|fp| fp.as_deref());
-                let changes = match (live, doc) {
-                    (Some(fp), Some((new_fp, _))) => fp != new_fp.as_slice(),
-                    (None, Some(_)) => true,
-                    (Some(_), None) => true,
-                    (None, None) => false,
-                };
-                if !changes {
-                    continue;
-                }
-                seq += 1;
-                let row = match doc {
-                    Some((fp, bytes)) => (seq, fp.as_slice(), Some(bytes.as_slice())),
-                    None => (seq, &[][..], None),
-                };
-                rows.insert(key.as_str(), row);
-                now.insert(key.clone(), doc.as_ref().map(|(fp, _)| fp.clone()));
-            }
-            if rows.is_empty() {
-                return Ok(());
-            }
-            let mut keys = Vec::with_capacity(rows.len());
-            let mut seqs = Vec::with_capacity(rows.len());
-            let mut fps = Vec::with_capacity(rows.len());
-            let mut bodies = Vec::with_capacity(rows.len());
-            for (key, (seq, fp, doc)) in rows {
-                keys.push(key);
-                seqs.push(seq);
-                fps.push(fp);
-                bodies.push(doc);
-            }
-            tx.execute(
-                "INSERT INTO freshindex.docs AS d (flow_id, key, seq, fp, doc)
-                 SELECT $1, k, s, f, b
-                 FROM unnest($2::text[], $3::bigint[], $4::bytea[], $5::bytea[]) AS t(k, s, f, b)
-                 ON CONFLICT (flow_id, key) DO UPDATE
-                   SET seq = excluded.seq, fp = excluded.fp, doc = excluded.doc",
-                &[&flow.0, &keys, &seqs, &fps, &bodies],
-            )?;
-            Ok(())
-        })
+        self.write("writing documents", |tx| put_docs_in(tx, flow, docs))
     }
 
     fn docs(&self, flow: FlowId, keys: &[String]) -> Result<Vec<StoredDoc>> {
@@ -218,34 +156,8 @@ impl InputStore for PgStore {
         if deps.is_empty() {
             return Ok(());
         }
-        // An item named twice keeps the last list.
-        let items = last_of_each(deps);
-        let keys: Vec<&str> = items.iter().map(|(k, _)| k.as_str()).collect();
-        let mut dep_keys: Vec<&str> = Vec::new();
-        let mut up_flows: Vec<i64> = Vec::new();
-        let mut up_keys: Vec<&str> = Vec::new();
-        for (key, ups) in &items {
-            for (up, up_key) in ups {
-                dep_keys.push(key.as_str());
-                up_flows.push(up.0);
-                up_keys.push(up_key.as_str());
-            }
-        }
         self.write("recording lookup dependencies", |tx| {
-            tx.execute(
-                "DELETE FROM freshindex.deps WHERE flow_id = $1 AND key = ANY($2)",
-                &[&flow.0, &keys],
-            )?;
-            if !dep_keys.is_empty() {
-                tx.execute(
-                    "INSERT INTO freshindex.deps (flow_id, key, up_flow, up_key)
-                     SELECT $1, k, f, u FROM unnest($2::text[], $3::bigint[], $4::text[])
-                       AS t(k, f, u)
-                     ON CONFLICT DO NOTHING",
-                    &[&flow.0, &dep_keys, &up_flows, &up_keys],
-                )?;
-            }
-            Ok(())
+            set_deps_in(tx, flow, deps)
         })
     }
 
@@ -347,15 +259,14 @@ impl InputStore for PgStore {
         })
     }
 
-    fn input_mark(&self, flow: FlowId, up: FlowId) -> Result<i64> {
+    fn input_mark(&self, flow: FlowId, up: FlowId) -> Result<Option<i64>> {
         self.run("reading an input mark", |c| {
             Ok(c.query_opt(
                 "SELECT seq FROM freshindex.input_marks WHERE flow_id = $1 AND up_flow = $2",
                 &[&flow.0, &up.0],
             )?
             .map(|r| r.try_get::<_, i64>(0))
-            .transpose()?
-            .unwrap_or(0))
+            .transpose()?)
         })
     }
 
@@ -374,4 +285,115 @@ impl InputStore for PgStore {
             Ok(())
         })
     }
+}
+
+/// [`InputStore::put_docs`] inside the caller's transaction (also a batch's commit).
+pub(crate) fn put_docs_in(
+    tx: &mut Transaction<'_>,
+    flow: FlowId,
+    docs: &[DocWrite],
+) -> PgResult<()> {
+    if docs.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = docs.iter().map(|(k, _)| k.as_str()).collect();
+    lock_docs(tx, flow, true)?;
+    let mut seq: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(seq), 0)::BIGINT FROM freshindex.docs WHERE flow_id = $1",
+            &[&flow.0],
+        )?
+        .try_get(0)?;
+    // Each key's fingerprint, when it has a live document (`None`: a tombstone).
+    let mut now: HashMap<String, Option<Vec<u8>>> = HashMap::with_capacity(docs.len());
+    for r in tx.query(
+        "SELECT key, fp, doc IS NOT NULL FROM freshindex.docs
+             WHERE flow_id = $1 AND key = ANY($2)",
+        &[&flow.0, &keys],
+    )? {
+        let live: bool = r.try_get(2)?;
+        now.insert(r.try_get(0)?, live.then(|| r.try_get(1)).transpose()?);
+    }
+    // The rows to write: (seq, fp, doc) by key, the last change of each key.
+    let mut rows: HashMap<&str, DocRow<'_>> = HashMap::new();
+    for (key, doc) in docs {
+        let live = now.get(key.as_str()).and_then(|fp| fp.as_deref());
+        let changes = match (live, doc) {
+            (Some(fp), Some((new_fp, _))) => fp != new_fp.as_slice(),
+            (None, Some(_)) => true,
+            (Some(_), None) => true,
+            (None, None) => false,
+        };
+        if !changes {
+            continue;
+        }
+        seq += 1;
+        let row = match doc {
+            Some((fp, bytes)) => (seq, fp.as_slice(), Some(bytes.as_slice())),
+            None => (seq, &[][..], None),
+        };
+        rows.insert(key.as_str(), row);
+        now.insert(key.clone(), doc.as_ref().map(|(fp, _)| fp.clone()));
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut fps = Vec::with_capacity(rows.len());
+    let mut bodies = Vec::with_capacity(rows.len());
+    for (key, (seq, fp, doc)) in rows {
+        keys.push(key);
+        seqs.push(seq);
+        fps.push(fp);
+        bodies.push(doc);
+    }
+    tx.execute(
+        "INSERT INTO freshindex.docs AS d (flow_id, key, seq, fp, doc)
+             SELECT $1, k, s, f, b
+             FROM unnest($2::text[], $3::bigint[], $4::bytea[], $5::bytea[]) AS t(k, s, f, b)
+             ON CONFLICT (flow_id, key) DO UPDATE
+               SET seq = excluded.seq, fp = excluded.fp, doc = excluded.doc",
+        &[&flow.0, &keys, &seqs, &fps, &bodies],
+    )?;
+    Ok(())
+}
+
+/// [`InputStore::set_deps`] inside the caller's transaction (also a batch's commit).
+pub(crate) fn set_deps_in(
+    tx: &mut Transaction<'_>,
+    flow: FlowId,
+    deps: &[(String, Vec<(FlowId, String)>)],
+) -> PgResult<()> {
+    if deps.is_empty() {
+        return Ok(());
+    }
+    // An item named twice keeps the last list.
+    let items = last_of_each(deps);
+    let keys: Vec<&str> = items.iter().map(|(k, _)| k.as_str()).collect();
+    let mut dep_keys: Vec<&str> = Vec::new();
+    let mut up_flows: Vec<i64> = Vec::new();
+    let mut up_keys: Vec<&str> = Vec::new();
+    for (key, ups) in &items {
+        for (up, up_key) in ups {
+            dep_keys.push(key.as_str());
+            up_flows.push(up.0);
+            up_keys.push(up_key.as_str());
+        }
+    }
+
+    tx.execute(
+        "DELETE FROM freshindex.deps WHERE flow_id = $1 AND key = ANY($2)",
+        &[&flow.0, &keys],
+    )?;
+    if !dep_keys.is_empty() {
+        tx.execute(
+            "INSERT INTO freshindex.deps (flow_id, key, up_flow, up_key)
+                 SELECT $1, k, f, u FROM unnest($2::text[], $3::bigint[], $4::text[])
+                   AS t(k, f, u)
+                 ON CONFLICT DO NOTHING",
+            &[&flow.0, &dep_keys, &up_flows, &up_keys],
+        )?;
+    }
+    Ok(())
 }

@@ -754,6 +754,8 @@ impl LineageStore for SqliteStore {
                 }
             }
         }
+        crate::sqlite_inputs::put_docs_in(&tx, flow, &batch.inputs.docs)?;
+        crate::sqlite_inputs::set_deps_in(&tx, flow, &batch.inputs.deps)?;
         tx.commit().map_err(backend)
     }
 

@@ -5,10 +5,10 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::sqlite::backend;
-use crate::{FlowId, InputStore, Result, SqliteStore, StoredDoc};
+use crate::{DocWrite, FlowId, InputStore, Result, SqliteStore, StoredDoc};
 
 impl InputStore for SqliteStore {
     fn docs_kept(&self, flow: FlowId) -> Result<bool> {
@@ -45,7 +45,7 @@ impl InputStore for SqliteStore {
         tx.commit().map_err(backend)
     }
 
-    fn put_docs(&self, flow: FlowId, docs: &[(String, Option<(Vec<u8>, Vec<u8>)>)]) -> Result<()> {
+    fn put_docs(&self, flow: FlowId, docs: &[DocWrite]) -> Result<()> {
         if docs.is_empty() {
             return Ok(());
         }
@@ -53,46 +53,7 @@ impl InputStore for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(backend)?;
-        {
-            let mut seq: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(MAX(seq), 0) FROM docs WHERE flow_id = ?1",
-                    [flow.0],
-                    |r| r.get(0),
-                )
-                .map_err(backend)?;
-            let mut get = tx
-                .prepare_cached(
-                    "SELECT fp, doc IS NOT NULL FROM docs WHERE flow_id = ?1 AND key = ?2",
-                )
-                .map_err(backend)?;
-            let mut put = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO docs (flow_id, key, seq, fp, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(backend)?;
-            for (key, doc) in docs {
-                let before: Option<(Vec<u8>, bool)> = get
-                    .query_row(params![flow.0, key], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-                    .map_err(backend)?;
-                let changes = match (&before, doc) {
-                    (Some((fp, true)), Some((new_fp, _))) => fp != new_fp,
-                    (Some((_, false)) | None, Some(_)) => true,
-                    (Some((_, true)), None) => true,
-                    (Some((_, false)) | None, None) => false,
-                };
-                if !changes {
-                    continue;
-                }
-                seq += 1;
-                match doc {
-                    Some((fp, bytes)) => put.execute(params![flow.0, key, seq, fp, bytes]),
-                    None => put.execute(params![flow.0, key, seq, &[] as &[u8], None::<Vec<u8>>]),
-                }
-                .map_err(backend)?;
-            }
-        }
+        put_docs_in(&tx, flow, docs)?;
         tx.commit().map_err(backend)
     }
 
@@ -149,23 +110,7 @@ impl InputStore for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(backend)?;
-        {
-            let mut del = tx
-                .prepare_cached("DELETE FROM deps WHERE flow_id = ?1 AND key = ?2")
-                .map_err(backend)?;
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO deps (flow_id, key, up_flow, up_key) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(backend)?;
-            for (key, ups) in deps {
-                del.execute(params![flow.0, key]).map_err(backend)?;
-                for (up, up_key) in ups {
-                    ins.execute(params![flow.0, key, up.0, up_key])
-                        .map_err(backend)?;
-                }
-            }
-        }
+        set_deps_in(&tx, flow, deps)?;
         tx.commit().map_err(backend)
     }
 
@@ -264,7 +209,7 @@ impl InputStore for SqliteStore {
         tx.commit().map_err(backend)
     }
 
-    fn input_mark(&self, flow: FlowId, up: FlowId) -> Result<i64> {
+    fn input_mark(&self, flow: FlowId, up: FlowId) -> Result<Option<i64>> {
         let conn = self.reader();
         conn.query_row(
             "SELECT seq FROM input_marks WHERE flow_id = ?1 AND up_flow = ?2",
@@ -272,7 +217,6 @@ impl InputStore for SqliteStore {
             |r| r.get(0),
         )
         .optional()
-        .map(|m| m.unwrap_or(0))
         .map_err(backend)
     }
 
@@ -301,4 +245,72 @@ fn set_mark(conn: &rusqlite::Connection, flow: FlowId, up: FlowId, mark: i64) ->
     )
     .map(|_| ())
     .map_err(backend)
+}
+
+/// [`InputStore::put_docs`] inside the caller's write transaction (a batch's commit).
+pub(crate) fn put_docs_in(conn: &Connection, flow: FlowId, docs: &[DocWrite]) -> Result<()> {
+    if docs.is_empty() {
+        return Ok(());
+    }
+    let mut seq: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM docs WHERE flow_id = ?1",
+            [flow.0],
+            |r| r.get(0),
+        )
+        .map_err(backend)?;
+    let mut get = conn
+        .prepare_cached("SELECT fp, doc IS NOT NULL FROM docs WHERE flow_id = ?1 AND key = ?2")
+        .map_err(backend)?;
+    let mut put = conn
+        .prepare_cached(
+            "INSERT OR REPLACE INTO docs (flow_id, key, seq, fp, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(backend)?;
+    for (key, doc) in docs {
+        let before: Option<(Vec<u8>, bool)> = get
+            .query_row(params![flow.0, key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(backend)?;
+        let changes = match (&before, doc) {
+            (Some((fp, true)), Some((new_fp, _))) => fp != new_fp,
+            (Some((_, false)) | None, Some(_)) => true,
+            (Some((_, true)), None) => true,
+            (Some((_, false)) | None, None) => false,
+        };
+        if !changes {
+            continue;
+        }
+        seq += 1;
+        match doc {
+            Some((fp, bytes)) => put.execute(params![flow.0, key, seq, fp, bytes]),
+            None => put.execute(params![flow.0, key, seq, &[] as &[u8], None::<Vec<u8>>]),
+        }
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// [`InputStore::set_deps`] inside the caller's write transaction (a batch's commit).
+pub(crate) fn set_deps_in(
+    conn: &Connection,
+    flow: FlowId,
+    deps: &[(String, Vec<(FlowId, String)>)],
+) -> Result<()> {
+    let mut del = conn
+        .prepare_cached("DELETE FROM deps WHERE flow_id = ?1 AND key = ?2")
+        .map_err(backend)?;
+    let mut ins = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO deps (flow_id, key, up_flow, up_key) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .map_err(backend)?;
+    for (key, ups) in deps {
+        del.execute(params![flow.0, key]).map_err(backend)?;
+        for (up, up_key) in ups {
+            ins.execute(params![flow.0, key, up.0, up_key])
+                .map_err(backend)?;
+        }
+    }
+    Ok(())
 }

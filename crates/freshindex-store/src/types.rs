@@ -311,6 +311,18 @@ pub struct BatchCommit {
     /// The commit's time (ms since the epoch): indexed entries leave their lease and failed
     /// ones wait out a retry backoff from here.
     pub now_ms: i64,
+    /// What the batch's items give and read for multi-input flows, committed with them.
+    pub inputs: BatchInputs,
+}
+
+/// The documents and lookup dependencies of a batch (see [`crate::InputStore`]), written in
+/// the batch's commit: a document is never newer than the item state it comes with.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchInputs {
+    /// Documents, as [`crate::InputStore::put_docs`] takes them.
+    pub docs: Vec<crate::DocWrite>,
+    /// Dependencies, as [`crate::InputStore::set_deps`] takes them.
+    pub deps: Vec<(String, Vec<(FlowId, String)>)>,
 }
 
 /// Identifies an entry of the execution history (increasing in the order entries are

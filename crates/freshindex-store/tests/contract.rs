@@ -29,6 +29,7 @@ fn batch(items: Vec<ItemChange>) -> BatchCommit {
         memo: vec![],
         gc_candidates: vec![],
         now_ms: NOW_MS,
+        inputs: Default::default(),
     }
 }
 
@@ -77,6 +78,7 @@ fn flows_and_items(s: &dyn StateStore) {
             memo: vec![],
             gc_candidates: vec![],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("commit");
@@ -109,6 +111,7 @@ fn two_phase(s: &dyn StateStore) {
             memo: vec![],
             gc_candidates: vec![],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("commit");
@@ -149,6 +152,7 @@ fn two_phase(s: &dyn StateStore) {
             memo: vec![],
             gc_candidates: vec![],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("commit 2");
@@ -175,6 +179,7 @@ fn two_phase(s: &dyn StateStore) {
             memo: vec![],
             gc_candidates: vec![],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("commit 3");
@@ -204,6 +209,7 @@ fn memo_gc(s: &dyn StateStore) {
             memo: vec![(fp(1), vec![1; 8]), (fp(2), vec![2; 8])],
             gc_candidates: vec![],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("commit");
@@ -214,6 +220,7 @@ fn memo_gc(s: &dyn StateStore) {
             memo: vec![(fp(1), vec![9; 4])],
             gc_candidates: vec![],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("other flow");
@@ -229,6 +236,7 @@ fn memo_gc(s: &dyn StateStore) {
             memo: vec![],
             gc_candidates: vec![],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("delete a");
@@ -248,6 +256,7 @@ fn memo_gc(s: &dyn StateStore) {
             memo: vec![(fp(7), vec![7; 8])],
             gc_candidates: vec![fp(7)],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("orphan entry");
@@ -500,6 +509,7 @@ fn reset_support(s: &dyn StateStore) {
             memo: vec![(fp(1), vec![1, 2, 3, 4])],
             gc_candidates: vec![],
             now_ms: NOW_MS,
+            inputs: Default::default(),
         },
     )
     .expect("commit");
@@ -557,6 +567,7 @@ fn reset_support(s: &dyn StateStore) {
                 rows: Some(vec![]),
             }],
             now_ms: t + 1,
+            inputs: Default::default(),
             ..BatchCommit::default()
         },
     )
@@ -624,6 +635,7 @@ fn reset_support(s: &dyn StateStore) {
         BatchCommit {
             memo: vec![(fp(7), vec![1, 2])],
             now_ms: t,
+            inputs: Default::default(),
             ..BatchCommit::default()
         },
     )
@@ -633,6 +645,7 @@ fn reset_support(s: &dyn StateStore) {
         BatchCommit {
             memo: vec![(fp(8), vec![3])],
             now_ms: t,
+            inputs: Default::default(),
             ..BatchCommit::default()
         },
     )
@@ -1016,9 +1029,9 @@ fn docs_and_sequence(s: &dyn StateStore) {
     assert!(!s.docs_kept(up).expect("kept"));
     assert!(s.docs_since(up, 0, 100).expect("since").is_empty());
     assert!(s.docs(up, &keys(&["a", "b"])).expect("docs").is_empty());
-    assert_eq!(s.input_mark(reader, up).expect("mark"), 0);
-    assert_eq!(s.input_mark(reader, other).expect("mark"), 1);
-    assert_eq!(s.input_mark(up, other).expect("mark"), 1);
+    assert_eq!(s.input_mark(reader, up).expect("mark"), None);
+    assert_eq!(s.input_mark(reader, other).expect("mark"), Some(1));
+    assert_eq!(s.input_mark(up, other).expect("mark"), Some(1));
     assert_eq!(
         s.dependents(reader, up, &keys(&["a"])).expect("dependents"),
         vec!["r".to_string()]
@@ -1099,7 +1112,7 @@ fn deps_members_marks(s: &dyn StateStore) {
     );
 
     // Members and marks.
-    assert_eq!(s.input_mark(down, up).expect("mark"), 0);
+    assert_eq!(s.input_mark(down, up).expect("mark"), None);
     s.update_members(
         down,
         up,
@@ -1111,9 +1124,9 @@ fn deps_members_marks(s: &dyn StateStore) {
         5,
     )
     .expect("members");
-    assert_eq!(s.input_mark(down, up).expect("mark"), 5);
-    assert_eq!(s.input_mark(up, down).expect("reverse mark"), 0);
-    assert_eq!(s.input_mark(down, other).expect("other mark"), 0);
+    assert_eq!(s.input_mark(down, up).expect("mark"), Some(5));
+    assert_eq!(s.input_mark(up, down).expect("reverse mark"), None);
+    assert_eq!(s.input_mark(down, other).expect("other mark"), None);
     let groups = s
         .member_groups(down, up, &keys(&["a", "c", "zz"]))
         .expect("groups");
@@ -1144,7 +1157,7 @@ fn deps_members_marks(s: &dyn StateStore) {
             (other, "x".to_string())
         ]
     );
-    assert_eq!(s.input_mark(down, other).expect("mark"), 2);
+    assert_eq!(s.input_mark(down, other).expect("mark"), Some(2));
     // Moves and removals; the mark moves with them.
     s.update_members(
         down,
@@ -1171,11 +1184,11 @@ fn deps_members_marks(s: &dyn StateStore) {
     assert_eq!(groups.len(), 1);
     assert_eq!(groups.get("a"), Some(&("g2".to_string(), vec![4])));
     assert!(s.group_members(down, "nothing").expect("empty").is_empty());
-    assert_eq!(s.input_mark(down, up).expect("mark"), 7);
+    assert_eq!(s.input_mark(down, up).expect("mark"), Some(7));
     s.update_members(down, up, &[], 8).expect("mark only");
-    assert_eq!(s.input_mark(down, up).expect("mark"), 8);
+    assert_eq!(s.input_mark(down, up).expect("mark"), Some(8));
     s.set_input_mark(down, up, 9).expect("set mark");
-    assert_eq!(s.input_mark(down, up).expect("mark"), 9);
+    assert_eq!(s.input_mark(down, up).expect("mark"), Some(9));
     s.set_input_mark(side, up, 3).expect("side mark");
     s.update_members(side, up, &[("a".into(), Some(("s".into(), vec![1])))], 3)
         .expect("side members");
@@ -1198,15 +1211,15 @@ fn deps_members_marks(s: &dyn StateStore) {
     );
     assert!(s.group_members(down, "g1").expect("g1").is_empty());
     assert!(s.group_members(down, "g2").expect("g2").is_empty());
-    assert_eq!(s.input_mark(down, up).expect("mark"), 0);
-    assert_eq!(s.input_mark(down, other).expect("mark"), 0);
+    assert_eq!(s.input_mark(down, up).expect("mark"), None);
+    assert_eq!(s.input_mark(down, other).expect("mark"), None);
     assert!(s.docs_kept(down).expect("kept"));
     assert_eq!(s.docs_since(down, 0, 10).expect("own docs").len(), 1);
     assert_eq!(
         s.dependents(side, up, &keys(&["a"])).expect("side deps"),
         keys(&["s"])
     );
-    assert_eq!(s.input_mark(side, up).expect("side mark"), 3);
+    assert_eq!(s.input_mark(side, up).expect("side mark"), Some(3));
     assert_eq!(s.group_members(side, "s").expect("side").len(), 1);
 
     // Deleting a flow forgets its documents, dependencies, members and marks.
@@ -1223,13 +1236,13 @@ fn deps_members_marks(s: &dyn StateStore) {
             .is_empty()
     );
     assert!(s.group_members(down, "g").expect("members").is_empty());
-    assert_eq!(s.input_mark(down, up).expect("mark"), 0);
+    assert_eq!(s.input_mark(down, up).expect("mark"), None);
     // Other flows keep theirs.
     assert_eq!(
         s.dependents(side, up, &keys(&["a"])).expect("side deps"),
         keys(&["s"])
     );
-    assert_eq!(s.input_mark(side, up).expect("side mark"), 3);
+    assert_eq!(s.input_mark(side, up).expect("side mark"), Some(3));
     assert_eq!(s.group_members(side, "s").expect("side").len(), 1);
 }
 

@@ -85,6 +85,7 @@ fn index(s: &dyn StateStore, f: FlowId, keys: &[String], now_ms: i64) {
             memo: vec![],
             gc_candidates: vec![],
             now_ms,
+            inputs: Default::default(),
         },
     )
     .expect("commit");

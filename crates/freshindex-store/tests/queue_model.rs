@@ -669,6 +669,7 @@ fn commit(store: &dyn StateStore, flow: FlowId, items: Vec<ItemChange>, now_ms: 
                 memo: vec![],
                 gc_candidates: vec![],
                 now_ms,
+                inputs: Default::default(),
             },
         )
         .expect("commit");
