@@ -1081,3 +1081,134 @@ fn moving_a_member_reprocesses_exactly_its_two_groups_and_an_empty_group_goes() 
         BTreeSet::from(["y".to_string()])
     );
 }
+
+/// The `categories` config of the tests below, with `template` as its text template.
+fn categories_config(root: &Path, template: &str) -> Vec<FlowSpec> {
+    let toml = format!(
+        "{}[[flow]]\nname = \"categories\"\nsource = {{ type = \"flows\", from = \"cat_a\" }}\nsteps = [\n  {{ op = \"group\", by = \"category\", aggregate = {{ n = \"count\", names = \"list:name\" }} }},\n  {{ op = \"template\", text = \"{template}\" }},\n  {TAIL},\n]\n",
+        files_flow("cat_a", &root.join("cat_a"))
+    );
+    Config::parse(&toml, None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flows
+}
+
+#[test]
+fn a_changed_definition_of_a_flows_source_reprocesses_every_item() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let root = src.path();
+    let mut clock = 0;
+    for (key, category, name) in [("a.md", "x", "Drill"), ("b.md", "y", "Kite")] {
+        write_at(
+            &root.join("cat_a").join(key),
+            product_file("acme.md", category, name).as_bytes(),
+            &mut clock,
+        );
+    }
+    let engine = Engine::open(data.path()).expect("engine");
+    let before = categories_config(root, "{key}: {names}");
+    define_all(&engine, &before);
+    run_all(&engine, &before);
+    assert_eq!(texts_of(&export(&engine, "categories"), "x"), "x: Drill");
+
+    // Only the template changes: no input changed, yet every group is made again.
+    let after = categories_config(root, "Group {key} has {n}: {names}");
+    let s = run_all(&engine, &after);
+    assert_eq!(s["categories"].items.modified, 2, "{:?}", s["categories"]);
+    assert_eq!(processed(&s["cat_a"]), 0);
+    let rows = export(&engine, "categories");
+    assert_eq!(texts_of(&rows, "x"), "Group x has 1: Drill");
+    assert_eq!(rows, from_scratch(&after)["categories"]);
+    // And once done, nothing more.
+    let s = run_all(&engine, &after);
+    assert_eq!(processed(&s["categories"]), 0, "{:?}", s["categories"]);
+}
+
+#[test]
+fn an_input_deleted_and_defined_again_or_reset_is_followed_from_its_start() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let root = src.path();
+    let mut clock = 0;
+    write_at(
+        &root.join("companies/acme.md"),
+        company_file("Acme").as_bytes(),
+        &mut clock,
+    );
+    for (key, name) in [("a.md", "Drill"), ("b.md", "Kite")] {
+        write_at(
+            &root.join("cat_a").join(key),
+            product_file("acme.md", "x", name).as_bytes(),
+            &mut clock,
+        );
+    }
+    let toml = format!(
+        "{}{}[[flow]]\nname = \"products\"\nsource = {{ type = \"flows\", from = \"cat_a\" }}\nsteps = [\n  {{ op = \"lookup\", from = \"companies\", key = \"company\", as = \"co\" }},\n  {{ op = \"template\", text = \"{{name}} by {{co.name}}\" }},\n  {TAIL},\n]\n",
+        files_flow("companies", &root.join("companies")),
+        files_flow("cat_a", &root.join("cat_a")),
+    );
+    let flows = Config::parse(&toml, None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flows;
+    let engine = Engine::open(data.path()).expect("engine");
+    define_all(&engine, &flows);
+    run_all(&engine, &flows);
+    assert_eq!(
+        texts_of(&export(&engine, "products"), "a.md"),
+        "Drill by Acme"
+    );
+
+    // `companies` is deleted, its file edited, and the flow defined again (a new id): the
+    // products follow the new flow from its start.
+    engine.delete_flow("companies").expect("delete companies");
+    write_at(
+        &root.join("companies/acme.md"),
+        company_file("Acme Two").as_bytes(),
+        &mut clock,
+    );
+    define_all(&engine, &flows);
+    run_all(&engine, &flows);
+    let rows = export(&engine, "products");
+    assert_eq!(texts_of(&rows, "a.md"), "Drill by Acme Two");
+    assert_eq!(rows, from_scratch(&flows)["products"]);
+
+    // A reset of `companies` (its documents become tombstones), then its run: the products
+    // end as a fresh build has them, and a further run does nothing.
+    engine.reset("companies", false).expect("reset");
+    let s = run_all(&engine, &flows);
+    assert_eq!(s["companies"].items.new, 1, "{:?}", s["companies"]);
+    let rows = export(&engine, "products");
+    assert_eq!(rows, from_scratch(&flows)["products"]);
+    let s = run_all(&engine, &flows);
+    assert_eq!(processed(&s["products"]), 0, "{:?}", s["products"]);
+}
+
+#[test]
+fn a_plain_flow_keeps_its_rows_when_another_flow_starts_reading_it() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let root = src.path();
+    let mut clock = 0;
+    write_at(
+        &root.join("cat_a/a.md"),
+        product_file("acme.md", "x", "Drill").as_bytes(),
+        &mut clock,
+    );
+    let alone = Config::parse(&files_flow("cat_a", &root.join("cat_a")), None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flows;
+    let engine = Engine::open(data.path()).expect("engine");
+    run_all(&engine, &alone);
+    let before = export(&engine, "cat_a");
+
+    // A reader appears: `cat_a` indexes its items again to record their documents, and its
+    // own rows (front matter included) stay exactly the same.
+    let with_reader = categories_config(root, "{key}: {names}");
+    define_all(&engine, &with_reader);
+    let s = run_all(&engine, &with_reader);
+    assert_eq!(s["cat_a"].items.modified, 1, "{:?}", s["cat_a"]);
+    assert_eq!(s["cat_a"].rows.added + s["cat_a"].rows.updated, 0);
+    assert_eq!(export(&engine, "cat_a"), before);
+    assert_eq!(texts_of(&export(&engine, "categories"), "x"), "x: Drill");
+}
