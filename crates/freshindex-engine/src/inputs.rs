@@ -58,6 +58,31 @@ impl ItemInputs {
     }
 }
 
+/// A flow's templates, parsed once per run: each lookup's key, and the text template.
+pub(crate) struct Shape {
+    lookup_keys: Vec<Template>,
+    text: Option<Template>,
+}
+
+impl Shape {
+    /// The templates of `spec` (checked when the spec was read, so errors are unexpected).
+    pub(crate) fn of(spec: &FlowSpec) -> Result<Shape, EngineError> {
+        let lookup_keys = spec
+            .lookups()
+            .map(|l| {
+                Template::key_expr(&l.key).map_err(|e| format!("lookup `{}`: key: {e}", l.as_field))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(EngineError::Config)?;
+        let text = spec
+            .template()
+            .map(|t| Template::parse(&t.text).map_err(|e| format!("template: {e}")))
+            .transpose()
+            .map_err(EngineError::Config)?;
+        Ok(Shape { lookup_keys, text })
+    }
+}
+
 /// The fields of an item made ready for splitting.
 pub(crate) struct Finished {
     /// The text to index.
@@ -180,16 +205,7 @@ impl Ctx<'_> {
         }
         let mut deps: Vec<(FlowId, String)> = Vec::new();
         let has_lookups = self.spec.lookups().next().is_some();
-        for l in self.spec.lookups() {
-            let expr = match Template::key_expr(&l.key) {
-                Ok(t) => t,
-                Err(e) => {
-                    return Err((
-                        format!("lookup `{}`: key: {e}", l.as_field),
-                        ItemInputs::default(),
-                    ));
-                }
-            };
+        for (l, expr) in self.spec.lookups().zip(&self.shape.lookup_keys) {
             let k = expr.render(&fields);
             let found = if k.is_empty() {
                 None
@@ -236,10 +252,8 @@ impl Ctx<'_> {
                 m.insert(l.as_field.clone(), value);
             }
         }
-        let text = match self.spec.template() {
-            Some(t) => Template::parse(&t.text)
-                .map(|t| t.render(&fields))
-                .unwrap_or_default(),
+        let text = match &self.shape.text {
+            Some(t) => t.render(&fields),
             None => fields
                 .get("text")
                 .and_then(Value::as_str)

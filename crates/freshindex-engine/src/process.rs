@@ -328,6 +328,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) progress: &'a dyn Progress,
     /// The lease holder the batches process for (fenced before every write).
     pub(crate) owner: Option<String>,
+    /// The flow's lookup keys and text template, parsed.
+    pub(crate) shape: crate::inputs::Shape,
     /// The flows this flow reads (lookups, a flows source), by name.
     pub(crate) inputs: std::collections::HashMap<String, FlowId>,
     /// Whether other flows read this flow's items: their documents are written. Read again
@@ -419,7 +421,29 @@ impl Ctx<'_> {
 
     fn look(&self, work: Work) -> (Outcome, ItemInputs) {
         match work {
-            Work::Gone { .. } => (self.look_plain(work), ItemInputs::gone()),
+            Work::Gone {
+                key,
+                existed,
+                if_queue,
+                version,
+                warning,
+            } => (
+                Outcome::Gone {
+                    key,
+                    existed,
+                    if_queue,
+                    version,
+                    warning,
+                    polled: false,
+                },
+                ItemInputs::gone(),
+            ),
+            Work::Failed { record, error } => {
+                (Outcome::Failed { record, error }, ItemInputs::default())
+            }
+            Work::Text {
+                record, text: None, ..
+            } => (Outcome::Unchanged { record }, ItemInputs::default()),
             Work::Text {
                 record,
                 text: Some(text),
@@ -427,21 +451,7 @@ impl Ctx<'_> {
                 is_new,
             } => {
                 let fields = fields_of(&record.key, &text, metadata.as_ref());
-                match self.finish(fields, metadata) {
-                    Ok(f) => {
-                        let chunks = self.chunks(&record.key, &f.text, 0);
-                        (
-                            Outcome::Indexed {
-                                record,
-                                chunks,
-                                metadata: f.metadata,
-                                is_new,
-                            },
-                            f.inputs,
-                        )
-                    }
-                    Err((error, inputs)) => (failed(record, error), inputs),
-                }
+                self.indexed(record, fields, metadata, is_new)
             }
             Work::File {
                 entry,
@@ -449,34 +459,36 @@ impl Ctx<'_> {
                 has_pending,
             } => self.look_file(entry, file, has_pending),
             Work::Derived { entry, has_pending } => self.look_derived(entry, has_pending),
-            w @ (Work::Failed { .. } | Work::Text { .. }) => {
-                (self.look_plain(w), ItemInputs::default())
-            }
         }
     }
 
-    fn look_plain(&self, work: Work) -> Outcome {
-        match work {
-            Work::Gone {
-                key,
-                existed,
-                if_queue,
-                version,
-                warning,
-            } => Outcome::Gone {
-                key,
-                existed,
-                if_queue,
-                version,
-                warning,
-                polled: false,
-            },
-            Work::Failed { record, error } => Outcome::Failed { record, error },
-            Work::Text { record, .. } => Outcome::Unchanged { record },
-            Work::File { entry, .. } | Work::Derived { entry, .. } => failed(
-                self.record(&entry, ItemStatus::Error),
-                "internal: not a plain item".into(),
-            ),
+    /// An item made from its fields: the lookups and the template, then its chunks; or a
+    /// failed item when a required lookup finds nothing.
+    fn indexed(
+        &self,
+        record: ItemRecord,
+        fields: serde_json::Value,
+        source_metadata: Option<serde_json::Value>,
+        is_new: bool,
+    ) -> (Outcome, ItemInputs) {
+        match self.finish(fields, source_metadata) {
+            Ok(f) => {
+                let chunks = self.chunks(&record.key, &f.text, 0);
+                (
+                    Outcome::Indexed {
+                        record,
+                        chunks,
+                        metadata: f.metadata,
+                        is_new,
+                    },
+                    f.inputs,
+                )
+            }
+            Err((error, inputs)) => {
+                let mut record = record;
+                record.content_hash = None;
+                (failed(record, error), inputs)
+            }
         }
     }
 
@@ -515,25 +527,8 @@ impl Ctx<'_> {
             return (Outcome::Unchanged { record }, ItemInputs::default());
         }
         record.content_hash = Some(hash);
-        match self.finish(fields, None) {
-            Ok(f) => {
-                let chunks = self.chunks(&key, &f.text, 0);
-                (
-                    Outcome::Indexed {
-                        record,
-                        chunks,
-                        metadata: f.metadata,
-                        is_new: entry.status == ItemStatus::NewItem,
-                    },
-                    f.inputs,
-                )
-            }
-            Err((error, inputs)) => {
-                record.status = ItemStatus::Error;
-                record.content_hash = None;
-                (failed(record, error), inputs)
-            }
-        }
+        let is_new = entry.status == ItemStatus::NewItem;
+        self.indexed(record, fields, None, is_new)
     }
 
     fn chunks(&self, key: &str, text: &str, offset: usize) -> Vec<PreparedChunk> {

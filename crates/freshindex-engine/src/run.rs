@@ -832,6 +832,7 @@ impl Engine {
             progress,
             owner,
             stat_unlisted: false,
+            shape: crate::inputs::Shape::of(spec)?,
             inputs: crate::inputs::resolve_inputs(self, spec)?,
             keep_docs: self.store.docs_kept(flow)?.into(),
         })
